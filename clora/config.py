@@ -1,0 +1,278 @@
+"""Configuration: frozen msgspec Structs that reject unknown fields, validated on creation.
+
+Every value has a default that works on a 2-core CPU. ``load_toml`` / ``dump_toml`` read and
+write the same Structs; a bad value raises ``ConfigError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from clora.errors import ConfigError
+
+__all__ = [
+    "ModelConfig",
+    "EngineConfig",
+    "LoraConfig",
+    "OptimConfig",
+    "LossConfig",
+    "TrainerConfig",
+    "EnvConfig",
+    "ExperimentConfig",
+    "RuntimeConfig",
+    "DEFAULT_TARGET_MODULES",
+    "validate_tenant_name",
+    "load_toml",
+    "dump_toml",
+    "decode_config",
+]
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)
+
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _fail(field: str, problem: str) -> None:
+    raise ConfigError(f"{field}: {problem}")
+
+
+def _positive(field: str, value: float) -> None:
+    if not (value > 0):
+        _fail(field, f"must be > 0, got {value!r}")
+
+
+def validate_tenant_name(name: str) -> str:
+    """A tenant name becomes a folder name: letters, digits, '_', '-', '.', no path tricks."""
+    if not isinstance(name, str) or not _TENANT_NAME.match(name) or ".." in name:
+        raise ConfigError(
+            f"tenant name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit, no path separators or '..'"
+        )
+    return name
+
+
+class _Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden where there is something to check
+        pass
+
+
+class ModelConfig(_Config):
+    """The base model: "smollm2" (the packaged SmolLM2-135M-Instruct), "tiny" (random, tests) or a HF dir."""
+
+    source: str = "smollm2"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_model_len: int = 1024
+    seed: int = 0  # for the tiny random model
+
+    def validate(self) -> None:
+        if not self.source:
+            _fail("model.source", "must name 'smollm2', 'tiny' or a model directory")
+        if self.max_model_len < 16:
+            _fail("model.max_model_len", f"must be >= 16, got {self.max_model_len}")
+
+
+class EngineConfig(_Config):
+    """vLLM engine settings. ``None`` means: clora picks what is fast on this machine."""
+
+    max_loras: int = 8
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # default: max_loras + headroom, so updates are never evicted
+    max_num_seqs: int = 64
+    kv_cache_gib: float = 2.0
+    omp_threads_bind: str | None = None  # e.g. "0-1"; None: all cores this process may use
+    use_tcmalloc: bool = True
+    extra_env: dict[str, str] = {}
+
+    def validate(self) -> None:
+        if self.max_loras < 1:
+            _fail("engine.max_loras", f"must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            _fail("engine.max_lora_rank", f"must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            _fail("engine.max_cpu_loras", f"must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras}")
+        if self.max_num_seqs < 1:
+            _fail("engine.max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _positive("engine.kv_cache_gib", self.kv_cache_gib)
+
+
+class LoraConfig(_Config):
+    """One tenant's adapter shape."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    init_seed: int = 0
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            _fail("lora.rank", f"must be >= 1, got {self.rank}")
+        _positive("lora.alpha", self.alpha)
+        if not self.target_modules:
+            _fail("lora.target_modules", "must name at least one module")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class OptimConfig(_Config):
+    """Adam(W) hyperparameters of one tenant."""
+
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+
+    def validate(self) -> None:
+        _positive("optim.lr", self.lr)
+        for name, b in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2)):
+            if not 0.0 <= b < 1.0:
+                _fail(name, f"must be in [0, 1), got {b}")
+        _positive("optim.eps", self.eps)
+        if self.weight_decay < 0:
+            _fail("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None:
+            _positive("optim.grad_clip", self.grad_clip)
+
+
+class LossConfig(_Config):
+    """Which policy loss and its knobs. Advantages come with the data."""
+
+    kind: Literal["importance_sampling", "ppo", "cross_entropy"] = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0  # penalty on KL(sampler || trainer) per token
+    normalize: Literal["tokens", "sequences"] = "tokens"
+
+    def validate(self) -> None:
+        if self.clip_low < 0 or self.clip_high < 0:
+            _fail("loss.clip_low/clip_high", "must be >= 0")
+        if self.kl_coef < 0:
+            _fail("loss.kl_coef", f"must be >= 0, got {self.kl_coef}")
+
+
+class TrainerConfig(_Config):
+    """The trainer: device, precision, micro-batching and queue bound."""
+
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    autocast_bf16: bool = False
+    micro_batch_size: int = 8
+    queue_size: int = 16
+    num_threads: int | None = None
+
+    def validate(self) -> None:
+        if self.micro_batch_size < 1:
+            _fail("trainer.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        if self.queue_size < 1:
+            _fail("trainer.queue_size", f"must be >= 1 (0 would be unbounded), got {self.queue_size}")
+
+
+class EnvConfig(_Config):
+    """Which environment a tenant trains on."""
+
+    kind: Literal["arithmetic", "gsm8k"] = "arithmetic"
+    difficulty: int = 1
+    path: str | None = None  # jsonl file for gsm8k
+    max_turns: int = 3
+    seed: int = 0
+    held_out_size: int = 32
+
+    def validate(self) -> None:
+        if self.kind == "gsm8k" and not self.path:
+            _fail("env.path", "the gsm8k env needs a jsonl file path")
+        if self.difficulty < 0:
+            _fail("env.difficulty", f"must be >= 0, got {self.difficulty}")
+        if self.max_turns < 1:
+            _fail("env.max_turns", f"must be >= 1, got {self.max_turns}")
+
+
+class ExperimentConfig(_Config):
+    """One tenant's RL experiment."""
+
+    name: str
+    lora: LoraConfig = LoraConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    env: EnvConfig = EnvConfig()
+    steps: int = 10
+    prompts_per_step: int = 4
+    group_size: int = 4
+    max_tokens: int = 64
+    temperature: float = 1.0
+    advantage: Literal["grpo", "grpo_no_std"] = "grpo"
+    eval_every: int = 0  # 0: only before and after
+    checkpoint_every: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        validate_tenant_name(self.name)
+        for field in ("steps", "prompts_per_step", "group_size", "max_tokens"):
+            if getattr(self, field) < 1:
+                _fail(f"experiments.{self.name}.{field}", f"must be >= 1, got {getattr(self, field)}")
+        if not (0 < self.temperature and math.isfinite(self.temperature)):
+            _fail(f"experiments.{self.name}.temperature", f"must be > 0, got {self.temperature}")
+
+
+class RuntimeConfig(_Config):
+    """Everything one runtime needs: base model, engine, trainer, where events go, experiments."""
+
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    run_dir: str = "runs/latest"
+    experiments: tuple[ExperimentConfig, ...] = ()
+
+    def validate(self) -> None:
+        names = [e.name for e in self.experiments]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            _fail("experiments", f"duplicate tenant names {dupes}")
+        for e in self.experiments:
+            if e.lora.rank > self.engine.max_lora_rank:
+                _fail(
+                    f"experiments.{e.name}.lora.rank",
+                    f"{e.lora.rank} exceeds engine.max_lora_rank {self.engine.max_lora_rank}",
+                )
+
+
+def decode_config(data: bytes | str, type_: type = RuntimeConfig, *, fmt: str = "toml"):
+    """Decode TOML (or JSON) into a config Struct; any problem becomes one ConfigError."""
+    decode = msgspec.toml.decode if fmt == "toml" else msgspec.json.decode
+    try:
+        return decode(data, type=type_)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid config: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"malformed {fmt.upper()}: {e}") from None
+
+
+def load_toml(path: str | Path, type_: type = RuntimeConfig):
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    return decode_config(p.read_bytes(), type_)
+
+
+def _drop_none(value):
+    """TOML has no null: an unset optional field is written by leaving it out."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def dump_toml(config: msgspec.Struct) -> bytes:
+    return msgspec.toml.encode(_drop_none(msgspec.to_builtins(config)))

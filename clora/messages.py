@@ -1,0 +1,216 @@
+"""Every message between clora's actors, in one place.
+
+Messages are msgspec tagged Structs, grouped into one union per inbox. They carry plain
+data (token ids, floats, paths): no live tensors cross an actor boundary, except the
+trainer-local hand-off ``AdapterSnapshot`` which SyncActor turns into a file at once.
+
+Token-aligned lists in ``Datum`` follow one convention: index ``i`` describes the
+prediction of ``tokens[i]`` from ``tokens[:i]``; index 0 is never trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+__all__ = [
+    "SamplingSpec",
+    "Completion",
+    "SampleRequest",
+    "SampleResult",
+    "RegisterAdapter",
+    "LoadAdapter",
+    "RemoveAdapter",
+    "AdapterLoaded",
+    "SamplerMsg",
+    "Datum",
+    "AddTenant",
+    "RemoveTenant",
+    "ForwardBackward",
+    "OptimStep",
+    "TrainStep",
+    "ComputeLogprobs",
+    "ExportAdapter",
+    "Snapshot",
+    "AdapterSnapshot",
+    "StepMetrics",
+    "TrainerMsg",
+    "Publish",
+    "Published",
+    "SyncMsg",
+]
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    pass
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What vLLM's SamplingParams needs; logprobs of the sampled tokens are always returned."""
+
+    n: int = 1
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    token_ids: list[int]
+    logprobs: list[float]  # sampler log-prob of each token in token_ids
+    text: str
+    finish_reason: str | None
+
+
+class SampleRequest(_Msg):
+    """Sample ``sampling.n`` completions of one prompt. ``tenant=None`` is the base model."""
+
+    tenant: str | None
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec = SamplingSpec()
+
+
+class SampleResult(_Msg):
+    tenant: str | None
+    adapter_version: int  # the version that produced every token below (-1 for the base model)
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+
+
+class RegisterAdapter(_Msg):
+    """Make a tenant's adapter (PEFT directory) servable as ``version``."""
+
+    tenant: str
+    path: str
+    version: int = 0
+
+
+class LoadAdapter(_Msg):
+    """Replace a registered tenant's weights in place with ``version`` from ``path``."""
+
+    tenant: str
+    path: str
+    version: int
+
+
+class RemoveAdapter(_Msg):
+    tenant: str
+
+
+class AdapterLoaded(_Msg):
+    tenant: str
+    version: int
+    duration_s: float
+
+
+SamplerMsg = Union[SampleRequest, RegisterAdapter, LoadAdapter, RemoveAdapter]
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Datum(msgspec.Struct, frozen=True, kw_only=True):
+    """One training sequence with token-aligned lists (see the module docstring)."""
+
+    tokens: list[int]
+    loss_mask: list[float]  # 1.0 where tokens[i] is a policy token to train, 0.0 for prompt/tool tokens
+    advantages: list[float]  # per token; usually the sequence's advantage on every masked-in token
+    sampler_logprobs: list[float]  # log-prob of tokens[i] under the sampling policy (0.0 where masked out)
+
+
+class StepMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    """What the trainer measured; ``values`` uses slash keys like 'loss', 'grad_norm', 'time/fwd_bwd'."""
+
+    tenant: str
+    version: int
+    values: dict[str, float]
+
+
+class AddTenant(_Msg):
+    tenant: str
+    lora: Any  # clora.config.LoraConfig
+    optim: Any  # clora.config.OptimConfig
+
+
+class RemoveTenant(_Msg):
+    tenant: str
+
+
+class ForwardBackward(_Msg):
+    """Accumulate gradients of ``loss`` over ``data`` into the tenant's grad buffer."""
+
+    tenant: str
+    data: list[Datum]
+    loss: Any  # clora.config.LossConfig
+
+
+class OptimStep(_Msg):
+    """Apply the accumulated gradients with the tenant's optimizer; the version goes up by one."""
+
+    tenant: str
+
+
+class TrainStep(_Msg):
+    """ForwardBackward then OptimStep as one atomic step."""
+
+    tenant: str
+    data: list[Datum]
+    loss: Any  # clora.config.LossConfig
+
+
+class ComputeLogprobs(_Msg):
+    """Trainer-policy log-probs of every token of each datum (index 0 is 0.0)."""
+
+    tenant: str
+    data: list[Datum]
+
+
+class ExportAdapter(_Msg):
+    """Write the tenant's current adapter as a PEFT directory."""
+
+    tenant: str
+    out_dir: str
+
+
+class Snapshot(_Msg):
+    """Ask for the tenant's current adapter weights (trainer-local hand-off)."""
+
+    tenant: str
+
+
+class AdapterSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """PEFT state dict (name -> CPU tensor copy) and adapter_config of one version. Local only."""
+
+    tenant: str
+    version: int
+    tensors: dict[str, Any]
+    peft_config: dict[str, Any]
+
+
+TrainerMsg = Union[
+    AddTenant, RemoveTenant, ForwardBackward, OptimStep, TrainStep, ComputeLogprobs, ExportAdapter, Snapshot
+]
+
+
+# ----------------------------------------------------------------------------- sync
+
+
+class Publish(_Msg):
+    """Publish the tenant's current trainer weights into the engine."""
+
+    tenant: str
+
+
+class Published(_Msg):
+    tenant: str
+    version: int
+    duration_s: float
+
+
+SyncMsg = Union[Publish]
