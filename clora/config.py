@@ -133,7 +133,7 @@ class OptimConfig(_Config):
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
 
     def validate(self) -> None:
         _positive("optim.lr", self.lr)
@@ -143,8 +143,8 @@ class OptimConfig(_Config):
         _positive("optim.eps", self.eps)
         if self.weight_decay < 0:
             _fail("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        if self.grad_clip is not None:
-            _positive("optim.grad_clip", self.grad_clip)
+        if self.grad_clip < 0:
+            _fail("optim.grad_clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
 
 
 class LossConfig(_Config):
@@ -266,7 +266,10 @@ def load_toml(path: str | Path, type_: type = RuntimeConfig):
 
 
 def _drop_none(value):
-    """TOML has no null: an unset optional field is written by leaving it out."""
+    """TOML has no null: an unset optional field is written by leaving it out.
+
+    Safe because every optional field defaults to None.
+    """
     if isinstance(value, dict):
         return {k: _drop_none(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):

@@ -32,6 +32,7 @@ __all__ = [
     "TrainStep",
     "ComputeLogprobs",
     "ExportAdapter",
+    "ImportAdapter",
     "Snapshot",
     "AdapterSnapshot",
     "StepMetrics",
@@ -178,6 +179,13 @@ class ExportAdapter(_Msg):
     out_dir: str
 
 
+class ImportAdapter(_Msg):
+    """Replace the tenant's adapter weights with a PEFT directory (optimizer state is reset)."""
+
+    tenant: str
+    path: str
+
+
 class Snapshot(_Msg):
     """Ask for the tenant's current adapter weights (trainer-local hand-off)."""
 
@@ -194,7 +202,8 @@ class AdapterSnapshot(msgspec.Struct, frozen=True, kw_only=True):
 
 
 TrainerMsg = Union[
-    AddTenant, RemoveTenant, ForwardBackward, OptimStep, TrainStep, ComputeLogprobs, ExportAdapter, Snapshot
+    AddTenant, RemoveTenant, ForwardBackward, OptimStep, TrainStep, ComputeLogprobs, ExportAdapter, ImportAdapter,
+    Snapshot,
 ]
 
 

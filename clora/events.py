@@ -1,0 +1,106 @@
+"""Event names of the runtime layer and the JSON-lines sink of a run folder.
+
+The library never configures structlog. A ``Runtime`` builds its actors' loggers with
+``run_logger``: the caller's structlog configuration, with one processor in front that also
+writes every event as one JSON line to ``<run_dir>/events.jsonl``. ``read_events`` reads
+such a file back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Final, Iterator
+
+import msgspec
+import structlog
+
+__all__ = [
+    "RUNTIME_STARTED",
+    "RUNTIME_STOPPED",
+    "TENANT_STARTED",
+    "TENANT_STEP",
+    "TENANT_EVAL",
+    "TENANT_FINISHED",
+    "TENANT_FAILED",
+    "TENANT_STEP_SKIPPED",
+    "ROLLOUT_GROUP",
+    "ADAPTER_PUBLISHED",
+    "PUBLISH_FAILED",
+    "JsonlSink",
+    "run_logger",
+    "read_events",
+]
+
+RUNTIME_STARTED: Final = "runtime.started"
+"""The runtime's actors are up: base model, engine settings, run_dir."""
+RUNTIME_STOPPED: Final = "runtime.stopped"
+"""The runtime stopped; duration_s since start."""
+TENANT_STARTED: Final = "tenant.started"
+"""A tenant's experiment began: its config in brief."""
+TENANT_STEP: Final = "tenant.step"
+"""The canonical line of one RL step: reward/mean, time/rollout, time/train, time/sync, loss, ..."""
+TENANT_EVAL: Final = "tenant.eval"
+"""Held-out accuracy of a tenant at a step (greedy, one sample per problem)."""
+TENANT_FINISHED: Final = "tenant.finished"
+"""A tenant's experiment completed; accuracy at start and end, duration_s."""
+TENANT_FAILED: Final = "tenant.failed"
+"""A tenant's experiment ended with an error; the others go on."""
+TENANT_STEP_SKIPPED: Final = "tenant.step_skipped"
+"""No trajectory carried a learning signal (all advantages zero): no train step, no new version."""
+ROLLOUT_GROUP: Final = "tenant.rollout_group"
+"""One group of G episodes of one problem finished: rewards, tokens, versions, duration_s."""
+ADAPTER_PUBLISHED: Final = "sync.published"
+"""A tenant's new adapter version serves in the engine: version, duration_s, size_bytes."""
+PUBLISH_FAILED: Final = "sync.publish_failed"
+"""Publishing a version failed; the previous version keeps serving."""
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    return str(value)
+
+
+class JsonlSink:
+    """A structlog processor that appends each event dict as one JSON line to a file.
+
+    It passes the event dict on unchanged, so it can stand in front of any processor chain.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("ab", buffering=0)
+        self._lock = threading.Lock()
+        self._encoder = msgspec.json.Encoder(enc_hook=_to_jsonable)
+
+    def __call__(self, logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        record = {"ts": time.time(), "level": method_name, **event_dict}
+        line = self._encoder.encode(record) + b"\n"
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(line)
+        return event_dict
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def run_logger(sink: JsonlSink) -> Any:
+    """A structlog logger: the caller's configured processors with ``sink`` in front."""
+    processors = [sink, *structlog.get_config()["processors"]]
+    return structlog.wrap_logger(None, processors=processors)
+
+
+def read_events(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield the events of an ``events.jsonl`` file (or of a run folder holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "events.jsonl"
+    with p.open("rb") as f:
+        for line in f:
+            if line.strip():
+                yield msgspec.json.decode(line)

@@ -1,0 +1,80 @@
+"""Config Structs: validation errors name the field; TOML round trip; unknown keys rejected."""
+
+import pytest
+
+from clora.config import (
+    EngineConfig,
+    ExperimentConfig,
+    LoraConfig,
+    OptimConfig,
+    RuntimeConfig,
+    TrainerConfig,
+    decode_config,
+    dump_toml,
+    load_toml,
+    validate_tenant_name,
+)
+from clora.errors import ConfigError
+
+
+def test_toml_round_trip_keeps_every_field():
+    cfg = RuntimeConfig(
+        engine=EngineConfig(max_loras=4, max_cpu_loras=8),
+        experiments=(ExperimentConfig(name="a", optim=OptimConfig(lr=3e-4, grad_clip=0.0)), ExperimentConfig(name="b")),
+    )
+    assert decode_config(dump_toml(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "toml, field",
+    [
+        (b"[model]\nsourc = 'tiny'\n", "sourc"),
+        (b"[engine]\nmax_loras = 'four'\n", "max_loras"),
+        (b"[engine]\nmax_loras = 0\n", "engine.max_loras"),
+        (b"[trainer]\nqueue_size = 0\n", "trainer.queue_size"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.optim]\nlr = -1.0\n", "optim.lr"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.lora]\nrank = 64\n", "lora.rank"),
+        (b"[[experiments]]\nname = 'a'\n[[experiments]]\nname = 'a'\n", "duplicate"),
+        (b"[[experiments]]\nname = 'a/b'\n", "tenant name"),
+        (b"[[experiments]]\nname = '..'\n", "tenant name"),
+        (b"[model\n", "malformed"),
+    ],
+)
+def test_bad_config_names_the_problem(toml, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        decode_config(toml)
+
+
+def test_every_optional_field_defaults_to_none_so_dropping_none_in_toml_is_lossless():
+    import typing
+
+    import msgspec
+
+    from clora import config as mod
+
+    for struct in (mod.ModelConfig, mod.EngineConfig, mod.LoraConfig, mod.OptimConfig, mod.LossConfig,
+                   mod.TrainerConfig, mod.EnvConfig, mod.ExperimentConfig, mod.RuntimeConfig):
+        for field in msgspec.structs.fields(struct):
+            if type(None) in typing.get_args(field.type):
+                assert field.default is None, f"{struct.__name__}.{field.name}"
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("name", ["a/b", "../x", "", ".hidden", "a" * 65, "x\\y"])
+def test_tenant_names_that_could_escape_a_folder_are_refused(name):
+    with pytest.raises(ConfigError):
+        validate_tenant_name(name)
+
+
+def test_direct_construction_validates_too():
+    with pytest.raises(ConfigError, match="lora.rank"):
+        LoraConfig(rank=0)
+    with pytest.raises(ConfigError, match="max_cpu_loras"):
+        EngineConfig(max_loras=8, max_cpu_loras=2)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        TrainerConfig(micro_batch_size=0)
+    assert LoraConfig(rank=8, alpha=16).scaling == 2.0
