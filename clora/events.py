@@ -8,6 +8,7 @@ such a file back.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "ADAPTER_PUBLISHED",
     "PUBLISH_FAILED",
     "JsonlSink",
+    "DropBelow",
     "run_logger",
     "read_events",
 ]
@@ -89,10 +91,31 @@ class JsonlSink:
             self._file.close()
 
 
-def run_logger(sink: JsonlSink) -> Any:
-    """A structlog logger: the caller's configured processors with ``sink`` in front."""
-    processors = [sink, *structlog.get_config()["processors"]]
-    return structlog.wrap_logger(None, processors=processors)
+class DropBelow:
+    """A structlog processor that drops events under a level (the sink before it saw them)."""
+
+    def __init__(self, level: str) -> None:
+        if level not in _LEVELS:
+            raise ValueError(f"unknown log level {level!r}; use one of {sorted(_LEVELS, key=_LEVELS.get)}")
+        self.level = _LEVELS[level]
+
+    def __call__(self, logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        if _LEVELS.get(method_name, logging.INFO) < self.level:
+            raise structlog.DropEvent
+        return event_dict
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+           "critical": logging.CRITICAL}
+
+
+def run_logger(sink: JsonlSink, console_level: str = "info") -> Any:
+    """A structlog logger that writes every event (debug included) to ``sink``, then hands those at
+    ``console_level`` or above to the caller's configured processors."""
+    processors = [sink, DropBelow(console_level), *structlog.get_config()["processors"]]
+    return structlog.wrap_logger(
+        None, processors=processors, wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG)
+    )
 
 
 def read_events(path: str | Path) -> Iterator[dict[str, Any]]:

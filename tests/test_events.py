@@ -34,3 +34,15 @@ def test_run_logger_keeps_the_callers_processors(tmp_path):
     log.info("x.y", a=1)
     sink.close()
     assert next(events.read_events(tmp_path))["a"] == 1
+
+
+def test_run_logger_sends_debug_to_the_sink_but_only_console_level_to_the_rest(tmp_path, capsys):
+    sink = events.JsonlSink(tmp_path / "events.jsonl")
+    log = events.run_logger(sink, console_level="warning")
+    log.debug("quiet.debug")
+    log.info("quiet.info")
+    log.warning("loud.warning")
+    sink.close()
+    assert [e["event"] for e in events.read_events(tmp_path)] == ["quiet.debug", "quiet.info", "loud.warning"]
+    out = capsys.readouterr().out
+    assert "loud.warning" in out and "quiet" not in out
