@@ -1,0 +1,33 @@
+"""Event names the actor kernel logs through structlog (every event carries ``actor`` and ``system``)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "ACTOR_STARTED",
+    "ACTOR_START_FAILED",
+    "ACTOR_STOPPED",
+    "ACTOR_FAILED",
+    "ACTOR_RESTARTED",
+    "ACTOR_HOOK_FAILED",
+    "SYSTEM_STARTED",
+    "SYSTEM_STOPPED",
+]
+
+ACTOR_STARTED: Final = "actor.started"
+"""An actor's on_start finished; it takes messages now (mailbox_size, supervision)."""
+ACTOR_START_FAILED: Final = "actor.start_failed"
+"""An actor's on_start raised; the error went to the caller of ``system.start``."""
+ACTOR_STOPPED: Final = "actor.stopped"
+"""An actor stopped cleanly after on_stop (mode, processed, dropped messages)."""
+ACTOR_FAILED: Final = "actor.failed"
+"""An actor crashed; ``action`` says what its supervision did: restart, isolate or escalate."""
+ACTOR_RESTARTED: Final = "actor.restarted"
+"""A fresh instance of a crashed actor finished on_start (restarts so far, max_restarts)."""
+ACTOR_HOOK_FAILED: Final = "actor.hook_failed"
+"""on_stop or on_failure raised (``hook`` names it); the stop or the supervision went on."""
+SYSTEM_STARTED: Final = "actor_system.started"
+"""An actor system was entered and takes actors."""
+SYSTEM_STOPPED: Final = "actor_system.stopped"
+"""An actor system stopped all its actors (mode) and left its task group."""
