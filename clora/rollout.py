@@ -31,6 +31,7 @@ __all__ = [
     "run_episode",
     "run_group",
     "to_datum",
+    "completion_datum",
     "FINISH_DONE",
     "FINISH_MAX_TURNS",
     "FINISH_CONTEXT_FULL",
@@ -261,4 +262,18 @@ def to_datum(trajectory: Trajectory, advantage: float) -> Datum:
         loss_mask=list(trajectory.loss_mask),
         advantages=[advantage * m for m in trajectory.loss_mask],
         sampler_logprobs=list(trajectory.sampler_logprobs),
+    )
+
+
+def completion_datum(prompt_token_ids: list[int], completion: Completion, advantage: float) -> Datum:
+    """Training data of one single-turn sample: the prompt masked out, ``advantage`` on each sampled token."""
+    if not math.isfinite(advantage):
+        raise NonFiniteError(f"advantage {advantage!r} is not finite")
+    n_prompt, n_completion = len(prompt_token_ids), len(completion.token_ids)
+    mask = [0.0] * n_prompt + [1.0] * n_completion
+    return Datum(
+        tokens=[*prompt_token_ids, *completion.token_ids],
+        loss_mask=mask,
+        advantages=[advantage * m for m in mask],
+        sampler_logprobs=[0.0] * n_prompt + list(completion.logprobs),
     )

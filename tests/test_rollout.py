@@ -298,3 +298,17 @@ async def test_the_documented_user_env_runs_through_run_group(tokenizer, rendere
     trajs = await run_group(sampler, renderer, env, problem, 2, max_turns=2, sampling=SPEC, max_model_len=1024)
     assert sorted(t.reward for t in trajs) == [0.0, 1.0]
     assert all(t.turns == 1 and t.finish == FINISH_DONE for t in trajs)
+
+
+def test_completion_datum_masks_the_prompt_and_aligns_logprobs():
+    from clora.messages import Completion
+    from clora.rollout import completion_datum
+
+    c = Completion(token_ids=[7, 8], logprobs=[-0.5, -1.5], text="xy", finish_reason="stop")
+    d = completion_datum([1, 2, 3], c, advantage=-2.0)
+    assert d.tokens == [1, 2, 3, 7, 8]
+    assert d.loss_mask == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert d.advantages == [0.0, 0.0, 0.0, -2.0, -2.0]
+    assert d.sampler_logprobs == [0.0, 0.0, 0.0, -0.5, -1.5]
+    with pytest.raises(NonFiniteError):
+        completion_datum([1], c, advantage=float("nan"))
