@@ -137,6 +137,7 @@ class AddTenant(_Msg):
     tenant: str
     lora: Any  # clora.config.LoraConfig
     optim: Any  # clora.config.OptimConfig
+    init_from: str | None = None  # a PEFT adapter directory to start from (checked against lora)
 
 
 class RemoveTenant(_Msg):

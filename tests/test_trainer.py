@@ -1,0 +1,286 @@
+"""TrainerCore on the tiny llama: isolation, equality with torch/peft, atomic steps, accumulation."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
+from clora.errors import AdapterMismatchError, ConfigError, DuplicateTenantError, NonFiniteError, UnknownTenantError
+from clora.lora import AdapterStore, TrainerCore
+from clora.messages import Datum
+from clora.rl import collate, loss_denominator, loss_numerator, token_logprobs, token_loss
+
+LORA = LoraConfig(rank=4, alpha=8.0, init_seed=7)
+OPTIM = OptimConfig(lr=5e-3, weight_decay=0.01, grad_clip=0.5)
+
+
+@pytest.fixture(scope="module")
+def core(tiny_model_dir: Path) -> TrainerCore:
+    return TrainerCore.from_model_dir(tiny_model_dir, TrainerConfig(micro_batch_size=4))
+
+
+def make_data(n: int, seed: int, *, vocab: int = 700, min_len: int = 12, max_len: int = 40) -> list[Datum]:
+    """Random sequences: a prompt (not trained), then a completion with one advantage per sequence and
+    sampler log-probs near a plausible value so importance ratios stay around 1."""
+    rng = random.Random(seed)
+    data = []
+    for _ in range(n):
+        length = rng.randint(min_len, max_len)
+        prompt = rng.randint(2, length // 2)
+        adv = rng.choice([-1.0, -0.5, 0.5, 1.0])
+        data.append(
+            Datum(
+                tokens=[rng.randrange(vocab) for _ in range(length)],
+                loss_mask=[0.0] * prompt + [1.0] * (length - prompt),
+                advantages=[0.0] * prompt + [adv] * (length - prompt),
+                sampler_logprobs=[0.0] * prompt + [-6.6 + rng.uniform(-0.3, 0.3) for _ in range(length - prompt)],
+            )
+        )
+    return data
+
+
+def store_state(store: AdapterStore) -> dict[str, object]:
+    """Every value of a store, copied, for bit-exact comparisons."""
+    tensors = {
+        f"{part}:{k}": t.clone()
+        for part in ("params", "exp_avg", "exp_avg_sq", "grads")
+        for k, t in getattr(store, part).items()
+    }
+    return {**tensors, "step": store.step, "adam_step": store.adam_step, "grad_weight": store.grad_weight,
+            "grad_normalize": store.grad_normalize}
+
+
+def assert_same_state(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_version_zero_equals_the_base_model(core, tiny_model_dir):
+    core.add_tenant("v0", LORA, OPTIM)
+    data = make_data(3, seed=1)
+    ours = core.compute_logprobs("v0", data)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    for d, row in zip(data, ours):
+        with torch.no_grad():
+            ids = torch.tensor([d.tokens])
+            expected = token_logprobs(base(input_ids=ids).logits, ids)[0]
+        assert len(row) == len(d.tokens)
+        torch.testing.assert_close(torch.tensor(row), expected, rtol=0, atol=1e-5)
+
+
+def test_training_one_tenant_leaves_another_bit_identical(core):
+    core.add_tenant("iso-a", LORA, OPTIM)
+    core.add_tenant("iso-b", LORA, OPTIM)
+    core.train_step("iso-b", make_data(3, seed=2), LossConfig())  # B has real optimizer state
+    before = store_state(core.store("iso-b"))
+    a_before = store_state(core.store("iso-a"))
+    for step in range(2):
+        core.train_step("iso-a", make_data(5, seed=10 + step), LossConfig(kind="importance_sampling"))
+    core.forward_backward("iso-a", make_data(2, seed=20), LossConfig())
+    assert_same_state(store_state(core.store("iso-b")), before)
+    assert core.store("iso-a").version == 2
+    assert any(not torch.equal(t, a_before[f"params:{k}"]) for k, t in core.store("iso-a").params.items())
+
+
+def _peft_model(base_dir: Path, adapter_dir: Path, trainable: bool) -> PeftModel:
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+
+
+def _peft_lora_params(model: PeftModel) -> dict[str, torch.Tensor]:
+    """peft parameter names -> tensors, renamed to the PEFT file names (no adapter name)."""
+    return {
+        n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n
+    }
+
+
+def test_swap_path_equals_torch_adamw_on_a_peft_model(core, tiny_model_dir, tmp_path):
+    """Two steps through the store/swap path == peft model + the same loss + torch AdamW + clip."""
+    loss_cfg = LossConfig(kind="ppo", kl_coef=0.1)
+    core.add_tenant("vs-torch", LORA, OPTIM)
+    core.export_adapter("vs-torch", tmp_path / "v0")
+    ref = _peft_model(tiny_model_dir, tmp_path / "v0", trainable=True)
+    ref_params = _peft_lora_params(ref)
+    opt = torch.optim.AdamW(
+        list(ref_params.values()), lr=OPTIM.lr, betas=(OPTIM.beta1, OPTIM.beta2), eps=OPTIM.eps,
+        weight_decay=OPTIM.weight_decay,
+    )
+    for step in range(2):
+        data = make_data(4, seed=30 + step)  # one micro-batch of 4
+        batch = collate(data)
+        logits = ref(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
+        logp = token_logprobs(logits, batch.tokens)
+        parts = token_loss(loss_cfg, logp, batch.sampler_logprobs, batch.advantages, batch.loss_mask)
+        loss = loss_numerator(parts.per_token, batch.loss_mask, "tokens") / loss_denominator(batch.loss_mask, "tokens")
+        loss.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(list(ref_params.values()), OPTIM.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        metrics = core.train_step("vs-torch", data, loss_cfg)
+        assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+        assert metrics["grad_norm"] == pytest.approx(ref_norm.item(), rel=1e-5)
+    ours = core.snapshot("vs-torch").tensors
+    assert ours.keys() == ref_params.keys()
+    max_diff = max((ours[k] - ref_params[k].detach()).abs().max().item() for k in ours)
+    assert max_diff < 1e-6, max_diff
+    assert any(ours[k].abs().sum() > 0 for k in ours if "lora_B" in k)  # B moved away from zero
+
+
+def test_trainer_logprobs_equal_peft_model_on_the_exported_adapter(core, tiny_model_dir, tmp_path):
+    core.add_tenant("vs-peft", LORA, OptimConfig(lr=2e-2))
+    for step in range(3):
+        core.train_step("vs-peft", make_data(4, seed=40 + step), LossConfig(kind="importance_sampling"))
+    core.export_adapter("vs-peft", tmp_path / "v3")
+    peft_model = _peft_model(tiny_model_dir, tmp_path / "v3", trainable=False).eval()
+    data = make_data(5, seed=50)
+    ours = core.compute_logprobs("vs-peft", data)
+    base_rows = []
+    for d, row in zip(data, ours):
+        ids = torch.tensor([d.tokens])
+        with torch.no_grad():
+            expected = token_logprobs(peft_model(input_ids=ids).logits, ids)[0]
+            with peft_model.disable_adapter():
+                base_rows.append(token_logprobs(peft_model(input_ids=ids).logits, ids)[0])
+        torch.testing.assert_close(torch.tensor(row), expected, rtol=0, atol=1e-5)
+    # the adapter really changes the policy, so the comparison above is not base vs base
+    assert max((torch.tensor(r) - b).abs().max().item() for r, b in zip(ours, base_rows)) > 1e-3
+
+
+def test_target_and_rank_mismatch_are_clear_errors(core, tmp_path):
+    with pytest.raises(AdapterMismatchError, match="'qkv' does not exist in the base model"):
+        core.add_tenant("bad-target", LoraConfig(target_modules=("q_proj", "qkv")), OPTIM)
+    with pytest.raises(AdapterMismatchError, match="rank 512 is larger than"):
+        core.add_tenant("bad-rank", LoraConfig(rank=512), OPTIM)
+    assert "bad-target" not in core.stores and "bad-rank" not in core.stores
+    core.add_tenant("src", LORA, OPTIM)
+    core.train_step("src", make_data(3, seed=60), LossConfig())
+    core.export_adapter("src", tmp_path / "src")
+    with pytest.raises(AdapterMismatchError, match="rank mismatch: adapter r=4, tenant rank=8"):
+        core.add_tenant("wrong-rank", LoraConfig(rank=8, alpha=8.0), OPTIM, init_from=tmp_path / "src")
+    with pytest.raises(AdapterMismatchError, match="target modules mismatch"):
+        core.add_tenant("wrong-targets", LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj",)), OPTIM,
+                        init_from=tmp_path / "src")
+    copy = core.add_tenant("copy", LORA, OPTIM, init_from=tmp_path / "src")
+    assert copy.version == 0
+    data = make_data(2, seed=61)
+    assert core.compute_logprobs("copy", data) == core.compute_logprobs("src", data)
+    with pytest.raises(DuplicateTenantError):
+        core.add_tenant("copy", LORA, OPTIM)
+    with pytest.raises(UnknownTenantError, match="'nobody' is not registered"):
+        core.train_step("nobody", data, LossConfig())
+
+
+def _poison(data: list[Datum], how: str) -> list[Datum]:
+    d = data[-1]
+    i = d.loss_mask.index(1.0)
+    if how == "nan_advantage":  # the loss itself is NaN
+        d = Datum(tokens=d.tokens, loss_mask=d.loss_mask, sampler_logprobs=d.sampler_logprobs,
+                  advantages=d.advantages[:i] + [float("nan")] + d.advantages[i + 1:])
+    else:  # PPO clips the infinite ratio, so the loss is finite but the gradient is NaN
+        d = Datum(tokens=d.tokens, loss_mask=d.loss_mask, advantages=[abs(a) for a in d.advantages],
+                  sampler_logprobs=d.sampler_logprobs[:i] + [float("-inf")] + d.sampler_logprobs[i + 1:])
+    return [*data[:-1], d]
+
+
+@pytest.mark.parametrize("how", ["nan_advantage", "inf_sampler_logprob"])
+def test_non_finite_step_is_rejected_and_changes_nothing(core, how):
+    tenant = f"nan-{how}"
+    core.add_tenant(tenant, LORA, OPTIM)
+    core.train_step(tenant, make_data(3, seed=70), LossConfig())
+    before = store_state(core.store(tenant))
+    bad = _poison(make_data(6, seed=71), how)  # the poison sits in the second micro-batch
+    with pytest.raises(NonFiniteError, match=f"tenant '{tenant}'.*rejected, adapter stays at version 1"):
+        core.train_step(tenant, bad, LossConfig())
+    assert_same_state(store_state(core.store(tenant)), before)
+    with pytest.raises(NonFiniteError):
+        core.forward_backward(tenant, bad, LossConfig())
+    assert_same_state(store_state(core.store(tenant)), before)
+    assert core.train_step(tenant, make_data(3, seed=72), LossConfig())["version"] == 2.0
+
+
+@pytest.mark.parametrize("normalize", ["tokens", "sequences"])
+def test_forward_backward_twice_then_optim_equals_one_train_step(core, normalize):
+    """Accumulation is a mean weighted by the normalisation denominator (trained tokens, or
+    sequences), so FB(d1) + FB(d2) + OptimStep == TrainStep(d1 + d2) for both normalisations."""
+    loss_cfg = LossConfig(kind="ppo", normalize=normalize)
+    optim = OptimConfig(lr=5e-3, eps=1e-6, grad_clip=0.5)  # eps bounds Adam's amplification of ~0 grads
+    d1, d2 = make_data(3, seed=80), make_data(5, seed=81, max_len=60)
+    split, joint, step_all = f"split-{normalize}", f"joint-{normalize}", f"step-{normalize}"
+    for tenant in (split, joint, step_all):
+        core.add_tenant(tenant, LORA, optim)
+    core.forward_backward(split, d1, loss_cfg)
+    fb2 = core.forward_backward(split, d2, loss_cfg)
+    core.forward_backward(joint, d1 + d2, loss_cfg)
+    assert fb2["version"] == 0.0 and core.store(split).grad_weight == core.store(joint).grad_weight > 0
+    for k, g in core.store(joint).grads.items():  # the accumulated gradients agree to float rounding
+        torch.testing.assert_close(core.store(split).grads[k], g, rtol=0, atol=1e-5 * g.abs().max().item())
+    opt = core.optim_step(split)
+    step = core.train_step(step_all, d1 + d2, loss_cfg)
+    assert opt["version"] == step["version"] == 1.0
+    assert opt["grad_norm"] == pytest.approx(step["grad_norm"], rel=1e-5)
+    a, b = core.store(split), core.store(step_all)
+    for k in a.params:
+        torch.testing.assert_close(a.params[k], b.params[k], rtol=0, atol=optim.lr * 1e-2)
+    assert all(not g.any() for g in a.grads.values()) and a.grad_normalize is None
+    # the step did something: B left zero (A gets no gradient while B = 0)
+    assert all(a.params[k].any() for k in a.params if k.endswith("lora_B"))
+
+
+def test_accumulation_rules(core):
+    core.add_tenant("acc", LORA, OPTIM)
+    with pytest.raises(ConfigError, match="OptimStep without a ForwardBackward since version 0"):
+        core.optim_step("acc")
+    core.forward_backward("acc", make_data(2, seed=90), LossConfig(normalize="tokens"))
+    with pytest.raises(ConfigError, match="cannot be mixed with normalize='sequences'"):
+        core.forward_backward("acc", make_data(2, seed=91), LossConfig(normalize="sequences"))
+
+
+def test_step_metrics_have_the_documented_keys(core):
+    core.add_tenant("metrics", LORA, OPTIM)
+    values = core.train_step("metrics", make_data(6, seed=95), LossConfig(kind="ppo", kl_coef=0.05))
+    for key in ("loss", "grad_norm", "clip_frac", "kl", "entropy", "tokens", "version",
+                "time/swap_in", "time/fwd_bwd", "time/optim", "time/swap_out"):
+        assert key in values, key
+    assert values["tokens"] == sum(sum(d.loss_mask) for d in make_data(6, seed=95))
+    assert values["kl"] >= 0 and 0 <= values["clip_frac"] <= 1 and values["entropy"] > 0
+
+
+def test_empty_training_call_is_rejected(core):
+    core.add_tenant("empty", LORA, OPTIM)
+    with pytest.raises(ConfigError, match="at least one datum"):
+        core.train_step("empty", [], LossConfig())
+    assert core.store("empty").version == 0
+
+
+def test_import_adapter_replaces_weights_as_a_new_version(core, tmp_path):
+    core.add_tenant("imp-src", LORA, OPTIM)
+    for step in range(2):
+        core.train_step("imp-src", make_data(3, seed=110 + step), LossConfig())
+    core.export_adapter("imp-src", tmp_path / "src")
+    core.add_tenant("imp-dst", LORA, OPTIM)
+    core.train_step("imp-dst", make_data(3, seed=120), LossConfig())
+    core.forward_backward("imp-dst", make_data(2, seed=121), LossConfig())  # pending gradient
+    assert core.import_adapter("imp-dst", tmp_path / "src") == 2  # version 1 -> 2: a new version to publish
+    dst = core.store("imp-dst")
+    assert dst.adam_step == 0 and dst.grad_normalize is None
+    assert all(not t.any() for t in (*dst.exp_avg.values(), *dst.exp_avg_sq.values(), *dst.grads.values()))
+    data = make_data(2, seed=122)
+    assert core.compute_logprobs("imp-dst", data) == core.compute_logprobs("imp-src", data)
+    # the first step after the reset uses Adam's bias correction of step 1 again
+    assert core.train_step("imp-dst", data, LossConfig())["version"] == 3.0 and dst.adam_step == 1
+    before = store_state(dst)
+    core.add_tenant("imp-r8", LoraConfig(rank=8, alpha=8.0), OPTIM)
+    core.export_adapter("imp-r8", tmp_path / "r8")
+    with pytest.raises(AdapterMismatchError, match="rank mismatch: adapter r=8, tenant rank=4"):
+        core.import_adapter("imp-dst", tmp_path / "r8")
+    assert_same_state(store_state(dst), before)

@@ -1,0 +1,153 @@
+"""TrainerActor: messages, events, errors per tenant, a free event loop, cancellation-safe steps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from structlog.testing import capture_logs
+
+from actors import ActorStopped, ActorSystem
+from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
+from clora.errors import DuplicateTenantError, NonFiniteError, UnknownTenantError
+from clora.messages import (
+    AddTenant,
+    AdapterSnapshot,
+    ComputeLogprobs,
+    Datum,
+    ExportAdapter,
+    ForwardBackward,
+    ImportAdapter,
+    OptimStep,
+    RemoveTenant,
+    Snapshot,
+    StepMetrics,
+    TrainStep,
+)
+from clora.trainer import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor
+
+from test_trainer import make_data  # noqa: E402  (tests/ is on sys.path under pytest)
+
+LORA = LoraConfig(rank=4, alpha=8.0)
+OPTIM = OptimConfig(lr=1e-2)
+
+
+async def test_trainer_actor_serves_every_message(tiny_model_dir, tmp_path):
+    with capture_logs() as logs:
+        async with ActorSystem("trainer-test") as system:
+            ref = await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(queue_size=4))
+            assert await ref.ask(AddTenant(tenant="a", lora=LORA, optim=OPTIM)) == 0
+            with pytest.raises(DuplicateTenantError):
+                await ref.ask(AddTenant(tenant="a", lora=LORA, optim=OPTIM))
+            metrics = await ref.ask(TrainStep(tenant="a", data=make_data(4, seed=1), loss=LossConfig()))
+            assert isinstance(metrics, StepMetrics) and metrics.version == 1 and metrics.tenant == "a"
+            for key in ("loss", "grad_norm", "clip_frac", "kl", "entropy", "tokens", "time/swap_in",
+                        "time/fwd_bwd", "time/optim", "time/swap_out", "version"):
+                assert key in metrics.values, key
+            fb = await ref.ask(ForwardBackward(tenant="a", data=make_data(2, seed=2), loss=LossConfig()))
+            assert fb.version == 1
+            assert (await ref.ask(OptimStep(tenant="a"))).version == 2
+            data = make_data(3, seed=3)
+            logprobs = await ref.ask(ComputeLogprobs(tenant="a", data=data))
+            assert [len(r) for r in logprobs] == [len(d.tokens) for d in data] and logprobs[0][0] == 0.0
+            assert await ref.ask(ExportAdapter(tenant="a", out_dir=str(tmp_path / "a"))) == 2
+            snap = await ref.ask(Snapshot(tenant="a"))
+            assert isinstance(snap, AdapterSnapshot) and snap.version == 2 and snap.peft_config["r"] == 4
+            on_disk = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+            assert on_disk.keys() == snap.tensors.keys()
+            assert all(torch.equal(on_disk[k], snap.tensors[k]) for k in on_disk)
+            await ref.ask(AddTenant(tenant="b", lora=LORA, optim=OPTIM))
+            assert await ref.ask(ImportAdapter(tenant="b", path=str(tmp_path / "a"))) == 1
+            assert await ref.ask(ComputeLogprobs(tenant="b", data=data)) == logprobs
+            await ref.ask(RemoveTenant(tenant="a"))
+            with pytest.raises(UnknownTenantError):
+                await ref.ask(TrainStep(tenant="a", data=data, loss=LossConfig()))
+            assert ref.alive
+    steps = [e for e in logs if e["event"] == TRAINER_STEP]
+    assert [e["version"] for e in steps] == [1, 2]
+    first = steps[0]
+    assert first["tenant"] == "a" and first["step"] == 1 and first["duration_s"] > 0
+    assert first["queue_depth"] >= 0 and first["loss"] == metrics.values["loss"]
+
+
+def _nan_data() -> list[Datum]:
+    d = make_data(1, seed=9)[0]
+    i = d.loss_mask.index(1.0)
+    bad = Datum(tokens=d.tokens, loss_mask=d.loss_mask, sampler_logprobs=d.sampler_logprobs,
+                advantages=d.advantages[:i] + [float("nan")] + d.advantages[i + 1:])
+    return [bad]
+
+
+async def test_non_finite_step_fails_only_that_tenant(tiny_model_dir):
+    with capture_logs() as logs:
+        async with ActorSystem("trainer-nan") as system:
+            ref = await TrainerActor.start_in(system, tiny_model_dir)
+            await ref.ask(AddTenant(tenant="good", lora=LORA, optim=OPTIM))
+            await ref.ask(AddTenant(tenant="bad", lora=LORA, optim=OPTIM))
+            before = (await ref.ask(Snapshot(tenant="bad"))).tensors
+            bad_step = ref.ask(TrainStep(tenant="bad", data=_nan_data(), loss=LossConfig()))
+            good_step = ref.ask(TrainStep(tenant="good", data=make_data(2, seed=4), loss=LossConfig()))
+            results = await asyncio.gather(bad_step, good_step, return_exceptions=True)
+            assert isinstance(results[0], NonFiniteError) and "adapter stays at version 0" in str(results[0])
+            assert isinstance(results[1], StepMetrics) and results[1].version == 1
+            after = await ref.ask(Snapshot(tenant="bad"))
+            assert after.version == 0 and all(torch.equal(before[k], after.tensors[k]) for k in before)
+            assert ref.alive
+    rejected = [e for e in logs if e["event"] == TRAINER_STEP_REJECTED]
+    assert len(rejected) == 1 and rejected[0]["tenant"] == "bad"
+
+
+async def test_a_step_does_not_block_the_event_loop(tiny_model_dir):
+    async with ActorSystem("trainer-loop") as system:
+        ref = await TrainerActor.start_in(system, tiny_model_dir)
+        await ref.ask(AddTenant(tenant="t", lora=LORA, optim=OPTIM))
+        data = make_data(64, seed=5, min_len=200, max_len=250)
+        gaps: list[float] = []
+        step = asyncio.ensure_future(ref.ask(TrainStep(tenant="t", data=data, loss=LossConfig())))
+        last = time.perf_counter()
+        while not step.done():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        metrics = await step
+        step_s = metrics.values["time/fwd_bwd"]
+        assert step_s > 0.2, "the step is too short to show anything"
+        assert len(gaps) > 10 and max(gaps) < step_s / 2, (max(gaps), step_s)
+
+
+async def test_abort_during_a_step_waits_for_a_complete_write_back(tiny_model_dir):
+    """Stopping with mode='abort' cancels the running handler; the step still finishes and the
+    store is either untouched or fully at the next version, never half-written."""
+    async with ActorSystem("trainer-abort") as system:
+        actor = TrainerActor(tiny_model_dir)
+        ref = await system.start(actor, name="trainer")
+        await ref.ask(AddTenant(tenant="t", lora=LORA, optim=OPTIM))
+        core = actor.core
+        assert core is not None
+        v0 = {k: t.clone() for k, t in core.store("t").params.items()}
+        data = make_data(64, seed=6, min_len=200, max_len=250)
+        step = asyncio.ensure_future(ref.ask(TrainStep(tenant="t", data=data, loss=LossConfig())))
+        await asyncio.sleep(0.2)  # the step is running in the worker thread now
+        assert not step.done()
+        await system.stop(ref, mode="abort")
+        with pytest.raises(ActorStopped, match="interrupted"):
+            await step
+        store = core.store("t")
+        assert store.version == 1 and store.grad_normalize is None
+        assert any(not torch.equal(t, v0[k]) for k, t in store.params.items())
+        assert all(not g.any() for g in store.grads.values())
+        assert actor._executor is None  # on_stop shut the worker down after the step
+
+
+async def test_missing_model_fails_start_with_a_clear_error(tmp_path):
+    from clora.errors import ModelNotFoundError
+
+    async with ActorSystem("trainer-missing") as system:
+        actor = TrainerActor(tmp_path / "no-such-model")
+        with pytest.raises(ModelNotFoundError, match="no-such-model"):
+            await system.start(actor, name="trainer")
+        assert actor._executor is None
