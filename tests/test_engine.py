@@ -1,0 +1,122 @@
+"""Fast tests of the engine wrapper's pure parts: environment, adapter checks, zero adapter, error mapping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clora.config import EngineConfig
+from clora.engine import Engine, _cpu_list, check_adapter, engine_env, write_zero_adapter
+from clora.errors import AdapterMismatchError, EngineDeadError, PromptTooLongError
+from clora.messages import SamplingSpec
+
+
+def test_cpu_list_compresses_runs():
+    assert _cpu_list({0, 1}) == "0-1"
+    assert _cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+    assert _cpu_list({3}) == "3"
+
+
+def test_engine_env_defaults_user_env_and_extra_env_precedence():
+    cfg = EngineConfig(kv_cache_gib=1.5, omp_threads_bind="0", use_tcmalloc=False)
+    env = engine_env(cfg, environ={})
+    assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    # the user's environment wins over clora's defaults: those keys are left alone
+    env = engine_env(cfg, environ={"VLLM_CPU_KVCACHE_SPACE": "9"})
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env
+    # extra_env wins over everything
+    cfg = EngineConfig(use_tcmalloc=False, extra_env={"VLLM_CPU_KVCACHE_SPACE": "4"})
+    assert engine_env(cfg, environ={"VLLM_CPU_KVCACHE_SPACE": "9"})["VLLM_CPU_KVCACHE_SPACE"] == "4"
+
+
+def test_engine_env_binds_all_usable_cores_by_default():
+    import os
+
+    env = engine_env(EngineConfig(use_tcmalloc=False), environ={})
+    bound = set()
+    for part in env["VLLM_CPU_OMP_THREADS_BIND"].split(","):
+        lo, _, hi = part.partition("-")
+        bound |= set(range(int(lo), int(hi or lo) + 1))
+    assert bound == os.sched_getaffinity(0)
+
+
+def test_preloaded_libraries_exist_and_force_spawn():
+    env = engine_env(EngineConfig(use_tcmalloc=True), environ={})
+    if "LD_PRELOAD" not in env:
+        pytest.skip("neither tcmalloc nor libiomp5 is installed here")
+    assert all(Path(lib).is_file() for lib in env["LD_PRELOAD"].split(":"))
+    assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"  # a forked process would ignore LD_PRELOAD
+    assert "LD_PRELOAD" not in engine_env(EngineConfig(use_tcmalloc=True), environ={"LD_PRELOAD": "/x.so"})
+
+
+def _adapter(tmp_path: Path, **config) -> Path:
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj"], **config}))
+    return tmp_path
+
+
+def test_check_adapter_names_each_problem(tmp_path):
+    with pytest.raises(AdapterMismatchError, match="adapter_config.json"):
+        check_adapter(tmp_path, max_rank=16)
+    with pytest.raises(AdapterMismatchError, match="rank 32 > engine.max_lora_rank 16"):
+        check_adapter(_adapter(tmp_path, r=32), max_rank=16)
+    with pytest.raises(AdapterMismatchError, match="conv1"):
+        check_adapter(_adapter(tmp_path, target_modules=["q_proj", "model.layers.0.conv1"]), max_rank=16)
+    check_adapter(_adapter(tmp_path, target_modules=["q_proj", "down_proj"]), max_rank=16)
+
+
+def test_zero_adapter_is_all_zero_with_the_model_shapes(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = write_zero_adapter(tiny_model_dir, tmp_path / "zero")
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    tensors = load_file(out / "adapter_model.safetensors")
+    a, b = (tensors[k] for k in sorted(tensors))  # lora_A [r, in], lora_B [out, r]
+    assert a.shape == (1, config["hidden_size"])
+    assert b.shape == (config["num_attention_heads"] * config["head_dim"], 1)
+    assert all(not t.any() for t in tensors.values())
+    check_adapter(out, max_rank=1)
+
+
+class _DeadLLM:
+    """An AsyncLLM stand-in whose engine process died."""
+
+    errored = False
+
+    async def generate(self, *args, **kwargs):
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        self.errored = True
+        raise VllmEngineDeadError()
+        yield  # an async generator, like AsyncLLM.generate
+
+    async def add_lora(self, request):
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        raise VllmEngineDeadError()
+
+
+def _engine(llm) -> Engine:
+    engine = Engine(llm, model_dir=Path("m"), max_model_len=64, max_lora_rank=16)
+    engine._zero_dir = Path("zero")
+    return engine
+
+
+async def test_vllm_engine_death_becomes_clora_engine_dead_error(tmp_path):
+    engine = _engine(_DeadLLM())
+    with pytest.raises(EngineDeadError, match="died"):
+        await engine.generate([1, 2, 3], SamplingSpec(max_tokens=4), None)
+    with pytest.raises(EngineDeadError):  # known dead: refused before reaching vLLM
+        await engine.generate([1, 2, 3], SamplingSpec(max_tokens=4), None)
+    with pytest.raises(EngineDeadError):
+        await engine.reload_adapter("t@v1", 2, _adapter(tmp_path))
+
+
+async def test_prompt_checks_happen_before_the_engine():
+    engine = _engine(_DeadLLM())
+    with pytest.raises(PromptTooLongError, match="60 tokens \\+ max_tokens 5 = 65 exceeds .* 64"):
+        await engine.generate([1] * 60, SamplingSpec(max_tokens=5), None)
+    with pytest.raises(PromptTooLongError, match="empty"):
+        await engine.generate([], SamplingSpec(max_tokens=5), None)
