@@ -1,0 +1,244 @@
+"""The public facade: ``async with clora.Runtime(config) as rt``.
+
+A runtime owns one warm base model: the sampler (vLLM engine), the trainer (device) and the
+sync actor, under one actor system. Experiments run as TenantActors that come and go while
+the others run; scripted tenants get a ``TenantHandle`` with Tinker-style primitives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from actors import ActorRef, ActorSystem, Supervision
+from clora import events
+from clora.chat import ChatRenderer
+from clora.config import ExperimentConfig, LoraConfig, LossConfig, OptimConfig, RuntimeConfig, validate_tenant_name
+from clora.envs import Env, make_env
+from clora.errors import AdapterMismatchError, DuplicateTenantError
+from clora.messages import (
+    AddTenant,
+    ComputeLogprobs,
+    Datum,
+    ExportAdapter,
+    ForwardBackward,
+    ImportAdapter,
+    OptimStep,
+    Publish,
+    Published,
+    RemoveAdapter,
+    RemoveTenant,
+    SampleRequest,
+    SampleResult,
+    SamplingSpec,
+    StepMetrics,
+    TrainStep,
+)
+from clora.models import resolve_model
+from clora.sampler import SamplerActor
+from clora.sync import SyncActor
+from clora.tenant import ExperimentResult, RunExperiment, StepRecord, TenantActor
+from clora.trainer import TrainerActor
+
+__all__ = ["Runtime", "TenantHandle"]
+
+
+class Runtime:
+    """Sampler, trainer and sync actors on one base model, and the tenants using them."""
+
+    def __init__(
+        self, config: RuntimeConfig | None = None, *, run_dir: str | Path | None = None, console_level: str = "info"
+    ) -> None:
+        """``console_level``: events below it reach only the run folder, not your structlog output."""
+        self.config = config or RuntimeConfig()
+        self.console_level = console_level
+        self.run_dir = Path(run_dir if run_dir is not None else self.config.run_dir)
+        self._stack = contextlib.AsyncExitStack()
+        self._tenants: set[str] = set()
+        self._system: ActorSystem | None = None
+        self.sampler: ActorRef | None = None
+        self.trainer: ActorRef | None = None
+        self.sync: ActorRef | None = None
+        self.model_dir: Path | None = None
+        self.renderer: ChatRenderer | None = None
+        self.tokenizer: Any = None
+
+    async def __aenter__(self) -> "Runtime":
+        started = time.time()
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        sink = events.JsonlSink(self.run_dir / "events.jsonl")
+        self._stack.callback(sink.close)
+        try:
+            self.model_dir = await asyncio.to_thread(resolve_model, cfg.model)
+            self.tokenizer = await asyncio.to_thread(_load_tokenizer, self.model_dir)
+            self.renderer = ChatRenderer(self.tokenizer)
+            self._system = await self._stack.enter_async_context(
+                ActorSystem("clora", logger=events.run_logger(sink, self.console_level))
+            )
+            self.sampler = await self._system.start(
+                SamplerActor(self.model_dir, cfg.model, cfg.engine), name="sampler", supervision=Supervision.ESCALATE
+            )
+            self.trainer = await TrainerActor.start_in(self._system, self.model_dir, cfg.trainer)
+            self.sync = await self._system.start(
+                SyncActor(self.trainer, self.sampler), name="sync", supervision=Supervision.ESCALATE
+            )
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self._started = started
+        self._system.log.info(
+            events.RUNTIME_STARTED, model=str(self.model_dir), dtype=cfg.model.dtype, run_dir=str(self.run_dir),
+            max_loras=cfg.engine.max_loras, duration_s=round(time.time() - started, 3),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        if self._system is not None:
+            self._system.log.info(events.RUNTIME_STOPPED, duration_s=round(time.time() - self._started, 3))
+        return await self._stack.__aexit__(*exc_info)
+
+    # ------------------------------------------------------------------ experiments
+
+    async def run(
+        self,
+        experiment: ExperimentConfig,
+        *,
+        env: Env | None = None,
+        on_step: Callable[[str, StepRecord], None] | None = None,
+    ) -> ExperimentResult:
+        """Run one experiment as a TenantActor on the warm runtime; other tenants keep running.
+
+        ``env`` overrides the built-in environment named by ``experiment.env``.
+        """
+        self._claim(experiment.name)
+        ref = None
+        try:
+            actor = TenantActor(
+                experiment,
+                env=env if env is not None else make_env(experiment.env),
+                renderer=self.renderer,
+                sampler=self.sampler,
+                trainer=self.trainer,
+                sync=self.sync,
+                max_model_len=self.config.model.max_model_len,
+                adapter_dir=self.run_dir / "tenants" / experiment.name / "adapter",
+                on_step=on_step,
+            )
+            ref = await self._system.start(actor, name=f"tenant:{experiment.name}", supervision=Supervision.ISOLATE)
+            return await ref.ask(RunExperiment())
+        except BaseException as e:
+            self._system.log.warning(events.TENANT_FAILED, tenant=experiment.name, error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            if ref is not None:
+                with contextlib.suppress(Exception):
+                    await self._system.stop(ref, mode="abort")
+            self._tenants.discard(experiment.name)
+
+    async def run_many(
+        self, experiments: Sequence[ExperimentConfig], *, on_step: Callable[[str, StepRecord], None] | None = None
+    ) -> dict[str, ExperimentResult | BaseException]:
+        """Run experiments concurrently. One tenant's failure is its own result; the others go on."""
+        names = [e.name for e in experiments]
+        if len(set(names)) != len(names):
+            raise DuplicateTenantError(f"duplicate tenant names in {names}")
+        outcomes = await asyncio.gather(*(self.run(e, on_step=on_step) for e in experiments), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                raise outcome
+        return dict(zip(names, outcomes))
+
+    async def tenant(
+        self, name: str, *, lora: LoraConfig | None = None, optim: OptimConfig | None = None
+    ) -> "TenantHandle":
+        """A scripted tenant: its adapter is registered with the trainer and serving as version 0."""
+        self._claim(name)
+        lora = lora or LoraConfig()
+        if lora.rank > self.config.engine.max_lora_rank:
+            self._tenants.discard(name)
+            raise AdapterMismatchError(
+                f"lora.rank {lora.rank} of tenant {name!r} exceeds engine.max_lora_rank {self.config.engine.max_lora_rank}"
+            )
+        try:
+            await self.trainer.ask(AddTenant(tenant=name, lora=lora, optim=optim or OptimConfig()))
+            published = await self.sync.ask(Publish(tenant=name))
+        except BaseException:
+            self._tenants.discard(name)
+            raise
+        return TenantHandle(self, name, published.version)
+
+    def _claim(self, name: str) -> None:
+        validate_tenant_name(name)
+        if name in self._tenants:
+            raise DuplicateTenantError(f"tenant {name!r} already exists in this runtime")
+        self._tenants.add(name)
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+class TenantHandle:
+    """Primitives for a tenant written as an async coroutine."""
+
+    def __init__(self, runtime: Runtime, name: str, version: int) -> None:
+        self._rt = runtime
+        self.name = name
+        self.version = version  # the version serving in the engine
+
+    async def sample(
+        self,
+        prompt: str | list[dict[str, str]] | list[int],
+        *,
+        n: int = 1,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> SampleResult:
+        """Sample from this tenant's serving adapter. A string is one user message; a list of dicts a chat."""
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if prompt and isinstance(prompt[0], dict):
+            prompt = self._rt.renderer.initial(prompt)
+        spec = SamplingSpec(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        return await self._rt.sampler.ask(SampleRequest(tenant=self.name, prompt_token_ids=list(prompt), sampling=spec))
+
+    async def forward_backward(self, data: list[Datum], loss: LossConfig | None = None) -> StepMetrics:
+        return await self._rt.trainer.ask(ForwardBackward(tenant=self.name, data=data, loss=loss or LossConfig()))
+
+    async def optim_step(self) -> StepMetrics:
+        return await self._rt.trainer.ask(OptimStep(tenant=self.name))
+
+    async def train_step(self, data: list[Datum], loss: LossConfig | None = None) -> StepMetrics:
+        return await self._rt.trainer.ask(TrainStep(tenant=self.name, data=data, loss=loss or LossConfig()))
+
+    async def logprobs(self, data: list[Datum]) -> list[list[float]]:
+        return await self._rt.trainer.ask(ComputeLogprobs(tenant=self.name, data=data))
+
+    async def publish(self) -> Published:
+        """Make the trainer's newest version serve in the engine."""
+        published = await self._rt.sync.ask(Publish(tenant=self.name))
+        self.version = published.version
+        return published
+
+    async def save(self, out_dir: str | Path) -> Path:
+        """Write the trainer's current adapter as a PEFT directory."""
+        await self._rt.trainer.ask(ExportAdapter(tenant=self.name, out_dir=str(out_dir)))
+        return Path(out_dir)
+
+    async def load(self, path: str | Path) -> Published:
+        """Replace this tenant's weights with a PEFT directory, then publish them."""
+        await self._rt.trainer.ask(ImportAdapter(tenant=self.name, path=str(path)))
+        return await self.publish()
+
+    async def close(self) -> None:
+        """Unload the adapter from the engine and drop the tenant's trainer state."""
+        await self._rt.sync.ask(RemoveAdapter(tenant=self.name))
+        await self._rt.trainer.ask(RemoveTenant(tenant=self.name))
+        self._rt._tenants.discard(self.name)

@@ -1,0 +1,239 @@
+"""TenantActor: one RL experiment on one adapter.
+
+Per step: draw problems, sample a group of G episodes per problem through the sampler (multi-turn,
+tools run between turns), score them, compute group advantages, train one step, publish the new
+version, and log one canonical ``tenant.step`` event. Held-out accuracy (greedy, one episode per
+problem) is measured before the first step, every ``eval_every`` steps, and after the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
+
+import msgspec
+import torch
+
+from actors import Actor, ActorRef, handler
+from clora import events
+from clora.chat import ChatRenderer
+from clora.config import ExperimentConfig
+from clora.envs import Env
+from clora.messages import (
+    AddTenant,
+    Completion,
+    ExportAdapter,
+    Publish,
+    RemoveAdapter,
+    RemoveTenant,
+    SampleRequest,
+    SampleResult,
+    SamplingSpec,
+    StepMetrics,
+    TrainStep,
+)
+from clora.rl import group_advantages
+from clora.rollout import Trajectory, run_episode, run_group, to_datum
+
+__all__ = ["TenantActor", "RunExperiment", "ExperimentResult", "StepRecord"]
+
+T = TypeVar("T")
+
+
+class RunExperiment(msgspec.Struct, frozen=True, tag=True):
+    """Run the tenant's experiment to the end (or until cancelled)."""
+
+
+class StepRecord(msgspec.Struct, frozen=True, kw_only=True):
+    step: int
+    adapter_version: int
+    reward_mean: float
+    time_rollout_s: float
+    time_train_s: float
+    time_sync_s: float
+    trained: bool
+    accuracy: float | None = None
+
+
+class ExperimentResult(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    steps: list[StepRecord]
+    accuracy_start: float
+    accuracy_end: float
+    started_at: float  # wall clock (time.time())
+    finished_at: float
+    tokens_sampled: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.finished_at - self.started_at
+
+
+class TenantActor(Actor):
+    mailbox_size = 4
+
+    def __init__(
+        self,
+        experiment: ExperimentConfig,
+        *,
+        env: Env,
+        renderer: ChatRenderer,
+        sampler: ActorRef,
+        trainer: ActorRef,
+        sync: ActorRef,
+        max_model_len: int,
+        adapter_dir: Path | None = None,
+        on_step: Callable[[str, StepRecord], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.experiment = experiment
+        self.tenant = experiment.name
+        self._env = env
+        self._renderer = renderer
+        self._sampler = sampler
+        self._trainer = trainer
+        self._sync = sync
+        self._max_model_len = max_model_len
+        self._adapter_dir = adapter_dir
+        self._on_step = on_step
+        self._rng = random.Random(experiment.seed)
+        self._tokens_sampled = 0
+        self._version = 0
+
+    async def on_start(self) -> None:
+        exp = self.experiment
+        await self._trainer.ask(AddTenant(tenant=self.tenant, lora=exp.lora, optim=exp.optim))
+        published = await self._sync.ask(Publish(tenant=self.tenant))
+        self._version = published.version
+        self.log.info(
+            events.TENANT_STARTED, tenant=self.tenant, steps=exp.steps, lr=exp.optim.lr, rank=exp.lora.rank,
+            group_size=exp.group_size, prompts_per_step=exp.prompts_per_step, env=exp.env.kind,
+        )
+
+    async def _sample(self, prompt_token_ids: list[int], spec: SamplingSpec) -> tuple[Completion, int]:
+        result: SampleResult = await self._sampler.ask(
+            SampleRequest(tenant=self.tenant, prompt_token_ids=prompt_token_ids, sampling=spec)
+        )
+        self._tokens_sampled += len(result.completions[0].token_ids)
+        return result.completions[0], result.adapter_version
+
+    @handler
+    async def run(self, msg: RunExperiment) -> ExperimentResult:
+        exp = self.experiment
+        started = time.time()
+        accuracy_start = await self.evaluate(step=0)
+        records: list[StepRecord] = []
+        for step in range(1, exp.steps + 1):
+            record = await self._step(step)
+            if exp.eval_every and step % exp.eval_every == 0 and step != exp.steps:
+                record = msgspec.structs.replace(record, accuracy=await self.evaluate(step=step))
+            records.append(record)
+            if self._on_step is not None:
+                self._on_step(self.tenant, record)
+        accuracy_end = await self.evaluate(step=exp.steps)
+        if self._adapter_dir is not None:
+            await self._trainer.ask(ExportAdapter(tenant=self.tenant, out_dir=str(self._adapter_dir)))
+        result = ExperimentResult(
+            tenant=self.tenant, steps=records, accuracy_start=accuracy_start, accuracy_end=accuracy_end,
+            started_at=started, finished_at=time.time(), tokens_sampled=self._tokens_sampled,
+        )
+        self.log.info(
+            events.TENANT_FINISHED, tenant=self.tenant, accuracy_start=accuracy_start, accuracy_end=accuracy_end,
+            steps=len(records), duration_s=round(result.duration_s, 3), adapter_version=self._version,
+        )
+        return result
+
+    async def evaluate(self, step: int) -> float:
+        """Held-out accuracy of the serving version: greedy, one episode per problem."""
+        started = time.perf_counter()
+        problems = self._env.held_out()
+        spec = self._spec(temperature=0.0, stop=tuple(getattr(self._env, "stop_sequences", ())))
+        trajectories = await _all(
+            run_episode(self._sample, self._renderer, self._env.start(p), **self._episode_kw(spec)) for p in problems
+        )
+        rewards = [t.reward for t in trajectories]
+        accuracy = sum(1.0 for r in rewards if r >= 1.0) / max(1, len(rewards))
+        self.log.info(
+            events.TENANT_EVAL, tenant=self.tenant, step=step, adapter_version=self._version, accuracy=accuracy,
+            problems=len(problems), duration_s=round(time.perf_counter() - started, 3),
+        )
+        return accuracy
+
+    async def _step(self, step: int) -> StepRecord:
+        exp = self.experiment
+        t0 = time.perf_counter()
+        problems = self._env.train_problems(self._rng, exp.prompts_per_step)
+        spec = self._spec(temperature=exp.temperature)
+        groups: list[list[Trajectory]] = await _all(  # (prompts, group_size)
+            run_group(self._sample, self._renderer, self._env, p, exp.group_size, **self._episode_kw(spec))
+            for p in problems
+        )
+        rewards = torch.tensor([[traj.reward for traj in group] for group in groups])  # (P, G)
+        advantages = group_advantages(rewards, kind=exp.advantage)  # (P, G)
+        data = []
+        for problem, group, group_adv in zip(problems, groups, advantages.tolist()):
+            self.log.debug(
+                events.ROLLOUT_GROUP, tenant=self.tenant, step=step, problem=problem.id,
+                rewards=[traj.reward for traj in group],
+                versions=sorted({v for traj in group for v in traj.versions}),
+            )
+            data += [to_datum(traj, adv) for traj, adv in zip(group, group_adv) if adv != 0.0]
+        t_rollout = time.perf_counter() - t0
+        reward_mean = rewards.mean().item()
+        if not data:
+            self.log.info(
+                events.TENANT_STEP_SKIPPED, tenant=self.tenant, step=step, adapter_version=self._version,
+                **{"reward/mean": reward_mean},
+            )
+            return StepRecord(
+                step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
+                time_train_s=0.0, time_sync_s=0.0, trained=False,
+            )
+        t1 = time.perf_counter()
+        metrics: StepMetrics = await self._trainer.ask(TrainStep(tenant=self.tenant, data=data, loss=exp.loss))
+        t2 = time.perf_counter()
+        published = await self._sync.ask(Publish(tenant=self.tenant))
+        t3 = time.perf_counter()
+        self._version = published.version
+        fields = {f"train/{k}": v for k, v in metrics.values.items()}
+        fields.update({
+            "reward/mean": reward_mean,
+            "time/rollout": round(t_rollout, 3),
+            "time/train": round(t2 - t1, 3),
+            "time/sync": round(t3 - t2, 3),
+            "train/sequences": len(data),
+        })
+        self.log.info(
+            events.TENANT_STEP, tenant=self.tenant, step=step, adapter_version=self._version,
+            duration_s=round(t3 - t0, 3), queue_depth=self._trainer.stats.depth, **fields,
+        )
+        return StepRecord(
+            step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
+            time_train_s=t2 - t1, time_sync_s=t3 - t2, trained=True,
+        )
+
+    def _spec(self, temperature: float, stop: tuple[str, ...] = ()) -> SamplingSpec:
+        return SamplingSpec(n=1, max_tokens=self.experiment.max_tokens, temperature=temperature, stop=stop)
+
+    def _episode_kw(self, spec: SamplingSpec) -> dict[str, Any]:
+        return {"max_turns": self.experiment.env.max_turns, "sampling": spec, "max_model_len": self._max_model_len}
+
+    async def on_stop(self) -> None:
+        await self._sync.ask(RemoveAdapter(tenant=self.tenant))
+        await self._trainer.ask(RemoveTenant(tenant=self.tenant))
+
+
+async def _all(coroutines: Iterable[Awaitable[T]]) -> list[T]:
+    """Run concurrently; on the first failure cancel the rest and raise that error itself."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c) for c in coroutines]
+    except BaseExceptionGroup as group:
+        first = group.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    return [t.result() for t in tasks]
