@@ -1,0 +1,73 @@
+"""Terminal output for commands and scripts: structlog lines on stderr and a progress bar per tenant.
+
+The library never configures structlog; a command (``clora run``) or a script calls
+``configure_console_logging`` once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["configure_console_logging", "TenantProgress"]
+
+
+class _StderrLogger:
+    """Writes to whatever ``sys.stderr`` is at write time, so rich's live display can redirect it."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def configure_console_logging(level: str = "warning") -> None:
+    """Readable structlog lines on stderr. vLLM's own logging follows ``level`` unless
+    VLLM_LOGGING_LEVEL is already set (vLLM reads it when imported)."""
+    import structlog
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper())
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
+        ],
+        logger_factory=lambda *args: _StderrLogger(),
+    )
+
+
+class TenantProgress:
+    """One rich progress bar per experiment; ``on_step`` is a Runtime ``on_step`` callback.
+
+        with TenantProgress(console, config.experiments) as progress:
+            await rt.run_many(config.experiments, on_step=progress.on_step)
+    """
+
+    def __init__(self, console: Any, experiments: Iterable[Any]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.experiments = {e.name: e for e in experiments}
+        columns = (TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self._progress = Progress(*columns, console=console)
+        self._bars = {name: self._progress.add_task(f"{name} evaluating", total=e.steps)
+                      for name, e in self.experiments.items()}
+
+    def __enter__(self) -> "TenantProgress":
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._progress.__exit__(*exc_info)
+
+    def on_step(self, tenant: str, record: Any) -> None:
+        skipped = "" if record.trained else " (skipped)"
+        last = " - final eval" if record.step == self.experiments[tenant].steps else ""
+        self._progress.update(self._bars[tenant], advance=1, description=(
+            f"{tenant} step {record.step} reward {record.reward_mean:.2f} v{record.adapter_version}{skipped}{last}"
+        ))
+
+    def completed(self, tenant: str) -> float:
+        return self._progress.tasks[self._bars[tenant]].completed

@@ -1,0 +1,276 @@
+"""The clora command through ``main([...])``: exit codes and one clear message per bad input.
+
+No vLLM here: ``clora run`` gets a fake ``clora.runtime`` module (the CLI imports it lazily), so the
+command's own work is tested: validation, progress callbacks, exit codes, the summary at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import msgspec
+import pytest
+import structlog
+
+from clora.cli import BENCHES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from observe_fixtures import RUN, write_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD_TOML = """
+run_dir = "{run_dir}"
+[model]
+source = "tiny"
+[[experiments]]
+name = "a"
+steps = 2
+[[experiments]]
+name = "b"
+steps = 2
+"""
+
+
+@pytest.fixture(autouse=True)
+def _keep_structlog_config(monkeypatch):
+    """`clora run` configures structlog (the CLI's job); put the session's configuration back."""
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")
+    saved = structlog.get_config()
+    yield
+    structlog.reset_defaults()
+    structlog.configure(**saved)
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"clora {command}: error: ")
+    return lines[0]
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    for command in ("run", "events", "export", "sample", "bench"):
+        assert command in out
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert main([]) == EXIT_USAGE
+    assert "usage: clora" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "toml, names",
+    [
+        ("[model]\nsourc = 'tiny'\n[[experiments]]\nname = 'a'\n", ["unknown field `sourc`", "$.model"]),
+        ("[engine]\nmax_loras = 'four'\n[[experiments]]\nname = 'a'\n", ["Expected `int`", "engine.max_loras"]),
+        ("[[experiments]]\nname = 'a'\nsteps = 0\n", ["experiments.a.steps", "must be >= 1"]),
+        ("[[experiments]]\nname = 'a'\n[experiments.lora]\nrank = 64\n", ["lora.rank", "max_lora_rank"]),
+        ("[model]\nsource = 'tiny'\n", ["no experiments", "[[experiments]]"]),
+        ("[model\n", ["malformed TOML"]),
+    ],
+)
+def test_run_rejects_a_bad_config_with_one_message_naming_file_and_field(tmp_path, capsys, toml, names):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    assert main(["run", str(path)]) == EXIT_USAGE
+    line = _one_error_line(capsys.readouterr().err, "run")
+    assert str(path) in line
+    for name in names:
+        assert name in line
+
+
+def test_run_of_a_missing_file_names_it(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.toml")]) == EXIT_USAGE
+    assert "nope.toml' does not exist" in _one_error_line(capsys.readouterr().err, "run")
+
+
+def test_run_check_validates_without_starting_anything(tmp_path, capsys):
+    path = tmp_path / "ok.toml"
+    path.write_text(GOOD_TOML.format(run_dir=tmp_path / "run"))
+    assert main(["run", str(path), "--check"]) == EXIT_OK
+    assert "2 experiments (a, b)" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_example_experiments_file_is_valid(capsys):
+    assert main(["run", str(ROOT / "examples" / "experiments.toml"), "--check"]) == EXIT_OK
+
+
+class _Record(msgspec.Struct, frozen=True):
+    step: int
+    adapter_version: int
+    reward_mean: float
+    trained: bool = True
+
+
+def _fake_runtime_module(outcomes, seen):
+    """A stand-in for clora.runtime: writes the hand-made events, reports steps, returns ``outcomes``."""
+
+    class Runtime:
+        def __init__(self, config, *, run_dir=None, console_level="info"):
+            self.config = config
+            seen["console_level"] = console_level
+
+        async def __aenter__(self):
+            seen["entered"] = True
+            return self
+
+        async def __aexit__(self, *exc):
+            seen["exited"] = exc[0]
+            return None
+
+        async def run_many(self, experiments, on_step=None):
+            for e in experiments:
+                for step in range(1, e.steps + 1):
+                    on_step(e.name, _Record(step=step, adapter_version=step, reward_mean=0.5))
+                    seen.setdefault("steps", []).append((e.name, step))
+            write_run(Path(self.config.run_dir), RUN)
+            return outcomes
+
+    module = types.ModuleType("clora.runtime")
+    module.Runtime = Runtime
+    return module
+
+
+def test_run_drives_every_tenant_and_prints_the_summary(tmp_path, capsys, monkeypatch):
+    seen = {}
+    monkeypatch.setitem(sys.modules, "clora.runtime", _fake_runtime_module({"a": object(), "b": object()}, seen))
+    path = tmp_path / "ok.toml"
+    path.write_text(GOOD_TOML.format(run_dir=tmp_path / "run"))
+    assert main(["run", str(path)]) == EXIT_OK
+    assert seen["steps"] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    assert seen["exited"] is None and seen["console_level"] == "warning"
+    out = capsys.readouterr().out
+    assert "finished" in out and "0.25→0.00" in out  # the summary table of the run's events
+    assert (tmp_path / "run" / "config.toml").read_text().count("[[experiments]]") == 2
+
+
+def test_run_exits_1_when_a_tenant_failed(tmp_path, capsys, monkeypatch):
+    seen = {}
+    outcomes = {"a": object(), "b": RuntimeError("env broke")}
+    monkeypatch.setitem(sys.modules, "clora.runtime", _fake_runtime_module(outcomes, seen))
+    path = tmp_path / "ok.toml"
+    path.write_text(GOOD_TOML.format(run_dir=tmp_path / "run"))
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "other")]) == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "b failed" in out and "env broke" in out
+    assert (tmp_path / "other" / "events.jsonl").is_file()  # --run-dir overrides the file's run_dir
+
+
+def test_events_summary_as_json_has_the_hand_computed_numbers(tmp_path, capsys):
+    run = write_run(tmp_path / "run")
+    assert main(["events", str(run), "--json"]) == EXIT_OK
+    rows = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert [r["tenant"] for r in rows] == ["a", "b"]  # the older run in the file is left out
+    assert rows[1]["time_waiting_s"] == pytest.approx(2.0) and rows[1]["status"] == "failed"
+    assert main(["events", str(run), "--json", "--all-runs"]) == EXIT_OK
+    assert [r["tenant"] for r in json.loads(capsys.readouterr().out.splitlines()[0])] == ["old", "a", "b"]
+
+
+def test_events_draws_timeline_and_curves(tmp_path, capsys):
+    run = write_run(tmp_path / "run")
+    code = main(["events", str(run), "--timeline", str(tmp_path / "t.png"), "--curves", str(tmp_path / "c.png")])
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    assert "22 spans" in out and "7 points" in out
+    assert (tmp_path / "t.png").stat().st_size > 20_000 and (tmp_path / "c.png").stat().st_size > 20_000
+
+
+def test_events_of_a_folder_without_events(tmp_path, capsys):
+    assert main(["events", str(tmp_path)]) == EXIT_USAGE
+    assert "no events file" in _one_error_line(capsys.readouterr().err, "events")
+
+
+def test_tensorboard_without_a_writer_says_what_to_install(tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    run = write_run(tmp_path / "run")
+    assert main(["events", str(run), "--tensorboard", str(tmp_path / "tb")]) == EXIT_USAGE
+    assert "pip install tensorboard" in capsys.readouterr().err
+
+
+def _adapter(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    header = json.dumps({"base_model.model.q_proj.lora_A.weight": {"dtype": "F32", "shape": [1],
+                                                                   "data_offsets": [0, 4]}}).encode()
+    (path / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    return path
+
+
+def test_export_copies_a_tenant_adapter(tmp_path, capsys):
+    _adapter(tmp_path / "run" / "tenants" / "a" / "adapter")
+    assert main(["export", str(tmp_path / "run"), "a", str(tmp_path / "out")]) == EXIT_OK
+    assert "rank 4" in capsys.readouterr().out
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "setup, tenant, message",
+    [
+        (lambda run: None, "a", "does not exist"),
+        (lambda run: _adapter(run / "tenants" / "b" / "adapter"), "a", "no tenant 'a' (tenants with a folder: b)"),
+        (lambda run: (run / "tenants" / "a").mkdir(parents=True), "a", "has no adapter"),
+        (lambda run: (_adapter(run / "tenants" / "a" / "adapter") / "adapter_config.json").unlink(), "a",
+         "adapter_config.json is missing"),
+    ],
+)
+def test_export_errors_name_what_is_missing(tmp_path, capsys, setup, tenant, message):
+    run = tmp_path / "run"
+    if message != "does not exist":
+        run.mkdir()
+        setup(run)
+    assert main(["export", str(run), tenant, str(tmp_path / "out")]) == EXIT_USAGE
+    assert message in _one_error_line(capsys.readouterr().err, "export")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_checks_the_adapter_before_starting_a_runtime(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "clora.runtime", None)  # importing it would fail the test
+    assert main(["sample", str(tmp_path / "missing"), "hi"]) == EXIT_USAGE
+    assert "does not exist" in _one_error_line(capsys.readouterr().err, "sample")
+    assert main(["sample", str(_adapter(tmp_path / "ad"))]) == EXIT_USAGE
+    assert "at least one prompt" in _one_error_line(capsys.readouterr().err, "sample")
+
+
+def test_a_registered_bench_without_its_module_is_not_yet_available(capsys, monkeypatch):
+    assert {"concurrency", "trainer"} <= set(BENCHES)
+    monkeypatch.setitem(BENCHES, "later", BENCHES["trainer"]._replace(module="clora.bench_not_written_yet"))
+    assert main(["bench", "later", "--quick"]) == EXIT_USAGE
+    assert "not yet available" in _one_error_line(capsys.readouterr().err, "bench")
+    assert main(["bench", "nope"]) == EXIT_USAGE
+    assert "unknown benchmark 'nope'" in _one_error_line(capsys.readouterr().err, "bench")
+
+
+def test_a_registered_bench_module_gets_its_arguments(monkeypatch):
+    module = types.ModuleType("clora_test_bench")
+    module.main = lambda argv: 7 if argv == ["--quick", "-n", "2"] else None
+    monkeypatch.setitem(sys.modules, "clora_test_bench", module)
+    monkeypatch.setitem(BENCHES, "fake", BENCHES["trainer"]._replace(module="clora_test_bench"))
+    assert main(["bench", "fake", "--quick", "-n", "2"]) == 7
+    assert main(["bench", "fake"]) == EXIT_OK  # main returning None means success
+
+
+def test_a_bench_whose_argparse_exits_returns_that_code_under_its_own_name(monkeypatch, capsys):
+    import argparse
+
+    def bench_main(argv):
+        argparse.ArgumentParser().parse_args(argv)  # prog comes from sys.argv[0]
+
+    module = types.ModuleType("clora_test_bench2")
+    module.main = bench_main
+    monkeypatch.setitem(sys.modules, "clora_test_bench2", module)
+    monkeypatch.setitem(BENCHES, "fake2", BENCHES["trainer"]._replace(module="clora_test_bench2"))
+    before = sys.argv[0]
+    assert main(["bench", "fake2", "--bogus"]) == EXIT_USAGE
+    assert "usage: clora bench fake2" in capsys.readouterr().err
+    assert sys.argv[0] == before

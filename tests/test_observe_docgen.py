@@ -1,0 +1,127 @@
+"""The generated reference (events, messages, configuration) matches the code, and its rules hold."""
+
+from __future__ import annotations
+
+import textwrap
+
+import msgspec
+import pytest
+
+from clora import config as config_module
+from clora import events as runtime_events
+from clora.observe import docgen, names
+from clora.observe.ref_code import event_catalog, message_catalog, source_root
+from clora.observe.ref_config import config_catalog
+
+
+def test_docs_are_up_to_date_with_the_code(capsys):
+    code = docgen.main(["--check"])
+    assert code == 0, capsys.readouterr().err  # fix: python -m clora.observe.docgen
+
+
+def test_every_runtime_event_constant_is_documented_with_its_docstring_and_fields():
+    catalog = {e.name: e for e in event_catalog()}
+    for constant in runtime_events.__all__:
+        value = getattr(runtime_events, constant)
+        if isinstance(value, str):
+            assert value in catalog, constant
+            assert catalog[value].constant == constant and catalog[value].doc
+    step = catalog[runtime_events.TENANT_STEP]
+    for field in ("tenant", "step", "adapter_version", "duration_s", "queue_depth", "reward/mean", "time/rollout",
+                  "time/train", "time/sync", "train/*"):
+        assert field in step.fields, field
+    assert step.emitters == {"clora.tenant"} and step.levels == {"info"}
+
+
+def test_names_the_observe_tools_read_are_the_ones_the_code_defines():
+    defined = {(e.module, e.constant): e.name for e in event_catalog()}
+    assert defined[("clora.trainer", "TRAINER_STEP")] == names.TRAINER_STEP
+    assert defined[("clora.trainer", "TRAINER_FORWARD_BACKWARD")] == names.TRAINER_FORWARD_BACKWARD
+    assert defined[("clora.trainer", "TRAINER_STEP_REJECTED")] == names.TRAINER_STEP_REJECTED
+    assert defined[("clora.trainer", "TRAINER_EXPORTED")] == names.TRAINER_EXPORTED
+    assert defined[("clora.sampler", "SAMPLE_DONE")] == names.SAMPLE_DONE
+
+
+def test_fields_the_timeline_needs_are_logged():
+    catalog = {e.name: e for e in event_catalog()}
+    assert {"tenant", "version", "duration_s"} <= set(catalog[names.TRAINER_STEP].fields)  # via _step(event, ...)
+    assert {"tenant", "adapter_version", "duration_s"} <= set(catalog[names.ADAPTER_PUBLISHED].fields) | {"version"}
+    assert {"tenant", "step", "accuracy", "duration_s"} <= set(catalog[names.TENANT_EVAL].fields)
+    assert {"n", "duration_s"} <= set(catalog[names.SAMPLE_DONE].fields)
+
+
+def test_event_extraction_rules_on_a_small_source_tree(tmp_path):
+    (tmp_path / "actors").mkdir()
+    (tmp_path / "clora").mkdir()
+    (tmp_path / "clora" / "things.py").write_text(textwrap.dedent('''
+        from typing import Final
+        THING_DONE: Final = "thing.done"
+        """A thing finished."""
+        NOT_AN_EVENT = "thing.other"
+        PLAIN = "no dots"
+        """Not an event: no dot."""
+
+        def work(log, values):
+            log.info(THING_DONE, tenant="a", **{"reward/mean": 1.0}, **{f"train/{k}": v for k, v in values.items()})
+
+        class Worker:
+            def _emit(self, event, n):
+                self.log.warning(event, n=n, **extra)
+
+            def run(self):
+                self._emit(THING_DONE, 3)
+    '''))
+    [doc] = event_catalog(tmp_path)
+    assert (doc.name, doc.constant, doc.module, doc.doc) == ("thing.done", "THING_DONE", "clora.things",
+                                                              "A thing finished.")
+    assert list(doc.fields) == ["tenant", "reward/mean", "train/*", "n", "**extra"]
+    assert doc.levels == {"info", "warning"}
+
+
+def test_messages_know_their_handlers_and_replies():
+    catalog = {m.name: m for m in message_catalog()}
+    assert ("TrainerActor", "StepMetrics", False) in catalog["TrainStep"].handlers
+    assert ("SamplerActor", "SampleResult", True) in catalog["SampleRequest"].handlers
+    assert ("SyncActor", "Published", False) in catalog["Publish"].handlers
+    assert catalog["SampleResult"].handlers == []  # a reply, handled by nobody
+    assert catalog["RunExperiment"].handlers == [("TenantActor", "ExperimentResult", False)]  # from clora/tenant.py
+    assert ("tenant", "str | None") in catalog["SampleRequest"].fields
+
+
+def test_configuration_reference_covers_every_field_with_its_default_and_checks():
+    sections = {s.struct: s for s in config_catalog()}
+    for name in ("RuntimeConfig", "ModelConfig", "EngineConfig", "TrainerConfig", "ExperimentConfig",
+                 "LoraConfig", "OptimConfig", "LossConfig", "EnvConfig"):
+        struct = getattr(config_module, name)
+        documented = [f.name for f in sections[name].fields]
+        assert documented == [f.name for f in msgspec.structs.fields(struct)], name
+    assert sections["ExperimentConfig"].header == "[[experiments]]"
+    assert sections["LoraConfig"].header == "[experiments.lora]"
+    engine = {f.name: f for f in sections["EngineConfig"].fields}
+    assert engine["max_loras"].default == "8" and engine["max_loras"].checks == ["must be >= 1"]
+    assert engine["max_cpu_loras"].default == "unset" and "max_loras" in engine["max_cpu_loras"].checks[0]
+    optim = {f.name: f for f in sections["OptimConfig"].fields}
+    assert optim["beta1"].checks == ["must be in [0, 1)"]  # found through the loop over (name, value) pairs
+    exp = {f.name: f for f in sections["ExperimentConfig"].fields}
+    assert exp["name"].default == "required" and exp["steps"].checks == ["must be >= 1"]
+    model = {f.name: f for f in sections["ModelConfig"].fields}
+    assert model["dtype"].type == '"float32" | "bfloat16"'
+
+
+def test_fill_regions_replaces_only_the_region_and_refuses_a_missing_one():
+    text = "a\n<!-- generated:x -->\nold\n<!-- /generated:x -->\nb\n"
+    assert docgen.fill_regions(text, {"x": "new"}) == "a\n<!-- generated:x -->\nnew\n<!-- /generated:x -->\nb\n"
+    with pytest.raises(ValueError, match="generated:y"):
+        docgen.fill_regions(text, {"y": "new"})
+
+
+def test_check_mode_reports_stale_docs_without_writing(tmp_path, capsys):
+    (tmp_path / "concepts.md").write_text("<!-- generated:messages -->\n<!-- /generated:messages -->\n"
+                                          "<!-- generated:events -->\n<!-- /generated:events -->\n")
+    assert docgen.main(["--check", "--docs", str(tmp_path)]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert not (tmp_path / "configuration.md").exists()
+    assert docgen.main(["--docs", str(tmp_path)]) == 0
+    assert "| `max_loras` |" in (tmp_path / "configuration.md").read_text()
+    assert docgen.main(["--check", "--docs", str(tmp_path)]) == 0
+    assert source_root().joinpath("clora", "config.py").is_file()
