@@ -8,6 +8,7 @@ Prints each tenant's held-out accuracy before and after. Events: <run_dir>/event
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from rich.console import Console
@@ -18,7 +19,7 @@ import actors
 import clora
 from clora.config import EnvConfig, ExperimentConfig, LossConfig, ModelConfig, OptimConfig, RuntimeConfig
 
-LEARNING_RATES = (2e-4, 5e-4, 1e-3, 2e-3)
+LEARNING_RATES = (2e-4, 5e-4, 1e-3, 2e-3)  # one tenant per learning rate
 
 
 def experiments(steps: int) -> tuple[ExperimentConfig, ...]:
@@ -41,7 +42,7 @@ def experiments(steps: int) -> tuple[ExperimentConfig, ...]:
 async def main(args: argparse.Namespace) -> None:
     console = Console()
     config = RuntimeConfig(
-        model=ModelConfig(source=args.model, max_model_len=1024),
+        model=ModelConfig(source=args.model, dtype="bfloat16", max_model_len=1024),
         run_dir=args.run_dir,
         experiments=experiments(args.steps),
     )
@@ -82,6 +83,7 @@ def cli() -> None:
     parser.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a HF model directory")
     parser.add_argument("--run-dir", default="runs/demo")
     args = parser.parse_args()
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the console for the progress bars
     actors.run(lambda: main(args))
 
 
