@@ -20,22 +20,23 @@ from typing import Any
 import msgspec
 import structlog
 
+from clora.aio import gather_first_error
 from clora.chat import ChatRenderer
 from clora.envs.base import Env, Episode, Outcome, Problem, check_reward
 from clora.errors import EnvError, NonFiniteError
 from clora.messages import Completion, Datum, SamplingSpec
 
 __all__ = [
+    "EPISODE_CONTEXT_FULL",
+    "FINISH_CONTEXT_FULL",
+    "FINISH_DONE",
+    "FINISH_MAX_TURNS",
     "SampleFn",
     "Trajectory",
+    "completion_datum",
     "run_episode",
     "run_group",
     "to_datum",
-    "completion_datum",
-    "FINISH_DONE",
-    "FINISH_MAX_TURNS",
-    "FINISH_CONTEXT_FULL",
-    "EPISODE_CONTEXT_FULL",
 ]
 
 log = structlog.get_logger(__name__)
@@ -225,32 +226,17 @@ async def run_group(
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     stops = tuple(dict.fromkeys((*sampling.stop, *getattr(env, "stop_sequences", ()))))
     episodes = [_start(env, problem) for _ in range(group_size)]
-    error: BaseException | None = None
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [
-                tg.create_task(
-                    run_episode(
-                        sample,
-                        renderer,
-                        episode,
-                        max_turns=max_turns,
-                        sampling=msgspec.structs.replace(sampling, stop=stops, seed=_turn_seed(sampling.seed, i)),
-                        max_model_len=max_model_len,
-                    )
-                )
-                for i, episode in enumerate(episodes)
-            ]
-    except BaseExceptionGroup as group:
-        error = _first_error(group)
-    if error is not None:
-        raise error  # raised outside the handler: the error keeps its own cause and traceback
-    return [t.result() for t in tasks]
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    first = group.exceptions[0]
-    return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
+    return await gather_first_error(
+        run_episode(
+            sample,
+            renderer,
+            episode,
+            max_turns=max_turns,
+            sampling=msgspec.structs.replace(sampling, stop=stops, seed=_turn_seed(sampling.seed, i)),
+            max_model_len=max_model_len,
+        )
+        for i, episode in enumerate(episodes)
+    )
 
 
 def to_datum(trajectory: Trajectory, advantage: float) -> Datum:

@@ -8,17 +8,18 @@ problem) is measured before the first step, every ``eval_every`` steps, and afte
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any
 
 import msgspec
 import torch
 
 from actors import Actor, ActorRef, handler
 from clora import events
+from clora.aio import gather_first_error
 from clora.chat import ChatRenderer
 from clora.config import ExperimentConfig
 from clora.envs import Env
@@ -38,9 +39,7 @@ from clora.messages import (
 from clora.rl import group_advantages
 from clora.rollout import Trajectory, run_episode, run_group, to_datum
 
-__all__ = ["TenantActor", "RunExperiment", "ExperimentResult", "StepRecord"]
-
-T = TypeVar("T")
+__all__ = ["ExperimentResult", "RunExperiment", "StepRecord", "TenantActor"]
 
 
 class RunExperiment(msgspec.Struct, frozen=True, tag=True):
@@ -151,7 +150,7 @@ class TenantActor(Actor):
         started = time.perf_counter()
         problems = self._env.held_out()
         spec = self._spec(temperature=0.0, stop=tuple(getattr(self._env, "stop_sequences", ())))
-        trajectories = await _all(
+        trajectories = await gather_first_error(
             run_episode(self._sample, self._renderer, self._env.start(p), **self._episode_kw(spec)) for p in problems
         )
         rewards = [t.reward for t in trajectories]
@@ -167,7 +166,7 @@ class TenantActor(Actor):
         t0 = time.perf_counter()
         problems = self._env.train_problems(self._rng, exp.prompts_per_step)
         spec = self._spec(temperature=exp.temperature)
-        groups: list[list[Trajectory]] = await _all(  # (prompts, group_size)
+        groups: list[list[Trajectory]] = await gather_first_error(  # (prompts, group_size)
             run_group(self._sample, self._renderer, self._env, p, exp.group_size, **self._episode_kw(spec))
             for p in problems
         )
@@ -225,15 +224,3 @@ class TenantActor(Actor):
         await self._sync.ask(RemoveAdapter(tenant=self.tenant))
         await self._trainer.ask(RemoveTenant(tenant=self.tenant))
 
-
-async def _all(coroutines: Iterable[Awaitable[T]]) -> list[T]:
-    """Run concurrently; on the first failure cancel the rest and raise that error itself."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(c) for c in coroutines]
-    except BaseExceptionGroup as group:
-        first = group.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
-    return [t.result() for t in tasks]
