@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from actors import Actor, ActorState, ActorSystem, handler
+from aio_helpers import until
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -65,18 +66,12 @@ class Trainerish(Actor):
         return self.peak_active
 
 
-async def _until(predicate, timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 async def test_cancelling_a_queued_ask_drops_only_that_message():
     async with ActorSystem("t") as system:
         actor = Trainerish()
         ref = await system.start(actor, name="trainer")
         gated = asyncio.create_task(ref.ask(Step(label="gated")))
-        await _until(lambda: actor.started == ["gated"])
+        await until(lambda: actor.started == ["gated"])
         before = asyncio.create_task(ref.ask(Step(label="before")))
         await asyncio.sleep(0.01)
         victim = asyncio.create_task(ref.ask(Step(label="victim")))
@@ -112,11 +107,11 @@ async def test_cancelling_an_ask_cancels_its_concurrent_task_and_nothing_else():
         ref = await system.start(actor, name="sampler")
         victim = asyncio.create_task(ref.ask(Fetch(label="victim", seconds=5)))
         survivor = asyncio.create_task(ref.ask(Fetch(label="survivor", seconds=0.1)))
-        await _until(lambda: sorted(actor.started) == ["survivor", "victim"])
+        await until(lambda: sorted(actor.started) == ["survivor", "victim"])
         victim.cancel()
         with pytest.raises(asyncio.CancelledError):
             await victim
-        await _until(lambda: "victim" in actor.cleaned)  # its task was cancelled and its cleanup ran
+        await until(lambda: "victim" in actor.cleaned)  # its task was cancelled and its cleanup ran
         assert "victim" not in actor.done
         assert await survivor == "survivor"  # the other handler task was untouched
         assert await ref.ask(Step(label="after")) == "after"
@@ -148,7 +143,7 @@ async def test_cancelling_an_ask_waiting_for_a_concurrency_slot_drops_it():
         actor = Trainerish()
         ref = await system.start(actor, name="bounded")
         running = [asyncio.create_task(ref.ask(Limited(seconds=0.1))) for _ in range(2)]
-        await _until(lambda: actor.active == 2)
+        await until(lambda: actor.active == 2)
         waiting = asyncio.create_task(ref.ask(Limited(seconds=0.1)))  # taken from the mailbox, waits for a slot
         await asyncio.sleep(0.02)
         waiting.cancel()

@@ -7,6 +7,7 @@ import msgspec
 import pytest
 
 from actors import Actor, ActorState, ActorStopped, ActorSystem, Supervision, handler
+from aio_helpers import until
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -60,18 +61,12 @@ class Worker(Actor):
             self.cleanups.append("spin")
 
 
-async def _until(predicate, timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 async def test_drain_handles_everything_queued_then_calls_on_stop():
     async with ActorSystem("t") as system:
         actor = Worker()
         ref = await system.start(actor, name="w")
         first = asyncio.create_task(ref.ask(Block(label="b")))
-        await _until(lambda: actor.journal == ["w:b"])
+        await until(lambda: actor.journal == ["w:b"])
         queued_ask = asyncio.create_task(ref.ask(Work(label="asked")))
         await asyncio.sleep(0.01)
         await ref.tell(Work(label="told"))
@@ -93,7 +88,7 @@ async def test_abort_cancels_the_running_handler_and_fails_queued_asks():
         actor = Worker()
         ref = await system.start(actor, name="w")
         running = asyncio.create_task(ref.ask(Block(label="b")))
-        await _until(lambda: actor.journal == ["w:b"])
+        await until(lambda: actor.journal == ["w:b"])
         queued = asyncio.create_task(ref.ask(Work(label="queued")))
         await ref.tell(Work(label="told"))
         await asyncio.sleep(0.01)
@@ -126,7 +121,7 @@ async def test_blocked_senders_fail_when_the_actor_stops():
         actor = Worker()
         ref = await system.start(actor, name="w", mailbox_size=1)
         await ref.tell(Block(label="b"))
-        await _until(lambda: actor.journal == ["w:b"])
+        await until(lambda: actor.journal == ["w:b"])
         await ref.tell(Work(label="fills"))
         blocked = asyncio.create_task(ref.tell(Work(label="blocked")))
         await asyncio.sleep(0.02)
@@ -172,7 +167,7 @@ async def test_shutdown_does_not_hang_with_busy_actors_when_cancelled():
                     await ref.tell(Block(label="b"))  # a sequential handler that never finishes
                     await ref.tell(Work(label="queued"))  # fills the one slot
                     senders.append(asyncio.create_task(ref.tell(Work(label="stuck"))))  # blocked sender
-                await _until(lambda: all(r.stats.waiting_senders == 1 for r in refs))
+                await until(lambda: all(r.stats.waiting_senders == 1 for r in refs))
                 await asyncio.Event().wait()  # the body never ends on its own
     assert time.perf_counter() - started < 3
     for actor in actors:
@@ -189,7 +184,7 @@ async def test_shutdown_does_not_hang_when_the_body_raises():
             async with ActorSystem("t") as system:
                 ref = await system.start(actor, name="busy")
                 await ref.tell(Block(label="forever"))
-                await _until(lambda: actor.journal == ["busy:forever"])
+                await until(lambda: actor.journal == ["busy:forever"])
                 raise KeyError("body failed")
     assert actor.cleanups == ["forever"] and actor.journal[-1] == "busy:on_stop"
 
@@ -227,7 +222,7 @@ async def test_cancelled_start_interrupts_on_start_and_leaves_no_actor():
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await system.start(actor, name="forever")
-        await _until(lambda: "forever" not in system.actors)
+        await until(lambda: "forever" not in system.actors)
         assert actor.interrupted
         ref = await system.start(Worker(), name="forever")  # name is free, system fine
         assert await ref.ask(Work(label="x")) == "x"
@@ -252,7 +247,7 @@ async def test_an_actor_can_stop_itself_from_a_handler():
         actor.system_ref = system
         ref = await system.start(actor, name="quitter")
         assert await ref.ask(Work(label="x")) == "bye"
-        await _until(lambda: ref.state is ActorState.STOPPED)
+        await until(lambda: ref.state is ActorState.STOPPED)
         assert actor.stopped
 
 
@@ -274,5 +269,5 @@ async def test_telling_itself_into_a_full_mailbox_fails_instead_of_hanging():
     async with ActorSystem("t") as system:
         ref = await system.start(Looper(), name="looper", supervision=Supervision.ISOLATE)
         await ref.tell(Work(label="go"))
-        await _until(lambda: ref.state is ActorState.DEAD)
+        await until(lambda: ref.state is ActorState.DEAD)
         assert isinstance(ref.failure, ActorError) and "would wait forever" in str(ref.failure)

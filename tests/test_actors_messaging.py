@@ -17,6 +17,7 @@ from actors import (
     events,
     handler,
 )
+from aio_helpers import until
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -93,12 +94,6 @@ class BrokenStart(Actor):
         raise RuntimeError("no engine here")
 
 
-async def _until(predicate, timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 async def test_start_returns_after_on_start_and_ask_returns_the_handler_value():
     async with ActorSystem("t") as system:
         actor = SlowStart()
@@ -154,7 +149,7 @@ async def test_full_mailbox_blocks_senders_in_order_until_drained():
     async with ActorSystem("t") as system:
         ref = await system.start(actor, name="counter")
         await ref.tell(Hold(label="first"))  # taken at once, then the handler waits on the gate
-        await _until(lambda: actor.seen == ["first"])
+        await until(lambda: actor.seen == ["first"])
         await ref.tell(Add(x=1))
         await ref.tell(Add(x=2))  # mailbox (2 slots) is full now
         blocked_a = asyncio.create_task(ref.tell(Add(x=3)))
@@ -180,7 +175,7 @@ async def test_cancelled_blocked_sender_enqueues_nothing():
     async with ActorSystem("t") as system:
         ref = await system.start(actor, name="counter", mailbox_size=1)
         await ref.tell(Hold(label="first"))
-        await _until(lambda: actor.seen == ["first"])
+        await until(lambda: actor.seen == ["first"])
         await ref.tell(Add(x=1))
         blocked = asyncio.create_task(ref.tell(Add(x=100)))
         await asyncio.sleep(0.02)

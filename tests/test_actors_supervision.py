@@ -18,6 +18,7 @@ from actors import (
     events,
     handler,
 )
+from aio_helpers import until
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -68,12 +69,6 @@ def _fresh_instances():
     Fragile.instances = []
 
 
-async def _until(predicate, timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 async def test_isolate_marks_the_crashed_actor_dead_and_siblings_keep_running():
     with capture_logs() as logs:
         async with ActorSystem("t") as system:
@@ -83,7 +78,7 @@ async def test_isolate_marks_the_crashed_actor_dead_and_siblings_keep_running():
             parked = asyncio.create_task(victim.ask(Park()))
             await asyncio.sleep(0.01)
             await victim.tell(Crash(text="kaputt"))
-            await _until(lambda: victim.state is ActorState.DEAD)
+            await until(lambda: victim.state is ActorState.DEAD)
             assert isinstance(victim.failure, ValueError) and str(victim.failure) == "kaputt"
             assert victim_actor.hooks == ["on_failure:kaputt"]  # on_failure, never on_stop
             with pytest.raises(ActorCrashed, match="'victim' crashed: ValueError: kaputt"):
