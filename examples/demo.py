@@ -17,9 +17,9 @@ from rich.table import Table
 
 import actors
 import clora
-from clora.config import EnvConfig, ExperimentConfig, LossConfig, ModelConfig, OptimConfig, RuntimeConfig
+from clora.config import EnvConfig, ExperimentConfig, LossConfig, ModelConfig, OptimConfig, RuntimeConfig, TrainerConfig
 
-LEARNING_RATES = (2e-4, 5e-4, 1e-3, 2e-3)  # one tenant per learning rate
+LEARNING_RATES = (5e-4, 1e-3, 2e-3, 3e-3)  # one tenant per learning rate
 
 
 def experiments(steps: int) -> tuple[ExperimentConfig, ...]:
@@ -28,11 +28,12 @@ def experiments(steps: int) -> tuple[ExperimentConfig, ...]:
             name=f"lr{lr:g}",
             optim=OptimConfig(lr=lr),
             loss=LossConfig(kind="ppo"),
-            env=EnvConfig(kind="arithmetic", difficulty=0, held_out_size=32, seed=7),
+            env=EnvConfig(kind="arithmetic", difficulty=0, held_out_size=24, seed=7),
             steps=steps,
             prompts_per_step=4,
-            group_size=4,
-            max_tokens=48,
+            group_size=6,
+            max_tokens=32,
+            temperature=0.7,
             seed=i,
         )
         for i, lr in enumerate(LEARNING_RATES)
@@ -43,6 +44,7 @@ async def main(args: argparse.Namespace) -> None:
     console = Console()
     config = RuntimeConfig(
         model=ModelConfig(source=args.model, dtype="bfloat16", max_model_len=1024),
+        trainer=TrainerConfig(autocast_bf16=True),
         run_dir=args.run_dir,
         experiments=experiments(args.steps),
     )
@@ -79,7 +81,7 @@ async def main(args: argparse.Namespace) -> None:
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a HF model directory")
     parser.add_argument("--run-dir", default="runs/demo")
     args = parser.parse_args()
