@@ -2,7 +2,8 @@
 
 Task and budget (chosen so the rise is reliable on a 2-core CPU in a few minutes): difficulty 0
 (one operation, small numbers), a fixed held-out split of 32 problems evaluated greedily, 8 RL
-steps of 4 problems x 8 samples, PPO on LoRA rank 8 with lr 2e-3. The untrained model solves
+steps of 4 problems x 8 samples at temperature 0.7 (at 1.0 the 135M model's samples are almost
+never well-formed, so groups carry no signal), PPO on LoRA rank 8 with lr 2e-3, bf16 autocast. The untrained model solves
 about a quarter of the held-out problems thanks to the worked example in the prompt; most
 failures are format errors (no tool call, an expression as the final answer), which RL removes
 quickly.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import pytest
 
-from clora.config import EngineConfig, EnvConfig, ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, RuntimeConfig
+from clora.config import (
+    EngineConfig, EnvConfig, ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, RuntimeConfig, TrainerConfig,
+)
 from clora.events import read_events
 
 pytestmark = [pytest.mark.vllm, pytest.mark.smollm2, pytest.mark.timeout(1800)]
@@ -32,11 +35,13 @@ async def test_smollm2_tenant_held_out_accuracy_rises(tmp_path):
         prompts_per_step=4,
         group_size=8,
         max_tokens=32,
+        temperature=0.7,
         seed=0,
     )
     config = RuntimeConfig(
         model=ModelConfig(source="smollm2", dtype="bfloat16", max_model_len=1024),
         engine=EngineConfig(max_loras=2, max_lora_rank=8),
+        trainer=TrainerConfig(autocast_bf16=True),
         run_dir=str(tmp_path / "run"),
     )
     async with clora.Runtime(config, console_level="warning") as rt:
