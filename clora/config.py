@@ -171,12 +171,15 @@ class TrainerConfig(_Config):
     micro_batch_size: int = 8
     queue_size: int = 16
     num_threads: int | None = None
+    fuse_max: int = 1  # most TrainSteps of different tenants fused into one step; 1 = off
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:
             _fail("trainer.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         if self.queue_size < 1:
             _fail("trainer.queue_size", f"must be >= 1 (0 would be unbounded), got {self.queue_size}")
+        if self.fuse_max < 1:
+            _fail("trainer.fuse_max", f"must be >= 1 (1 = no fusion), got {self.fuse_max}")
 
 
 class EnvConfig(_Config):

@@ -102,9 +102,15 @@ class TrainerActor(Actor):
         name: str = "trainer",
         supervision: Supervision = Supervision.ESCALATE,
     ) -> ActorRef[TrainerActor]:
-        """Start a TrainerActor in ``system`` with its mailbox bounded by ``config.queue_size``."""
+        """Start a trainer in ``system`` with its mailbox bounded by ``config.queue_size``: a
+        FusedTrainerActor when ``config.fuse_max`` > 1 (clora.trainer_fused), else this class."""
+        actor_cls = cls
+        if config.fuse_max > 1 and cls is TrainerActor:
+            from clora.trainer_fused import FusedTrainerActor
+
+            actor_cls = FusedTrainerActor
         return await system.start(
-            cls(model, config), name=name, supervision=supervision, mailbox_size=config.queue_size
+            actor_cls(model, config), name=name, supervision=supervision, mailbox_size=config.queue_size
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -153,24 +159,31 @@ class TrainerActor(Actor):
     async def _on_device(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the worker thread under the device lock. If cancelled meanwhile,
         wait until ``fn`` has finished (the store is then complete or untouched), then re-raise."""
-        assert self._executor is not None, "TrainerActor is not started"
         async with self.device_lock:
-            loop = asyncio.get_running_loop()
-            call = functools.partial(contextvars.copy_context().run, fn, *args)
-            future = loop.run_in_executor(self._executor, call)
-            try:
-                return await asyncio.shield(future)
-            except asyncio.CancelledError:
-                while not future.done():
-                    try:
-                        await asyncio.shield(future)
-                    except asyncio.CancelledError:
-                        continue
-                    except Exception:
-                        break
-                if not future.cancelled():
-                    future.exception()  # retrieved: the cancellation is what the caller sees
-                raise
+            return await self._finish(self._in_worker(fn, *args))
+
+    def _in_worker(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Submit ``fn(*args)`` to the worker thread (the caller holds the device lock)."""
+        assert self._executor is not None, "TrainerActor is not started"
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    @staticmethod
+    async def _finish(future: asyncio.Future[T]) -> T:
+        """Await a worker future; if cancelled, first wait until the worker is done, then re-raise."""
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            while not future.done():
+                try:
+                    await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    continue
+                except Exception:
+                    break
+            if not future.cancelled():
+                future.exception()  # retrieved: the cancellation is what the caller sees
+            raise
 
     def _core(self) -> TrainerCore:
         if self.core is None:

@@ -3,7 +3,8 @@
 from clora.lora.adam import adamw_step_, clip_grads_, global_grad_norm
 from clora.lora.attach import attach_lora, check_lora_fits, find_targets, layer_shapes, lora_layers
 from clora.lora.core import TrainerCore, resolve_device
-from clora.lora.layer import LoRALinear, LoRASlot, SlotRouting
+from clora.lora.fused import FusedRequest, fused_train_step
+from clora.lora.layer import LoRALinear, LoRASlot, RowMode, SlotRouting
 from clora.lora.peft_io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -29,7 +30,10 @@ __all__ = [
     "lora_layers",
     "TrainerCore",
     "resolve_device",
+    "FusedRequest",
+    "fused_train_step",
     "LoRALinear",
+    "RowMode",
     "LoRASlot",
     "SlotRouting",
     "CONFIG_FILE",

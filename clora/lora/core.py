@@ -27,6 +27,7 @@ from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.errors import ConfigError, DuplicateTenantError, NonFiniteError, UnknownTenantError
 from clora.lora.adam import adamw_step_, clip_grads_, global_grad_norm
 from clora.lora.attach import attach_lora, check_lora_fits, layer_shapes, lora_layers
+from clora.lora.fused import FusedRequest, fused_train_step
 from clora.lora.layer import SlotRouting
 from clora.lora.peft_io import export_peft, import_peft, peft_config_dict, peft_state_dict
 from clora.lora.store import AdapterStore, WorkingCopy, lora_key, swap_in, write_back
@@ -35,7 +36,7 @@ from clora.rl import collate, loss_denominator, loss_numerator, micro_batches, t
 
 __all__ = ["TrainerCore", "resolve_device"]
 
-_SLOT = 0  # one tenant at a time for now; fused multi-tenant steps will use more slots
+_SLOT = 0  # the single-tenant path binds its tenant here; fused steps use slots 0..K-1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,7 +156,12 @@ class TrainerCore:
             metrics |= self._apply_optimizer(store, work)
         with timer("time/swap_out"):
             write_back(store, work, params=True, optim_state=True, grads=True)
-        return {**metrics, **timer.values, "version": float(store.version)}
+        return {**metrics, **timer.values, "version": float(store.version), "fused": 1.0}
+
+    def train_steps_fused(self, requests: Sequence[FusedRequest]) -> list[dict[str, float] | Exception]:
+        """Several tenants' TrainSteps in one forward/backward (see clora.lora.fused); one outcome
+        per request, in order: its values, or the exception that rejected it (store unchanged)."""
+        return fused_train_step(self, requests)
 
     def compute_logprobs(self, tenant: str, data: Sequence[Datum]) -> list[list[float]]:
         """Trainer-policy log-prob of every token of each datum (index 0 is 0.0)."""
@@ -200,22 +206,29 @@ class TrainerCore:
     @contextmanager
     def _bound(self, store: AdapterStore, work: WorkingCopy) -> Iterator[None]:
         """Route every row to slot 0 holding ``work``'s weights; unbind afterwards."""
-        layers = lora_layers(self.model)
-        scaling = store.lora.scaling
-        try:
-            for name, layer in layers.items():
-                if name in store.shapes:
-                    layer.set_slot(
-                        _SLOT, work.params[lora_key(name, "A")], work.params[lora_key(name, "B")], scaling
-                    )
-                else:
-                    layer.clear_slot(_SLOT)
+        with self._bound_slots([(store, work)]):
             self.routing.use_slot(_SLOT)
+            yield
+
+    @contextmanager
+    def _bound_slots(self, bindings: Sequence[tuple[AdapterStore, WorkingCopy]]) -> Iterator[None]:
+        """Bind binding i's weights into slot i of every layer it targets (and clear slot i of the
+        others); the caller routes rows. Unbinds every slot and clears the routing afterwards."""
+        layers = lora_layers(self.model)
+        try:
+            for slot, (store, work) in enumerate(bindings):
+                for name, layer in layers.items():
+                    if name in store.shapes:
+                        a, b = work.params[lora_key(name, "A")], work.params[lora_key(name, "B")]
+                        layer.set_slot(slot, a, b, store.lora.scaling)
+                    else:
+                        layer.clear_slot(slot)
             yield
         finally:
             self.routing.clear()
             for layer in layers.values():
-                layer.clear_slot(_SLOT)
+                for slot in range(len(bindings)):
+                    layer.clear_slot(slot)
 
     def _logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # tokens, attention_mask: (B, T)
@@ -264,6 +277,22 @@ class TrainerCore:
                     sums["clip_frac"] += float((parts.clipped.float() * mask).sum())
                     tokens += float(mask.sum())
                 del logits, logp, parts
+        self._merge_grads(store, work, denominator, loss_cfg.normalize)
+        per_token = lambda s: s / tokens if tokens > 0 else 0.0  # noqa: E731
+        return {
+            "loss": sums["loss"],
+            "kl": per_token(sums["kl"]),
+            "entropy": per_token(sums["entropy"]),
+            "clip_frac": per_token(sums["clip_frac"]),
+            "tokens": tokens,
+            "sequences": float(len(data)),
+        }
+
+    @staticmethod
+    def _merge_grads(store: AdapterStore, work: WorkingCopy, denominator: float, normalize: str) -> None:
+        """Check the fresh ``.grad`` of ``work.params`` and fold it into ``work.grads`` as a mean
+        weighted by the normalisation denominator; clears ``.grad``."""
+        assert work.grads is not None
         new_grads = [
             p.grad if p.grad is not None else torch.zeros_like(p) for p in (work.params[k] for k in work.grads)
         ]
@@ -277,16 +306,7 @@ class TrainerCore:
                 acc.mul_(work.grad_weight / total).add_(new, alpha=denominator / total)
         for p in work.params.values():
             p.grad = None
-        work.grad_weight, work.grad_normalize = total, loss_cfg.normalize
-        per_token = lambda s: s / tokens if tokens > 0 else 0.0  # noqa: E731
-        return {
-            "loss": sums["loss"],
-            "kl": per_token(sums["kl"]),
-            "entropy": per_token(sums["entropy"]),
-            "clip_frac": per_token(sums["clip_frac"]),
-            "tokens": tokens,
-            "sequences": float(len(data)),
-        }
+        work.grad_weight, work.grad_normalize = total, normalize
 
     def _apply_optimizer(self, store: AdapterStore, work: WorkingCopy) -> dict[str, float]:
         """Clip, check and apply AdamW to ``work``; reset its accumulated gradient."""

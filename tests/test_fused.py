@@ -1,0 +1,166 @@
+"""Fused multi-tenant training on the tiny llama: equal to separate steps, per-tenant failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from clora.config import LoraConfig, LossConfig, ModelConfig, OptimConfig, TrainerConfig
+from clora.errors import ConfigError, NonFiniteError, UnknownTenantError
+from clora.lora import FusedRequest, LoRALinear, SlotRouting, TrainerCore
+
+from test_trainer import _poison, assert_same_state, make_data, store_state  # noqa: E402
+
+# Three tenants that differ in everything a tenant owns: rank, alpha, targets, optimizer, loss.
+TENANTS = {
+    "A": (LoraConfig(rank=2, alpha=4.0, init_seed=1),
+          OptimConfig(lr=5e-3, weight_decay=0.01, grad_clip=0.5, eps=1e-5), LossConfig(kind="ppo")),
+    "B": (LoraConfig(rank=8, alpha=32.0, init_seed=2, target_modules=("q_proj", "v_proj", "down_proj")),
+          OptimConfig(lr=1e-2, beta1=0.8, eps=1e-5), LossConfig(kind="importance_sampling", normalize="sequences")),
+    "C": (LoraConfig(rank=4, alpha=4.0, init_seed=3),
+          OptimConfig(lr=1e-3, grad_clip=0.0, eps=1e-5), LossConfig(kind="ppo", kl_coef=0.1)),
+}
+# Tenants whose micro-batches do not mix are bit-identical to separate steps. Mixed micro-batches
+# change GEMM shapes (padding, rows), so gradients differ by float rounding (~1e-6 relative);
+# Adam's update lr * g / (|g| + eps) amplifies that on near-zero gradient elements, most in the
+# second step's A matrices (their first non-zero gradient): measured max 1.6e-6 there, 1.3e-7
+# after the first step.
+ATOL_BY_STEP = (1e-6, 4e-6)
+
+
+def fresh_core(model_dir: Path, micro_batch_size: int = 4) -> TrainerCore:
+    core = TrainerCore.from_model_dir(model_dir, TrainerConfig(micro_batch_size=micro_batch_size))
+    for name, (lora, optim, _) in TENANTS.items():
+        core.add_tenant(name, lora, optim)
+    return core
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir: Path) -> tuple[TrainerCore, TrainerCore]:
+    """Two identical cores: one trains tenants separately, the other fused."""
+    return fresh_core(tiny_model_dir), fresh_core(tiny_model_dir)
+
+
+def requests_for(step: int) -> list[FusedRequest]:
+    # uneven sizes so micro-batches of 4 rows mix tenants and split tenants across micro-batches
+    sizes = {"A": 3, "B": 6, "C": 2}
+    return [
+        FusedRequest(name, make_data(sizes[name], seed=100 * step + i, max_len=30 + 10 * i), TENANTS[name][2])
+        for i, name in enumerate(TENANTS)
+    ]
+
+
+def assert_close_state(a: dict[str, object], b: dict[str, object], atol: float = ATOL_BY_STEP[0]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+        else:
+            assert a[k] == b[k], k
+
+
+def test_fused_step_equals_separate_steps(pair):
+    separate, fused = pair
+    for step in range(2):  # the second step exercises Adam moments and a non-zero B
+        reqs = requests_for(step)
+        expected = [separate.train_step(r.tenant, r.data, r.loss) for r in reqs]
+        got = fused.train_steps_fused(reqs)
+        for r, e, g in zip(reqs, expected, got, strict=True):
+            assert isinstance(g, dict), g
+            assert g["version"] == e["version"] == step + 1
+            assert g["fused"] == 3.0 and e["fused"] == 1.0
+            # per-tenant loss normalisation is unchanged by fusion
+            for key in ("loss", "kl", "entropy", "clip_frac", "grad_norm"):
+                assert g[key] == pytest.approx(e[key], rel=1e-5, abs=1e-7), (r.tenant, key)
+            assert (g["tokens"], g["sequences"]) == (e["tokens"], e["sequences"])
+            assert_close_state(
+                store_state(fused.store(r.tenant)), store_state(separate.store(r.tenant)), ATOL_BY_STEP[step]
+            )
+    assert all((t != 0).any() for k, t in fused.store("B").params.items() if k.endswith("lora_B"))
+
+
+def test_fused_step_with_one_failing_tenant_rejects_only_that_tenant(tiny_model_dir, pair):
+    separate, fused = pair  # both at the same state after the previous test (or fresh ones)
+    assert all(separate.store(t).version == fused.store(t).version for t in TENANTS)
+    for how in ("nan_advantage", "inf_sampler_logprob"):
+        reqs = requests_for(7)
+        reqs[1] = FusedRequest("B", _poison(list(reqs[1].data), how), reqs[1].loss)
+        before_b = store_state(fused.store("B"))
+        got = fused.train_steps_fused(reqs)
+        assert isinstance(got[1], NonFiniteError) and "tenant 'B'" in str(got[1])
+        assert_same_state(store_state(fused.store("B")), before_b)
+        for i in (0, 2):
+            expected = separate.train_step(reqs[i].tenant, reqs[i].data, reqs[i].loss)
+            assert isinstance(got[i], dict) and got[i]["version"] == expected["version"]
+            assert_close_state(
+                store_state(fused.store(reqs[i].tenant)), store_state(separate.store(reqs[i].tenant)), ATOL_BY_STEP[1]
+            )
+        with pytest.raises(NonFiniteError):
+            separate.train_step("B", reqs[1].data, reqs[1].loss)
+
+
+def test_bad_requests_fail_alone(pair):
+    _, fused = pair
+    a_before = fused.store("A").version
+    reqs = [
+        FusedRequest("nobody", make_data(2, seed=1), LossConfig()),
+        FusedRequest("A", make_data(2, seed=2), TENANTS["A"][2]),
+        FusedRequest("A", make_data(2, seed=3), TENANTS["A"][2]),  # a tenant cannot be fused with itself
+        FusedRequest("C", [], TENANTS["C"][2]),
+    ]
+    got = fused.train_steps_fused(reqs)
+    assert isinstance(got[0], UnknownTenantError)
+    assert isinstance(got[1], dict) and got[1]["version"] == a_before + 1 and got[1]["fused"] == 1.0
+    assert isinstance(got[2], ConfigError) and "cannot be fused" in str(got[2])
+    assert isinstance(got[3], ConfigError)
+
+
+@pytest.mark.parametrize("mode", ["grouped", "gathered"])
+def test_row_modes_give_the_same_output_and_gradients(mode):
+    torch.manual_seed(0)
+    base = nn.Linear(10, 7)
+    params = [(torch.randn(r, 10, requires_grad=True), torch.randn(7, r, requires_grad=True), s)
+              for r, s in ((2, 0.5), (5, 3.0), (3, 1.0))]
+    x = torch.randn(6, 4, 10)  # (B, T, in)
+    rows = torch.tensor([1, 1, -1, 0, 2, 1])  # a non-contiguous mix with a base row
+    routing = SlotRouting(mode)
+    layer = LoRALinear(base, routing)
+    for i, (a, b, s) in enumerate(params):
+        layer.set_slot(i, a, b, s)
+    routing.use_rows(rows)
+    out = layer(x)  # (6, 4, 7)
+    (out * torch.linspace(-1, 1, 7)).sum().backward()
+    got = [p.grad.clone() for a, b, _ in params for p in (a, b)]
+    for a, b, _ in params:
+        a.grad = b.grad = None
+    expected_rows = []
+    for row, slot in enumerate(rows.tolist()):
+        y = base(x[row])
+        if slot >= 0:
+            a, b, s = params[slot]
+            y = y + (x[row] @ a.T @ b.T) * s
+        expected_rows.append(y)
+    expected = torch.stack(expected_rows)
+    torch.testing.assert_close(out, expected)
+    (expected * torch.linspace(-1, 1, 7)).sum().backward()
+    for g, p in zip(got, [p for a, b, _ in params for p in (a, b)], strict=True):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_bench_fused_reports_swapped_and_fused_rows(tiny_model_dir):
+    from clora.bench_fused import bench_fused, format_rows
+
+    rows = bench_fused(ModelConfig(source=str(tiny_model_dir)), tenant_counts=(1, 3), sequences=2, seq_len=12, steps=1, warmup=0,
+                       row_modes=("grouped", "gathered"))
+    assert [(r.tenants, r.mode, r.row_mode) for r in rows] == [
+        (k, mode, row) for k in (1, 3) for mode, row in (("swapped", "-"), ("fused", "grouped"), ("fused", "gathered"))
+    ]
+    for r in rows:
+        assert r.round_s > 0 and r.tenant_step_s == pytest.approx(r.round_s / r.tenants)
+        assert r.tokens_per_s == pytest.approx(r.tenants * 2 * 12 / r.round_s)
+    assert all(r.ratio == 1.0 for r in rows if r.mode == "swapped")
+    table = format_rows(rows)
+    assert table.count("\n") == len(rows) + 1 and "ratio" in table

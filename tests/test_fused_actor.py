@@ -1,0 +1,122 @@
+"""FusedTrainerActor: pending TrainSteps of different tenants are fused, replies stay per asker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from structlog.testing import capture_logs
+
+from actors import ActorSystem
+from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
+from clora.errors import ConfigError, NonFiniteError
+from clora.lora import TrainerCore
+from clora.messages import AddTenant, Snapshot, StepMetrics, TrainStep
+from clora.trainer import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor
+from clora.trainer_fused import FusedTrainerActor
+
+from test_trainer import _poison, make_data  # noqa: E402
+
+RANKS = {"a": 2, "b": 8, "c": 4, "d": 4}
+CONFIG = TrainerConfig(micro_batch_size=4, fuse_max=3, queue_size=8)
+
+
+def test_fuse_max_is_validated():
+    with pytest.raises(ConfigError, match="trainer.fuse_max"):
+        TrainerConfig(fuse_max=0)
+    assert TrainerConfig().fuse_max == 1
+
+
+async def start(system: ActorSystem, model_dir, config: TrainerConfig = CONFIG) -> tuple[FusedTrainerActor, object]:
+    actor = FusedTrainerActor(model_dir, config)
+    ref = await system.start(actor, name="trainer", mailbox_size=config.queue_size)
+    for tenant, rank in RANKS.items():
+        lora = LoraConfig(rank=rank, alpha=2.0 * rank, init_seed=rank)
+        await ref.ask(AddTenant(tenant=tenant, lora=lora, optim=OptimConfig(lr=1e-2 * rank)))
+    return actor, ref
+
+
+async def until_pending(actor: FusedTrainerActor, n: int) -> None:
+    async with asyncio.timeout(30):
+        while len(actor._pending) < n:
+            await asyncio.sleep(0.001)
+
+
+async def test_start_in_picks_the_fused_actor_only_when_fusing(tiny_model_dir):
+    with capture_logs() as logs:
+        async with ActorSystem("fused-pick") as system:
+            plain = await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(), name="plain")
+            fused = await TrainerActor.start_in(system, tiny_model_dir, CONFIG, name="fused")
+            await plain.ask(AddTenant(tenant="t", lora=LoraConfig(rank=2), optim=OptimConfig()))
+            await fused.ask(AddTenant(tenant="t", lora=LoraConfig(rank=2), optim=OptimConfig()))
+            single = await plain.ask(TrainStep(tenant="t", data=make_data(2, seed=1), loss=LossConfig()))
+            alone = await fused.ask(TrainStep(tenant="t", data=make_data(2, seed=1), loss=LossConfig()))
+    assert single.values["fused"] == alone.values["fused"] == 1.0  # one pending: single-adapter path
+    assert alone.values["loss"] == single.values["loss"]
+    steps = {e["actor"]: e for e in logs if e["event"] == TRAINER_STEP}
+    assert "wait_s" in steps["fused"] and "wait_s" not in steps["plain"]  # only the fused actor queues
+
+
+async def test_pending_steps_are_fused_and_each_asker_gets_its_own_reply(tiny_model_dir):
+    data = {t: make_data(2 + i, seed=10 + i) for i, t in enumerate(RANKS)}
+    with capture_logs() as logs:
+        async with ActorSystem("fused-actor") as system:
+            actor, ref = await start(system, tiny_model_dir)
+            async with actor.device_lock:  # the device is busy: every TrainStep stays pending
+                asks = [asyncio.ensure_future(ref.ask(TrainStep(tenant=t, data=data[t], loss=LossConfig())))
+                        for t in ("a", "b", "a", "c", "d")]
+                await until_pending(actor, 5)
+            replies = await asyncio.gather(*asks)
+            # the same data trained separately, in the same per-tenant order, on a fresh core
+            core = TrainerCore.from_model_dir(tiny_model_dir, CONFIG)
+            for tenant, rank in RANKS.items():
+                core.add_tenant(tenant, LoraConfig(rank=rank, alpha=2.0 * rank, init_seed=rank),
+                                OptimConfig(lr=1e-2 * rank))
+            expected = [core.train_step(t, data[t], LossConfig()) for t in ("a", "b", "a", "c", "d")]
+            for tenant in RANKS:
+                snap = await ref.ask(Snapshot(tenant=tenant))
+                ours = {k: v.clone() for k, v in core.snapshot(tenant).tensors.items()}
+                for k, v in snap.tensors.items():
+                    torch.testing.assert_close(v, ours[k], rtol=0, atol=1e-5)
+    assert [r.tenant for r in replies] == ["a", "b", "a", "c", "d"]
+    assert [r.version for r in replies] == [1, 1, 2, 1, 1]
+    # first group: a, b, c (fuse_max 3; the second "a" waits for the next group), then a, d
+    assert [r.values["fused"] for r in replies] == [3.0, 3.0, 2.0, 3.0, 2.0]
+    for got, exp in zip(replies, expected, strict=True):
+        assert got.values["loss"] == pytest.approx(exp["loss"], rel=1e-5)
+        assert got.values["tokens"] == exp["tokens"]
+    steps = [e for e in logs if e["event"] == TRAINER_STEP]
+    assert sorted((e["tenant"], e["version"], e["fused"]) for e in steps) == sorted(
+        (r.tenant, r.version, r.values["fused"]) for r in replies
+    )
+    assert all(e["queue_depth"] >= 0 and e["wait_s"] >= 0 for e in steps)
+
+
+async def test_a_failing_or_cancelled_request_leaves_the_others_step_intact(tiny_model_dir):
+    with capture_logs() as logs:
+        async with ActorSystem("fused-fail") as system:
+            actor, ref = await start(system, tiny_model_dir)
+            before = {t: (await ref.ask(Snapshot(tenant=t))).tensors for t in ("b", "d")}
+            async with actor.device_lock:
+                ok_a = asyncio.ensure_future(ref.ask(TrainStep(tenant="a", data=make_data(3, seed=1), loss=LossConfig())))
+                bad = _poison(make_data(3, seed=2), "nan_advantage")
+                bad_b = asyncio.ensure_future(ref.ask(TrainStep(tenant="b", data=bad, loss=LossConfig())))
+                gone_d = asyncio.ensure_future(ref.ask(TrainStep(tenant="d", data=make_data(3, seed=3), loss=LossConfig())))
+                ok_c = asyncio.ensure_future(ref.ask(TrainStep(tenant="c", data=make_data(3, seed=4), loss=LossConfig())))
+                await until_pending(actor, 4)
+                gone_d.cancel()  # cancelled while pending: removed, never trained
+                await asyncio.sleep(0.01)
+                assert len(actor._pending) == 3
+            a, b, c = await asyncio.gather(ok_a, bad_b, ok_c, return_exceptions=True)
+            assert isinstance(a, StepMetrics) and a.version == 1 and a.values["fused"] == 3.0
+            assert isinstance(c, StepMetrics) and c.version == 1 and c.values["fused"] == 3.0
+            assert isinstance(b, NonFiniteError) and "tenant 'b'" in str(b)
+            assert gone_d.cancelled()
+            for tenant in ("b", "d"):
+                after = await ref.ask(Snapshot(tenant=tenant))
+                assert after.version == 0
+                assert all(torch.equal(before[tenant][k], after.tensors[k]) for k in after.tensors)
+            assert ref.alive
+    rejected = [e for e in logs if e["event"] == TRAINER_STEP_REJECTED]
+    assert [(e["tenant"], e["fused"]) for e in rejected] == [("b", 3)]
