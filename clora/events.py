@@ -26,6 +26,7 @@ __all__ = [
     "TENANT_FINISHED",
     "TENANT_FAILED",
     "TENANT_STEP_SKIPPED",
+    "TENANT_RELEASE_INCOMPLETE",
     "ROLLOUT_GROUP",
     "ADAPTER_PUBLISHED",
     "PUBLISH_FAILED",
@@ -50,7 +51,10 @@ TENANT_FINISHED: Final = "tenant.finished"
 TENANT_FAILED: Final = "tenant.failed"
 """A tenant's experiment ended with an error; the others go on."""
 TENANT_STEP_SKIPPED: Final = "tenant.step_skipped"
-"""No trajectory carried a learning signal (all advantages zero): no train step, no new version."""
+"""A step trained nothing (reason: no-signal = all advantages zero; non-finite = the trainer rejected
+it): the adapter and its version stay as they were."""
+TENANT_RELEASE_INCOMPLETE: Final = "tenant.release_incomplete"
+"""Part of removing a tenant (engine adapter or trainer state) failed or was already gone."""
 ROLLOUT_GROUP: Final = "tenant.rollout_group"
 """One group of G episodes of one problem finished: rewards, tokens, versions, duration_s."""
 ADAPTER_PUBLISHED: Final = "sync.published"

@@ -36,6 +36,7 @@ __all__ = [
     "completion_datum",
     "run_episode",
     "run_group",
+    "start_episode",
     "to_datum",
 ]
 
@@ -198,7 +199,8 @@ async def run_episode(
     )
 
 
-def _start(env: Env, problem: Problem) -> Episode:
+def start_episode(env: Env, problem: Problem) -> Episode:
+    """``env.start(problem)``, with an env failure reported as ``EnvError``."""
     try:
         return env.start(problem)
     except Exception as e:
@@ -225,7 +227,7 @@ async def run_group(
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     stops = tuple(dict.fromkeys((*sampling.stop, *getattr(env, "stop_sequences", ()))))
-    episodes = [_start(env, problem) for _ in range(group_size)]
+    episodes = [start_episode(env, problem) for _ in range(group_size)]
     return await gather_first_error(
         run_episode(
             sample,

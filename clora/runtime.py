@@ -29,8 +29,6 @@ from clora.messages import (
     OptimStep,
     Publish,
     Published,
-    RemoveAdapter,
-    RemoveTenant,
     SampleRequest,
     SampleResult,
     SamplingSpec,
@@ -40,7 +38,7 @@ from clora.messages import (
 from clora.models import resolve_model
 from clora.sampler import SamplerActor
 from clora.sync import SyncActor
-from clora.tenant import ExperimentResult, RunExperiment, StepRecord, TenantActor
+from clora.tenant import ExperimentResult, RunExperiment, StepRecord, TenantActor, release_tenant
 from clora.trainer import TrainerActor
 
 __all__ = ["Runtime", "TenantHandle"]
@@ -114,7 +112,7 @@ class Runtime:
 
         ``env`` overrides the built-in environment named by ``experiment.env``.
         """
-        self._claim(experiment.name)
+        self._claim(experiment.name, experiment.lora)
         ref = None
         try:
             actor = TenantActor(
@@ -135,8 +133,10 @@ class Runtime:
             raise
         finally:
             if ref is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await self._system.stop(ref, mode="abort")
+                except Exception as e:  # the experiment's own outcome matters more; keep this in the log
+                    self._system.log.warning(events.TENANT_RELEASE_INCOMPLETE, tenant=experiment.name, error=str(e))
             self._tenants.discard(experiment.name)
 
     async def run_many(
@@ -156,26 +156,35 @@ class Runtime:
         self, name: str, *, lora: LoraConfig | None = None, optim: OptimConfig | None = None
     ) -> "TenantHandle":
         """A scripted tenant: its adapter is registered with the trainer and serving as version 0."""
-        self._claim(name)
         lora = lora or LoraConfig()
-        if lora.rank > self.config.engine.max_lora_rank:
-            self._tenants.discard(name)
-            raise AdapterMismatchError(
-                f"lora.rank {lora.rank} of tenant {name!r} exceeds engine.max_lora_rank {self.config.engine.max_lora_rank}"
-            )
+        self._claim(name, lora)
         try:
             await self.trainer.ask(AddTenant(tenant=name, lora=lora, optim=optim or OptimConfig()))
-            published = await self.sync.ask(Publish(tenant=name))
         except BaseException:
             self._tenants.discard(name)
             raise
+        try:
+            published = await self.sync.ask(Publish(tenant=name))
+        except BaseException:
+            await asyncio.shield(self._release(name))
+            raise
         return TenantHandle(self, name, published.version)
 
-    def _claim(self, name: str) -> None:
+    def _claim(self, name: str, lora: LoraConfig) -> None:
         validate_tenant_name(name)
+        if lora.rank > self.config.engine.max_lora_rank:
+            raise AdapterMismatchError(
+                f"lora.rank {lora.rank} of tenant {name!r} exceeds engine.max_lora_rank {self.config.engine.max_lora_rank}"
+            )
         if name in self._tenants:
             raise DuplicateTenantError(f"tenant {name!r} already exists in this runtime")
         self._tenants.add(name)
+
+    async def _release(self, name: str) -> None:
+        try:
+            await release_tenant(name, trainer=self.trainer, sync=self.sync, log=self._system.log)
+        finally:
+            self._tenants.discard(name)
 
 
 def _load_tokenizer(model_dir: Path) -> Any:
@@ -238,7 +247,5 @@ class TenantHandle:
         return await self.publish()
 
     async def close(self) -> None:
-        """Unload the adapter from the engine and drop the tenant's trainer state."""
-        await self._rt.sync.ask(RemoveAdapter(tenant=self.name))
-        await self._rt.trainer.ask(RemoveTenant(tenant=self.name))
-        self._rt._tenants.discard(self.name)
+        """Unload the adapter from the engine and drop the tenant's trainer state; the name is free again."""
+        await self._rt._release(self.name)

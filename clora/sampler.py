@@ -83,9 +83,9 @@ class _TenantSlot:
 
     @property
     def adapter(self) -> tuple[str, int, Path]:
-        # The name carries the version: vLLM's prefix cache keys on it, so KV blocks computed with
-        # an older version of this adapter are never reused for the new one.
-        return (f"{self.tenant}@v{self.version}", self.lora_id, self.path)
+        # The name carries the LoRA id and the version: vLLM's prefix cache keys on it, so KV blocks
+        # computed with an older version (or an earlier tenant of the same name) are never reused.
+        return (f"{self.tenant}#{self.lora_id}@v{self.version}", self.lora_id, self.path)
 
 
 class SamplerActor(Actor):
@@ -286,8 +286,8 @@ class SamplerActor(Actor):
             slot.open.clear()
             try:
                 await slot.idle.wait()
-                del self._tenants[msg.tenant]
                 await self._engine_call(self.engine.remove_adapter(slot.lora_id))
+                del self._tenants[msg.tenant]
             finally:
                 slot.open.set()  # waiters wake up and find the tenant gone
         self._admin_locks.pop(msg.tenant, None)

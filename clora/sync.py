@@ -35,11 +35,32 @@ __all__ = ["SyncActor", "default_publish_root"]
 KEEP_VERSIONS = 2  # the serving version and the one before it
 
 
+_ROOT_PREFIX = "clora-adapters-"
+
+
 def default_publish_root() -> Path:
-    """A memory-backed folder when the OS has one (Linux /dev/shm), else the temp dir."""
+    """A memory-backed folder when the OS has one (Linux /dev/shm), else the temp dir.
+
+    The folder name carries the pid; folders of processes that died without cleaning up
+    (SIGKILL) are swept here, so memory-backed space does not leak across runs.
+    """
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return Path(tempfile.mkdtemp(prefix="clora-adapters-", dir=base))
+    for stale in base.glob(f"{_ROOT_PREFIX}*-*"):
+        pid = stale.name[len(_ROOT_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_ROOT_PREFIX}{os.getpid()}-", dir=base))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class SyncActor(Actor):
@@ -52,6 +73,7 @@ class SyncActor(Actor):
         self._root_given = publish_root is not None
         self._root = Path(publish_root) if publish_root is not None else None
         self._serving: dict[str, int] = {}  # tenant -> version live in the engine
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def on_start(self) -> None:
         if self._root is None:
@@ -71,8 +93,14 @@ class SyncActor(Actor):
     def serving_version(self, tenant: str) -> int | None:
         return self._serving.get(tenant)
 
-    @handler
+    @handler(concurrent=True)
     async def publish(self, msg: Publish) -> Published:
+        """Tenants publish concurrently; one tenant's publishes run one at a time, in order."""
+        lock = self._locks.setdefault(msg.tenant, asyncio.Lock())
+        async with lock:
+            return await self._publish(msg)
+
+    async def _publish(self, msg: Publish) -> Published:
         started = time.perf_counter()
         snap: AdapterSnapshot = await self._trainer.ask(Snapshot(tenant=msg.tenant))
         live = self._serving.get(msg.tenant)
@@ -80,7 +108,12 @@ class SyncActor(Actor):
             return Published(tenant=msg.tenant, version=live, duration_s=0.0)
         path = self._root / msg.tenant / f"v{snap.version}"
         try:
-            size = await asyncio.to_thread(_write_atomically, snap, path)
+            write = asyncio.ensure_future(asyncio.to_thread(_write_atomically, snap, path))
+            try:
+                size = await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.wait([write])  # never leave a writer behind the folder's cleanup
+                raise
             if live is None:
                 await self._sampler.ask(RegisterAdapter(tenant=msg.tenant, path=str(path), version=snap.version))
             else:
@@ -104,12 +137,15 @@ class SyncActor(Actor):
         )
         return Published(tenant=msg.tenant, version=snap.version, duration_s=duration)
 
-    @handler
+    @handler(concurrent=True)
     async def forget(self, msg: RemoveAdapter) -> None:
         """Unload a tenant from the engine and drop its published files."""
-        if self._serving.pop(msg.tenant, None) is not None:
-            await self._sampler.ask(msg)
-        shutil.rmtree(self._root / msg.tenant, ignore_errors=True)
+        async with self._locks.setdefault(msg.tenant, asyncio.Lock()):
+            if msg.tenant in self._serving:
+                await self._sampler.ask(msg)
+                del self._serving[msg.tenant]  # only once the engine let go of it
+            shutil.rmtree(self._root / msg.tenant, ignore_errors=True)
+        self._locks.pop(msg.tenant, None)
 
     def _prune(self, tenant: str, newest: int) -> None:
         folder = self._root / tenant

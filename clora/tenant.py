@@ -8,6 +8,7 @@ problem) is measured before the first step, every ``eval_every`` steps, and afte
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from clora.aio import gather_first_error
 from clora.chat import ChatRenderer
 from clora.config import ExperimentConfig
 from clora.envs import Env
+from clora.errors import NonFiniteError
 from clora.messages import (
     AddTenant,
     Completion,
@@ -37,7 +39,7 @@ from clora.messages import (
     TrainStep,
 )
 from clora.rl import group_advantages
-from clora.rollout import Trajectory, run_episode, run_group, to_datum
+from clora.rollout import Trajectory, run_episode, run_group, start_episode, to_datum
 
 __all__ = ["ExperimentResult", "RunExperiment", "StepRecord", "TenantActor"]
 
@@ -105,7 +107,12 @@ class TenantActor(Actor):
     async def on_start(self) -> None:
         exp = self.experiment
         await self._trainer.ask(AddTenant(tenant=self.tenant, lora=exp.lora, optim=exp.optim))
-        published = await self._sync.ask(Publish(tenant=self.tenant))
+        try:
+            published = await self._sync.ask(Publish(tenant=self.tenant))
+        except BaseException:
+            # on_stop does not run after a failed start: undo the registration here.
+            await asyncio.shield(release_tenant(self.tenant, trainer=self._trainer, sync=self._sync, log=self.log))
+            raise
         self._version = published.version
         self.log.info(
             events.TENANT_STARTED, tenant=self.tenant, steps=exp.steps, lr=exp.optim.lr, rank=exp.lora.rank,
@@ -151,7 +158,8 @@ class TenantActor(Actor):
         problems = self._env.held_out()
         spec = self._spec(temperature=0.0, stop=tuple(getattr(self._env, "stop_sequences", ())))
         trajectories = await gather_first_error(
-            run_episode(self._sample, self._renderer, self._env.start(p), **self._episode_kw(spec)) for p in problems
+            run_episode(self._sample, self._renderer, start_episode(self._env, p), **self._episode_kw(spec))
+            for p in problems
         )
         rewards = [t.reward for t in trajectories]
         accuracy = sum(1.0 for r in rewards if r >= 1.0) / max(1, len(rewards))
@@ -185,14 +193,25 @@ class TenantActor(Actor):
         if not data:
             self.log.info(
                 events.TENANT_STEP_SKIPPED, tenant=self.tenant, step=step, adapter_version=self._version,
-                **{"reward/mean": reward_mean},
+                reason="no-signal", duration_s=round(t_rollout, 3),
+                **{"reward/mean": reward_mean, "time/rollout": round(t_rollout, 3)},
             )
             return StepRecord(
                 step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
                 time_train_s=0.0, time_sync_s=0.0, trained=False,
             )
         t1 = time.perf_counter()
-        metrics: StepMetrics = await self._trainer.ask(TrainStep(tenant=self.tenant, data=data, loss=exp.loss))
+        try:
+            metrics: StepMetrics = await self._trainer.ask(TrainStep(tenant=self.tenant, data=data, loss=exp.loss))
+        except NonFiniteError as e:  # the trainer rejected the step and left the adapter as it was
+            self.log.warning(
+                events.TENANT_STEP_SKIPPED, tenant=self.tenant, step=step, adapter_version=self._version,
+                reason="non-finite", error=str(e), **{"reward/mean": reward_mean, "time/rollout": round(t_rollout, 3)},
+            )
+            return StepRecord(
+                step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
+                time_train_s=time.perf_counter() - t1, time_sync_s=0.0, trained=False,
+            )
         t2 = time.perf_counter()
         published = await self._sync.ask(Publish(tenant=self.tenant))
         t3 = time.perf_counter()
@@ -221,6 +240,18 @@ class TenantActor(Actor):
         return {"max_turns": self.experiment.env.max_turns, "sampling": spec, "max_model_len": self._max_model_len}
 
     async def on_stop(self) -> None:
-        await self._sync.ask(RemoveAdapter(tenant=self.tenant))
-        await self._trainer.ask(RemoveTenant(tenant=self.tenant))
+        await release_tenant(self.tenant, trainer=self._trainer, sync=self._sync, log=self.log)
+
+    async def on_failure(self, exc: BaseException) -> None:
+        await release_tenant(self.tenant, trainer=self._trainer, sync=self._sync, log=self.log)
+
+
+async def release_tenant(tenant: str, *, trainer: ActorRef, sync: ActorRef, log: Any) -> None:
+    """Unload a tenant from the engine and drop its trainer state. Each part is attempted even if
+    the other fails; failures are logged (the tenant is going away either way)."""
+    for ref, msg in ((sync, RemoveAdapter(tenant=tenant)), (trainer, RemoveTenant(tenant=tenant))):
+        try:
+            await ref.ask(msg)
+        except Exception as e:  # already gone, or that actor stopped: nothing left to release there
+            log.info(events.TENANT_RELEASE_INCOMPLETE, tenant=tenant, step=type(msg).__name__, error=str(e))
 

@@ -92,11 +92,11 @@ async def test_load_waits_for_the_tenants_in_flight_requests_and_gates_new_ones(
         await asyncio.sleep(0.05)
         assert not load.done() and not new.done() and engine.loads == []
         engine.release[2].set()  # another tenant is not gated
-        assert (await other).completions[0].text == "u@v0"
+        assert (await other).completions[0].text == "u#3@v0"
         engine.release[1].set()
-        assert ((await old).adapter_version, (await old).completions[0].text) == (0, "t@v0")
+        assert ((await old).adapter_version, (await old).completions[0].text) == (0, "t#2@v0")
         assert (await load).version == 1
-        assert ((await new).adapter_version, (await new).completions[0].text) == (1, "t@v1")
+        assert ((await new).adapter_version, (await new).completions[0].text) == (1, "t#2@v1")
         assert actor.serving_version("t") == 1
 
 
@@ -113,11 +113,11 @@ async def test_a_cancelled_load_still_records_what_the_engine_holds():
         with pytest.raises(asyncio.CancelledError):
             await load
         await asyncio.sleep(0.3)
-        assert engine.weights[2] == "t@v1" and actor.serving_version("t") == 1
+        assert engine.weights[2] == "t#2@v1" and actor.serving_version("t") == 1
         engine.release[5] = asyncio.Event()
         engine.release[5].set()
         result = await _ask(ref, "t", 5)
-        assert (result.adapter_version, result.completions[0].text) == (1, "t@v1")
+        assert (result.adapter_version, result.completions[0].text) == (1, "t#2@v1")
 
 
 async def test_request_errors_concern_that_request_only():
