@@ -1,0 +1,137 @@
+"""Pure aggregation of benchmark results: experiment times, step times, throughput, ratios.
+
+Times of a mode are measured from that mode's own start ``t0`` (wall clock, ``time.time()``),
+which comes before its runtime start(s): a serial cold mode's clock includes every one of its
+runtime starts, a warm or concurrent mode's clock its one runtime start.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from clora.tenant import ExperimentResult
+
+__all__ = ["ModeRow", "aggregate", "serial_prefix_rows", "ratios", "safe_ratio", "reward_curve"]
+
+
+@dataclass(frozen=True)
+class ModeRow:
+    """One mode at one N: N experiments measured from the mode's start."""
+
+    mode: str  # "serial_cold" | "serial_warm" | "concurrent" | "peer"
+    n: int
+    first_s: float  # first experiment finished, seconds after the mode's start
+    mean_s: float  # mean over experiments of (finish - mode start)
+    final_s: float  # last experiment finished (all N done)
+    step_s: float  # mean over all steps of rollout + train + sync
+    rollout_s: float  # mean rollout time per step
+    train_s: float  # mean train time per trained step (0 when none trained)
+    sync_s: float  # mean sync time per trained step
+    tokens: int  # tokens sampled (training rollouts and evaluations)
+    tokens_per_s: float  # tokens / final_s
+    peak_rss_gb: float  # peak RSS of the process tree during the mode (whole mode, not only these N)
+    accuracy_start: list[float] = field(default_factory=list)  # per experiment, in order
+    accuracy_end: list[float] = field(default_factory=list)
+    reward_curve: list[float] = field(default_factory=list)  # mean reward over experiments, per step
+    runtime_start_s: float = 0.0  # total runtime start time inside this mode's clock
+
+
+def reward_curve(results: Sequence[ExperimentResult]) -> list[float]:
+    """Mean reward over experiments at each step index (experiments may have different lengths)."""
+    longest = max((len(r.steps) for r in results), default=0)
+    curve = []
+    for i in range(longest):
+        values = [r.steps[i].reward_mean for r in results if i < len(r.steps)]
+        curve.append(statistics.fmean(values))
+    return curve
+
+
+def aggregate(
+    mode: str,
+    results: Sequence[ExperimentResult],
+    t0: float,
+    *,
+    peak_rss_bytes: int = 0,
+    runtime_start_s: float = 0.0,
+) -> ModeRow:
+    """The metrics of ``results`` (all of one mode) against the mode's start ``t0``."""
+    if not results:
+        raise ValueError(f"mode {mode!r}: no results to aggregate")
+    ends = [r.finished_at - t0 for r in results]
+    steps = [s for r in results for s in r.steps]
+    trained = [s for s in steps if s.trained]
+    tokens = sum(r.tokens_sampled for r in results)
+    final = max(ends)
+    return ModeRow(
+        mode=mode,
+        n=len(results),
+        first_s=min(ends),
+        mean_s=statistics.fmean(ends),
+        final_s=final,
+        step_s=_mean([s.time_rollout_s + s.time_train_s + s.time_sync_s for s in steps]),
+        rollout_s=_mean([s.time_rollout_s for s in steps]),
+        train_s=_mean([s.time_train_s for s in trained]),
+        sync_s=_mean([s.time_sync_s for s in trained]),
+        tokens=tokens,
+        tokens_per_s=tokens / final if final > 0 else 0.0,
+        peak_rss_gb=peak_rss_bytes / 2**30,
+        accuracy_start=[r.accuracy_start for r in results],
+        accuracy_end=[r.accuracy_end for r in results],
+        reward_curve=reward_curve(results),
+        runtime_start_s=runtime_start_s,
+    )
+
+
+def serial_prefix_rows(
+    mode: str,
+    results: Sequence[ExperimentResult],
+    t0: float,
+    ns: Sequence[int],
+    *,
+    peak_rss_bytes: int = 0,
+    runtime_starts_s: Sequence[float] = (),
+) -> list[ModeRow]:
+    """Rows for N serial experiments, for each N in ``ns``: the first N of one serial run.
+
+    A serial run of max(ns) experiments contains the serial run of every smaller N (they run
+    one after another from the same start), so one run gives every row. ``runtime_starts_s``:
+    the start time of each runtime in order (one per experiment when cold, one in all when warm).
+    """
+    rows = []
+    for n in sorted(ns):
+        if n > len(results):
+            raise ValueError(f"mode {mode!r}: N={n} but only {len(results)} results")
+        starts = runtime_starts_s[:n] if len(runtime_starts_s) > 1 else runtime_starts_s
+        rows.append(aggregate(mode, results[:n], t0, peak_rss_bytes=peak_rss_bytes, runtime_start_s=sum(starts)))
+    return rows
+
+
+def safe_ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN when the denominator is 0 (a ratio nothing can be said about)."""
+    return numerator / denominator if denominator else math.nan
+
+
+def ratios(row: ModeRow, baseline: ModeRow) -> dict[str, float]:
+    """``row`` against the baseline at the same N.
+
+    ``*_speedup`` = baseline time / row time (above 1: the row's experiments are done sooner);
+    ``step_time_ratio`` and ``rollout_time_ratio`` = row / baseline (above 1: each step is slower,
+    the price of sharing); ``throughput_ratio`` = row tokens/s / baseline tokens/s.
+    """
+    if row.n != baseline.n:
+        raise ValueError(f"ratio of N={row.n} against a baseline with N={baseline.n}")
+    return {
+        "first_speedup": safe_ratio(baseline.first_s, row.first_s),
+        "mean_speedup": safe_ratio(baseline.mean_s, row.mean_s),
+        "final_speedup": safe_ratio(baseline.final_s, row.final_s),
+        "step_time_ratio": safe_ratio(row.step_s, baseline.step_s),
+        "rollout_time_ratio": safe_ratio(row.rollout_s, baseline.rollout_s),
+        "throughput_ratio": safe_ratio(row.tokens_per_s, baseline.tokens_per_s),
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else 0.0

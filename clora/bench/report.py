@@ -1,0 +1,132 @@
+"""Benchmark output: the rich table, the JSON document, the PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from clora.bench.metrics import ModeRow, ratios
+
+__all__ = ["MODE_ORDER", "rows_with_ratios", "results_table", "markdown_table", "write_json", "plot"]
+
+MODE_ORDER = ("serial_cold", "serial_warm", "concurrent", "peer")
+BASELINE = "serial_cold"
+
+
+def rows_with_ratios(rows: Sequence[ModeRow]) -> list[dict[str, Any]]:
+    """Each row as a dict with ``ratios`` against the serial cold row of the same N (when there is one)."""
+    baselines = {r.n: r for r in rows if r.mode == BASELINE}
+    ordered = sorted(rows, key=lambda r: (MODE_ORDER.index(r.mode) if r.mode in MODE_ORDER else 99, r.n))
+    out = []
+    for row in ordered:
+        item = asdict(row)
+        base = baselines.get(row.n)
+        item["ratios"] = ratios(row, base) if base is not None else {}
+        out.append(item)
+    return out
+
+
+def _fmt(value: float, spec: str = ".1f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def results_table(items: Sequence[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("mode", "N", "first s", "mean s", "final s", "final x", "mean x", "step s", "rollout s",
+                   "train s", "sync s", "tok/s", "peak RSS GB", "acc start->end"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for item in items:
+        r = item["ratios"]
+        acc = f"{_mean(item['accuracy_start']):.0%}->{_mean(item['accuracy_end']):.0%}"
+        table.add_row(
+            item["mode"], str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
+            _fmt(r.get("final_speedup"), ".2f"), _fmt(r.get("mean_speedup"), ".2f"), _fmt(item["step_s"]),
+            _fmt(item["rollout_s"]), _fmt(item["train_s"]), _fmt(item["sync_s"], ".2f"),
+            _fmt(item["tokens_per_s"]), _fmt(item["peak_rss_gb"], ".2f"), acc,
+        )
+    table.caption = ("times in seconds from the start of each mode (runtime starts included); "
+                     "x = serial cold time / this time at the same N")
+    return table
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def write_json(path: Path, document: dict[str, Any]) -> Path:
+    """NaN is written as null, so the file is strict JSON."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    path.write_text(json.dumps(clean(document), indent=2) + "\n")
+    return path
+
+
+def plot(items: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Left: final and mean experiment time vs N per mode. Right: mean reward per step for each concurrent N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (times_ax, reward_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"serial_cold": "tab:red", "serial_warm": "tab:orange", "concurrent": "tab:blue", "peer": "tab:gray"}
+    for mode in MODE_ORDER:
+        mode_items = [i for i in items if i["mode"] == mode]
+        if not mode_items:
+            continue
+        ns = [i["n"] for i in mode_items]
+        color = styles[mode]
+        times_ax.plot(ns, [i["final_s"] for i in mode_items], "o-", color=color, label=f"{mode} final")
+        times_ax.plot(ns, [i["mean_s"] for i in mode_items], "s--", color=color, alpha=0.7, label=f"{mode} mean")
+    times_ax.set_xlabel("N experiments")
+    times_ax.set_ylabel("experiment time (s from mode start)")
+    times_ax.set_xscale("log", base=2)
+    all_ns = sorted({i["n"] for i in items})
+    times_ax.set_xticks(all_ns, [str(n) for n in all_ns])
+    times_ax.set_title("experiment time vs N")
+    times_ax.legend(fontsize=7)
+    for item in items:
+        if item["mode"] in ("concurrent", "peer") and item["reward_curve"]:
+            steps = range(1, len(item["reward_curve"]) + 1)
+            style = "-" if item["mode"] == "concurrent" else ":"
+            reward_ax.plot(steps, item["reward_curve"], style, marker=".", label=f"{item['mode']} N={item['n']}")
+    reward_ax.xaxis.get_major_locator().set_params(integer=True)
+    reward_ax.set_xlabel("step")
+    reward_ax.set_ylabel("mean reward (over the N experiments)")
+    reward_ax.set_title("reward curves")
+    reward_ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(items: Sequence[dict[str, Any]]) -> str:
+    """The results table as GitHub markdown (for docs/benchmarks.md)."""
+    head = ("| mode | N | first s | mean s | final s | final x | mean x | first x | step s | rollout s | train s "
+            "| sync s | tok/s | peak RSS GB | accuracy start -> end (per experiment) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for item in items:
+        r = item["ratios"]
+        acc = ", ".join(f"{a:.0%}->{b:.0%}" for a, b in zip(item["accuracy_start"], item["accuracy_end"]))
+        cells = [item["mode"], str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
+                 _fmt(r.get("final_speedup"), ".2f"), _fmt(r.get("mean_speedup"), ".2f"),
+                 _fmt(r.get("first_speedup"), ".2f"), _fmt(item["step_s"]), _fmt(item["rollout_s"]),
+                 _fmt(item["train_s"]), _fmt(item["sync_s"], ".2f"), _fmt(item["tokens_per_s"]),
+                 _fmt(item["peak_rss_gb"], ".2f"), acc]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,106 @@
+"""Pure benchmark math: aggregation of ExperimentResults and ratios, hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from clora.bench.metrics import aggregate, ratios, reward_curve, safe_ratio, serial_prefix_rows
+from clora.bench.report import rows_with_ratios, write_json
+from clora.bench_concurrency import QUICK, experiments, runtime_config, settings_from_args, build_parser
+from clora.tenant import ExperimentResult, StepRecord
+
+
+def _step(i: int, reward: float, rollout: float, train: float, sync: float, trained: bool = True) -> StepRecord:
+    return StepRecord(step=i, adapter_version=i, reward_mean=reward, time_rollout_s=rollout, time_train_s=train,
+                      time_sync_s=sync, trained=trained)
+
+
+def _result(name: str, start: float, end: float, steps: list[StepRecord], tokens: int,
+            acc: tuple[float, float] = (0.25, 0.5)) -> ExperimentResult:
+    return ExperimentResult(tenant=name, steps=steps, accuracy_start=acc[0], accuracy_end=acc[1],
+                            started_at=start, finished_at=end, tokens_sampled=tokens)
+
+
+T0 = 1000.0
+A = _result("a", 1010.0, 1030.0, [_step(1, 0.0, 4.0, 2.0, 0.5), _step(2, 0.5, 6.0, 0.0, 0.0, trained=False)], 100)
+B = _result("b", 1030.0, 1070.0, [_step(1, 1.0, 8.0, 4.0, 1.5), _step(2, 1.0, 2.0, 3.0, 1.0)], 300, (0.0, 1.0))
+
+
+def test_aggregate_times_are_from_the_mode_start():
+    row = aggregate("serial_cold", [A, B], T0, peak_rss_bytes=3 * 2**30, runtime_start_s=12.0)
+    assert (row.first_s, row.mean_s, row.final_s) == (30.0, 50.0, 70.0)
+    # steps: 6.5, 6.0, 13.5, 6.0 -> 32 / 4
+    assert row.step_s == pytest.approx(8.0)
+    assert row.rollout_s == pytest.approx(5.0)
+    # trained steps only: A1, B1, B2
+    assert row.train_s == pytest.approx(3.0)
+    assert row.sync_s == pytest.approx(1.0)
+    assert row.tokens == 400 and row.tokens_per_s == pytest.approx(400 / 70)
+    assert row.peak_rss_gb == pytest.approx(3.0)
+    assert row.accuracy_start == [0.25, 0.0] and row.accuracy_end == [0.5, 1.0]
+    assert row.reward_curve == [0.5, 0.75]
+    assert row.n == 2 and row.runtime_start_s == 12.0
+
+
+def test_aggregate_rejects_no_results():
+    with pytest.raises(ValueError):
+        aggregate("concurrent", [], T0)
+
+
+def test_reward_curve_handles_different_lengths():
+    short = _result("s", 0, 1, [_step(1, 0.2, 1, 1, 1)], 1)
+    assert reward_curve([short, B]) == [pytest.approx(0.6), pytest.approx(1.0)]
+
+
+def test_serial_prefix_rows_take_the_first_n_experiments():
+    rows = serial_prefix_rows("serial_cold", [A, B], T0, [2, 1], runtime_starts_s=[5.0, 7.0])
+    assert [r.n for r in rows] == [1, 2]
+    assert rows[0].final_s == 30.0 and rows[0].runtime_start_s == 5.0
+    assert rows[1].final_s == 70.0 and rows[1].runtime_start_s == 12.0
+    warm = serial_prefix_rows("serial_warm", [A, B], T0, [1, 2], runtime_starts_s=[9.0])
+    assert [r.runtime_start_s for r in warm] == [9.0, 9.0]
+    with pytest.raises(ValueError):
+        serial_prefix_rows("serial_cold", [A], T0, [2])
+
+
+def test_ratios_against_the_baseline():
+    base = aggregate("serial_cold", [A, B], T0)  # first 30, mean 50, final 70
+    both = [_result("c", 1000, 1035, B.steps, 400), _result("d", 1000, 1035, B.steps, 400)]
+    row = aggregate("concurrent", both, T0)  # all 35; step 11.75 vs 8
+    r = ratios(row, base)
+    assert r["first_speedup"] == pytest.approx(30 / 35)
+    assert r["mean_speedup"] == pytest.approx(50 / 35)
+    assert r["final_speedup"] == pytest.approx(2.0)
+    assert r["step_time_ratio"] == pytest.approx(((13.5 + 6.0) / 2) / 8.0)
+    assert r["throughput_ratio"] == pytest.approx((800 / 35) / (400 / 70))
+    with pytest.raises(ValueError):
+        ratios(aggregate("concurrent", [A], T0), base)
+
+
+def test_safe_ratio_nan_on_zero():
+    assert safe_ratio(3.0, 2.0) == 1.5
+    assert math.isnan(safe_ratio(1.0, 0.0))
+
+
+def test_rows_with_ratios_order_and_json(tmp_path):
+    rows = [aggregate("concurrent", [A], T0), aggregate("serial_cold", [A], T0), aggregate("peer", [B], T0)]
+    items = rows_with_ratios(rows)
+    assert [i["mode"] for i in items] == ["serial_cold", "concurrent", "peer"]
+    assert items[1]["ratios"]["final_speedup"] == pytest.approx(1.0)
+    assert items[2]["ratios"]["final_speedup"] == pytest.approx(30 / 70)
+    path = write_json(tmp_path / "r.json", {"rows": items, "bad": math.nan})
+    loaded = json.loads(path.read_text())
+    assert loaded["bad"] is None and loaded["rows"][0]["mode"] == "serial_cold"
+
+
+def test_settings_and_configs_from_arguments():
+    args = build_parser().parse_args(["--quick", "--n", "2,1,2", "--steps", "3", "--peer"])
+    s = settings_from_args(args)
+    assert s.ns == (1, 2) and s.steps == 3 and s.peer and s.model == QUICK.model and s.reuse_runtime
+    exps = experiments(s, 3)
+    assert [e.name for e in exps] == ["exp0", "exp1", "exp2"]
+    assert len({(e.steps, e.prompts_per_step, e.group_size, e.max_tokens, e.env) for e in exps}) == 1
+    assert runtime_config(s, 4).engine.max_loras == 4
