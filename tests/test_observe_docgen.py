@@ -82,7 +82,7 @@ def test_messages_know_their_handlers_and_replies():
     catalog = {m.name: m for m in message_catalog()}
     assert ("TrainerActor", "StepMetrics", False) in catalog["TrainStep"].handlers
     assert ("SamplerActor", "SampleResult", True) in catalog["SampleRequest"].handlers
-    assert ("SyncActor", "Published", False) in catalog["Publish"].handlers
+    assert ("SyncActor", "Published", True) in catalog["Publish"].handlers
     assert catalog["SampleResult"].handlers == []  # a reply, handled by nobody
     assert catalog["RunExperiment"].handlers == [("TenantActor", "ExperimentResult", False)]  # from clora/tenant.py
     assert ("tenant", "str | None") in catalog["SampleRequest"].fields
