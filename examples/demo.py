@@ -86,7 +86,11 @@ def cli() -> None:
     parser.add_argument("--run-dir", default="runs/demo")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the console for the progress bars
-    actors.run(lambda: main(args))
+    try:
+        actors.run(lambda: main(args))
+    except KeyboardInterrupt:  # the runtime already stopped its actors and the engine on the way out
+        Console().print(f"interrupted; events so far are in {args.run_dir}/events.jsonl")
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
