@@ -23,6 +23,7 @@ from pathlib import Path
 
 from clora.config import ModelConfig
 from clora.errors import ModelNotFoundError
+from clora.fsutil import pid_alive
 
 __all__ = [
     "SMOLLM2_GGUF",
@@ -118,18 +119,8 @@ def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
 def _remove_stale_partials(target: Path) -> None:
     for partial in target.parent.glob(f".{target.name}{_PARTIAL_MARK}*"):
         pid_text = partial.name.rsplit(_PARTIAL_MARK, 1)[1].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             shutil.rmtree(partial, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from actors import Actor, ActorRef, handler
 from clora import events
 from clora.errors import CloraError, FatalError, PublishError
+from clora.fsutil import pid_alive
 from clora.lora.peft_io import export_peft
 from clora.messages import (
     AdapterSnapshot,
@@ -48,19 +49,9 @@ def default_publish_root() -> Path:
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
     for stale in base.glob(f"{_ROOT_PREFIX}*-*"):
         pid = stale.name[len(_ROOT_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{_ROOT_PREFIX}{os.getpid()}-", dir=base))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SyncActor(Actor):
