@@ -55,3 +55,41 @@ def test_escalation_propagates_out_of_run():
 
     with pytest.raises(ActorCrashed, match="negative"):
         actors.run(crash)
+
+
+SIGTERM_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+import actors
+from actors import Actor, ActorSystem
+
+class Holder(Actor):
+    async def on_stop(self):
+        Path(sys.argv[1]).write_text("stopped cleanly")
+
+async def main():
+    async with ActorSystem("t") as system:
+        await system.start(Holder(), name="holder")
+        print("ready", flush=True)
+        await asyncio.sleep(60)
+
+actors.run(main)
+"""
+
+
+def test_sigterm_unwinds_the_actor_system_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    marker = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(marker)], stdout=subprocess.PIPE, text=True)
+    try:
+        while (line := proc.stdout.readline()) and line.strip() != "ready":  # structlog lines come first
+            pass
+        assert line.strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=8) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert marker.read_text() == "stopped cleanly"
