@@ -68,13 +68,18 @@ class FakeSampler(Actor):
         self.removed.append(msg.tenant)
 
 
-async def test_publish_registers_then_loads_in_place_with_monotonic_versions(tmp_path):
+async def _start(system: ActorSystem, publish_root):
+    """A SyncActor between a fake trainer and a fake sampler; returns the fakes, the actor and its ref."""
     trainer, sampler = FakeTrainer(), FakeSampler()
+    t = await system.start(trainer, name="trainer")
+    s = await system.start(sampler, name="sampler")
+    sync_actor = SyncActor(t, s, publish_root=publish_root)
+    return trainer, sampler, sync_actor, await system.start(sync_actor, name="sync")
+
+
+async def test_publish_registers_then_loads_in_place_with_monotonic_versions(tmp_path):
     async with ActorSystem("t") as system:
-        t = await system.start(trainer, name="trainer")
-        s = await system.start(sampler, name="sampler")
-        sync_actor = SyncActor(t, s, publish_root=tmp_path)
-        sync = await system.start(sync_actor, name="sync")
+        trainer, sampler, sync_actor, sync = await _start(system, tmp_path)
 
         assert (await sync.ask(Publish(tenant="a"))).version == 0
         trainer.version = 1
@@ -97,12 +102,8 @@ async def test_publish_registers_then_loads_in_place_with_monotonic_versions(tmp
 
 
 async def test_a_failed_load_keeps_the_previous_version_serving_and_is_reported(tmp_path):
-    trainer, sampler = FakeTrainer(), FakeSampler()
     async with ActorSystem("t") as system:
-        t = await system.start(trainer, name="trainer")
-        s = await system.start(sampler, name="sampler")
-        sync_actor = SyncActor(t, s, publish_root=tmp_path)
-        sync = await system.start(sync_actor, name="sync")
+        trainer, sampler, sync_actor, sync = await _start(system, tmp_path)
         await sync.ask(Publish(tenant="a"))
         trainer.version = 1
         sampler.fail_next_load = True
