@@ -191,26 +191,13 @@ class TenantActor(Actor):
         t_rollout = time.perf_counter() - t0
         reward_mean = rewards.mean().item()
         if not data:
-            self.log.info(
-                events.TENANT_STEP_SKIPPED, tenant=self.tenant, step=step, adapter_version=self._version,
-                reason="no-signal", duration_s=round(t_rollout, 3),
-                **{"reward/mean": reward_mean, "time/rollout": round(t_rollout, 3)},
-            )
-            return StepRecord(
-                step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
-                time_train_s=0.0, time_sync_s=0.0, trained=False,
-            )
+            return self._skipped(step, "no-signal", reward_mean, t_rollout, time_train_s=0.0)
         t1 = time.perf_counter()
         try:
             metrics: StepMetrics = await self._trainer.ask(TrainStep(tenant=self.tenant, data=data, loss=exp.loss))
         except NonFiniteError as e:  # the trainer rejected the step and left the adapter as it was
-            self.log.warning(
-                events.TENANT_STEP_SKIPPED, tenant=self.tenant, step=step, adapter_version=self._version,
-                reason="non-finite", error=str(e), **{"reward/mean": reward_mean, "time/rollout": round(t_rollout, 3)},
-            )
-            return StepRecord(
-                step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
-                time_train_s=time.perf_counter() - t1, time_sync_s=0.0, trained=False,
+            return self._skipped(
+                step, "non-finite", reward_mean, t_rollout, time_train_s=time.perf_counter() - t1, error=str(e)
             )
         t2 = time.perf_counter()
         published = await self._sync.ask(Publish(tenant=self.tenant))
@@ -231,6 +218,21 @@ class TenantActor(Actor):
         return StepRecord(
             step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
             time_train_s=t2 - t1, time_sync_s=t3 - t2, trained=True,
+        )
+
+    def _skipped(
+        self, step: int, reason: str, reward_mean: float, t_rollout: float, *, time_train_s: float, **extra: Any
+    ) -> StepRecord:
+        """Log and record a step that trained nothing: the adapter and its version stay as they were."""
+        level = self.log.warning if "error" in extra else self.log.info
+        level(
+            events.TENANT_STEP_SKIPPED, tenant=self.tenant, step=step, adapter_version=self._version, reason=reason,
+            duration_s=round(t_rollout + time_train_s, 3),
+            **{"reward/mean": reward_mean, "time/rollout": round(t_rollout, 3)}, **extra,
+        )
+        return StepRecord(
+            step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
+            time_train_s=time_train_s, time_sync_s=0.0, trained=False,
         )
 
     def _spec(self, temperature: float, stop: tuple[str, ...] = ()) -> SamplingSpec:
