@@ -221,15 +221,19 @@ class TenantActor(Actor):
         )
 
     def _skipped(
-        self, step: int, reason: str, reward_mean: float, t_rollout: float, *, time_train_s: float, **extra: Any
+        self, step: int, reason: str, reward_mean: float, t_rollout: float, *, time_train_s: float,
+        error: str | None = None,
     ) -> StepRecord:
         """Log and record a step that trained nothing: the adapter and its version stay as they were."""
-        level = self.log.warning if "error" in extra else self.log.info
-        level(
-            events.TENANT_STEP_SKIPPED, tenant=self.tenant, step=step, adapter_version=self._version, reason=reason,
-            duration_s=round(t_rollout + time_train_s, 3),
-            **{"reward/mean": reward_mean, "time/rollout": round(t_rollout, 3)}, **extra,
-        )
+        fields = {
+            "tenant": self.tenant, "step": step, "adapter_version": self._version, "reason": reason,
+            "duration_s": round(t_rollout + time_train_s, 3), "reward/mean": reward_mean,
+            "time/rollout": round(t_rollout, 3),
+        }
+        if error is None:
+            self.log.info(events.TENANT_STEP_SKIPPED, **fields)
+        else:
+            self.log.warning(events.TENANT_STEP_SKIPPED, error=error, **fields)
         return StepRecord(
             step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
             time_train_s=time_train_s, time_sync_s=0.0, trained=False,
