@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from clora import vllm_cpu_lora
 from clora.config import EngineConfig, ModelConfig
 from clora.errors import AdapterMismatchError, EngineDeadError, PromptTooLongError
 from clora.messages import Completion, SamplingSpec
@@ -89,6 +90,8 @@ def engine_env(cfg: EngineConfig, environ: Mapping[str, str] | None = None) -> d
         "VLLM_CPU_OMP_THREADS_BIND": cfg.omp_threads_bind or _cpu_list(os.sched_getaffinity(0)),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(cfg.kv_cache_gib))),  # vLLM reads whole GiB
+        # clora's vLLM plugin swaps in grouped CPU LoRA ops (clora/vllm_cpu_lora.py): 3-8x faster rollouts.
+        vllm_cpu_lora.ENV_FLAG: "1",
     }
     libs = _preload_libraries() if cfg.use_tcmalloc else []
     if libs:
@@ -208,6 +211,9 @@ class Engine:
         self._adapter_ids = itertools.count(BASE_ADAPTER_ID + 1)
         self._closed = False
         self._zero_dir: Path | None = None
+        # With clora's grouped CPU LoRA ops in vLLM's processes a row without adapter is exact, so
+        # base rows skip LoRA entirely; without them they go to the all-zero adapter (vLLM's -1 bug).
+        self.base_rows_without_lora = False
 
     @classmethod
     async def start(cls, model_dir: Path, model: ModelConfig, engine: EngineConfig, *, work_dir: Path) -> Engine:
@@ -239,6 +245,7 @@ class Engine:
         self = cls(llm, model_dir=Path(model_dir), max_model_len=model.max_model_len,
                    max_lora_rank=engine.max_lora_rank)
         self._zero_dir = zero_dir
+        self.base_rows_without_lora = vllm_cpu_lora.active_for_new_engines()
         try:
             await self._call(llm.add_lora(self._lora_request(BASE_ADAPTER_NAME, BASE_ADAPTER_ID, zero_dir)))
             await self._call(llm.pin_lora(BASE_ADAPTER_ID))
@@ -303,7 +310,11 @@ class Engine:
         self.check_prompt(prompt_token_ids, spec.max_tokens)
         if self._llm.errored:
             raise EngineDeadError("the vLLM engine process is dead; restart the runtime")
-        name, lora_id, path = adapter if adapter is not None else (BASE_ADAPTER_NAME, BASE_ADAPTER_ID, self._zero_dir)
+        if adapter is None and self.base_rows_without_lora:
+            lora_request = None
+        else:
+            name, lora_id, path = adapter if adapter is not None else (BASE_ADAPTER_NAME, BASE_ADAPTER_ID, self._zero_dir)
+            lora_request = self._lora_request(name, lora_id, path)
         params = SamplingParams(
             n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
             seed=spec.seed, stop=list(spec.stop) or None, ignore_eos=spec.ignore_eos, logprobs=0,
@@ -312,7 +323,7 @@ class Engine:
         request_id = f"clora-{os.getpid()}-{next(self._request_ids)}"
         stream = self._llm.generate(
             TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, request_id,
-            lora_request=self._lora_request(name, lora_id, path),
+            lora_request=lora_request,
         )
         final = None
 

@@ -22,7 +22,10 @@ def test_cpu_list_compresses_runs():
 def test_engine_env_defaults_user_env_and_extra_env_precedence():
     cfg = EngineConfig(kv_cache_gib=1.5, omp_threads_bind="0", use_tcmalloc=False)
     env = engine_env(cfg, environ={})
-    assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    assert env == {
+        "VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
+        "CLORA_VLLM_CPU_LORA_OPS": "1",
+    }
     # the user's environment wins over clora's defaults: those keys are left alone
     env = engine_env(cfg, environ={"VLLM_CPU_KVCACHE_SPACE": "9"})
     assert "VLLM_CPU_KVCACHE_SPACE" not in env
