@@ -13,6 +13,7 @@ from typing import Literal
 
 import msgspec
 
+from clora.config_errors import describe_validation_error, field_error
 from clora.errors import ConfigError
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "ExperimentConfig",
     "RuntimeConfig",
     "DEFAULT_TARGET_MODULES",
+    "VLLM_LORA_RANKS",
     "validate_tenant_name",
     "load_toml",
     "dump_toml",
@@ -36,11 +38,14 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
 
-_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks in vLLM 0.32).
+VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _fail(field: str, problem: str) -> None:
-    raise ConfigError(f"{field}: {problem}")
+    raise field_error(field, problem)
 
 
 def _positive(field: str, value: float) -> None:
@@ -50,17 +55,28 @@ def _positive(field: str, value: float) -> None:
 
 def validate_tenant_name(name: str) -> str:
     """A tenant name becomes a folder name: letters, digits, '_', '-', '.', no path tricks."""
-    if not isinstance(name, str) or not _TENANT_NAME.match(name) or ".." in name:
-        raise ConfigError(
-            f"tenant name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
+    if not isinstance(name, str) or not _TENANT_NAME.fullmatch(name) or ".." in name:
+        shown = f"{name[:70]!r}..." if isinstance(name, str) and len(name) > 70 else repr(name)
+        problem = (
+            f"tenant name {shown}: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit, no path separators or '..'"
         )
+        raise field_error("name", problem, message=problem)
     return name
 
 
 class _Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
+        for f in msgspec.structs.fields(self):  # TOML has nan and inf; no field of ours wants them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                prefix = self._field_prefix()
+                _fail(f"{prefix}.{f.name}" if prefix else f.name, f"must be a finite number, got {value}")
         self.validate()
+
+    def _field_prefix(self) -> str:
+        """How messages of direct construction name this Struct's fields: "optim" -> "optim.lr"."""
+        return type(self).__name__.removesuffix("Config").lower()
 
     def validate(self) -> None:  # overridden where there is something to check
         pass
@@ -96,8 +112,11 @@ class EngineConfig(_Config):
     def validate(self) -> None:
         if self.max_loras < 1:
             _fail("engine.max_loras", f"must be >= 1, got {self.max_loras}")
-        if self.max_lora_rank < 1:
-            _fail("engine.max_lora_rank", f"must be >= 1, got {self.max_lora_rank}")
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            _fail(
+                "engine.max_lora_rank",
+                f"must be 1, 8, 16, 32, 64, 128, 256, 320 or 512 (vLLM's ranks), got {self.max_lora_rank}",
+            )
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             _fail("engine.max_cpu_loras", f"must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras}")
         if self.max_num_seqs < 1:
@@ -216,14 +235,22 @@ class ExperimentConfig(_Config):
     temperature: float = 1.0
     advantage: Literal["grpo", "grpo_no_std"] = "grpo"
     eval_every: int = 0  # 0: only before and after
-    checkpoint_every: int = 0
+    checkpoint_every: int = 1  # steps between checkpoints (also after the last step and on stop); 0: none
     seed: int = 0
+
+    def _field_prefix(self) -> str:
+        return f"experiments.{self.name}"
 
     def validate(self) -> None:
         validate_tenant_name(self.name)
         for field in ("steps", "prompts_per_step", "group_size", "max_tokens"):
             if getattr(self, field) < 1:
                 _fail(f"experiments.{self.name}.{field}", f"must be >= 1, got {getattr(self, field)}")
+        if self.checkpoint_every < 0:
+            _fail(
+                f"experiments.{self.name}.checkpoint_every",
+                f"must be >= 0 (0: no checkpoints), got {self.checkpoint_every}",
+            )
         if not (0 < self.temperature and math.isfinite(self.temperature)):
             _fail(f"experiments.{self.name}.temperature", f"must be > 0, got {self.temperature}")
 
@@ -237,16 +264,22 @@ class RuntimeConfig(_Config):
     run_dir: str = "runs/latest"
     experiments: tuple[ExperimentConfig, ...] = ()
 
+    def _field_prefix(self) -> str:
+        return ""
+
     def validate(self) -> None:
-        names = [e.name for e in self.experiments]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            _fail("experiments", f"duplicate tenant names {dupes}")
-        for e in self.experiments:
+        first: dict[str, int] = {}
+        for i, e in enumerate(self.experiments):
+            if e.name in first:
+                _fail(
+                    f"experiments[{i}].name", f"duplicate tenant name {e.name!r} (experiments[{first[e.name]}] has it)"
+                )
+            first[e.name] = i
+        for i, e in enumerate(self.experiments):
             if e.lora.rank > self.engine.max_lora_rank:
                 _fail(
-                    f"experiments.{e.name}.lora.rank",
-                    f"{e.lora.rank} exceeds engine.max_lora_rank {self.engine.max_lora_rank}",
+                    f"experiments[{i}].lora.rank",
+                    f"{e.lora.rank} exceeds engine.max_lora_rank {self.engine.max_lora_rank} (tenant {e.name!r})",
                 )
 
 
@@ -256,7 +289,7 @@ def decode_config(data: bytes | str, type_: type = RuntimeConfig, *, fmt: str = 
     try:
         return decode(data, type=type_)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"invalid config: {e}") from None
+        raise ConfigError(f"invalid config: {describe_validation_error(e, type_)}") from None
     except msgspec.DecodeError as e:
         raise ConfigError(f"malformed {fmt.upper()}: {e}") from None
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import math
 import os
 import time
@@ -26,6 +25,13 @@ from pathlib import Path
 
 from clora import vllm_cpu_lora
 from clora.config import EngineConfig, ModelConfig
+from clora.engine_files import (
+    LLAMA_LORA_MODULES,
+    check_adapter,
+    check_model_len,
+    read_adapter_config,
+    write_zero_adapter,
+)
 from clora.errors import AdapterMismatchError, EngineDeadError, PromptTooLongError
 from clora.messages import Completion, SamplingSpec
 
@@ -41,14 +47,11 @@ __all__ = [
     "write_zero_adapter",
     "read_adapter_config",
     "check_adapter",
+    "check_model_len",
 ]
 
 BASE_ADAPTER_ID = 1  # reserved lora_int_id of the all-zero adapter that serves base-model rows
 BASE_ADAPTER_NAME = "__clora_base__"
-# Linear modules vLLM can put a LoRA on in llama-family models (what an adapter may target).
-LLAMA_LORA_MODULES = frozenset(
-    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
-)
 _MAX_CPU_LORAS_HEADROOM = 8
 
 
@@ -110,65 +113,6 @@ def apply_engine_env(cfg: EngineConfig) -> dict[str, str]:
     return env
 
 
-# ----------------------------------------------------------------------------- adapters on disk
-
-
-def read_adapter_config(path: Path) -> dict:
-    config = Path(path) / "adapter_config.json"
-    if not config.is_file():
-        raise AdapterMismatchError(f"adapter {str(path)!r} has no adapter_config.json (expected a PEFT directory)")
-    try:
-        return json.loads(config.read_text())
-    except ValueError as e:
-        raise AdapterMismatchError(f"adapter {str(path)!r}: unreadable adapter_config.json ({e})") from None
-
-
-def check_adapter(path: Path, *, max_rank: int) -> None:
-    """Raise AdapterMismatchError when the PEFT adapter at ``path`` cannot be served."""
-    config = read_adapter_config(path)
-    rank = int(config.get("r", 0))
-    if rank > max_rank:
-        raise AdapterMismatchError(f"adapter {str(path)!r} has rank {rank} > engine.max_lora_rank {max_rank}")
-    targets = config.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    unknown = sorted(t.rsplit(".", 1)[-1] for t in targets if t.rsplit(".", 1)[-1] not in LLAMA_LORA_MODULES)
-    if unknown:
-        raise AdapterMismatchError(
-            f"adapter {str(path)!r} targets modules the base model does not have: {unknown}; "
-            f"supported: {sorted(LLAMA_LORA_MODULES)}"
-        )
-    if not any((Path(path) / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise AdapterMismatchError(f"adapter {str(path)!r} has no adapter_model.safetensors")
-
-
-def write_zero_adapter(model_dir: Path, out_dir: Path) -> Path:
-    """A rank-1 PEFT adapter whose weights are all zero: LoRA rows that equal the base model.
-
-    It targets layer 0's q_proj only; vLLM zeroes a slot's other modules, so every layer adds 0.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    hidden = config["hidden_size"]
-    q_out = config["num_attention_heads"] * config.get("head_dim", hidden // config["num_attention_heads"])
-    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    tensors = {
-        f"{prefix}.lora_A.weight": torch.zeros(1, hidden),  # [r, in]
-        f"{prefix}.lora_B.weight": torch.zeros(q_out, 1),  # [out, r]
-    }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / "adapter_model.safetensors")
-    adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0,
-        "target_modules": ["q_proj"], "bias": "none", "base_model_name_or_path": str(model_dir),
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-    }
-    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-    return out_dir
-
-
 # ----------------------------------------------------------------------------- engine
 
 
@@ -220,6 +164,7 @@ class Engine:
         """Start vLLM on ``model_dir`` and register the zero adapter for base rows (20-30 s on 2 cores)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        check_model_len(model_dir, model.max_model_len)
         zero_dir = write_zero_adapter(model_dir, Path(work_dir) / "zero-adapter")
         args = engine_args(model_dir, model, engine)
         preload_before = os.environ.get("LD_PRELOAD")

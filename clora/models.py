@@ -54,8 +54,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # never pytorch_model.bin: pickle
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -83,7 +82,10 @@ def check_model_dir(path: Path, *, what: str | None = None, fix: str = "") -> Pa
         except (OSError, ValueError) as e:
             missing.append(f"a readable config.json ({e})")
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
-        missing.append("weights (model.safetensors or pytorch_model.bin)")
+        pickled = any(path.glob("pytorch_model*.bin"))
+        missing.append(
+            "weights as model.safetensors" + (" (pytorch_model.bin is pickle; clora never loads it)" if pickled else "")
+        )
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
     if missing:
@@ -292,7 +294,7 @@ def random_lora_adapter(
 
     from clora.config import DEFAULT_TARGET_MODULES
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
     peft_config = PeftLoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
         target_modules=list(target_modules or DEFAULT_TARGET_MODULES),

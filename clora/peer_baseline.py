@@ -141,7 +141,7 @@ class PeerLoop:
         self.max_model_len = max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.renderer = ChatRenderer(self.tokenizer)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
         self.model = peft.get_peft_model(base, peft.LoraConfig(
             r=exp.lora.rank, lora_alpha=exp.lora.alpha, target_modules=list(exp.lora.target_modules),
             lora_dropout=0.0))

@@ -65,9 +65,9 @@ def test_no_command_is_a_usage_error(capsys):
 @pytest.mark.parametrize(
     "toml, names",
     [
-        ("[model]\nsourc = 'tiny'\n[[experiments]]\nname = 'a'\n", ["unknown field `sourc`", "$.model"]),
-        ("[engine]\nmax_loras = 'four'\n[[experiments]]\nname = 'a'\n", ["Expected `int`", "engine.max_loras"]),
-        ("[[experiments]]\nname = 'a'\nsteps = 0\n", ["experiments.a.steps", "must be >= 1"]),
+        ("[model]\nsourc = 'tiny'\n[[experiments]]\nname = 'a'\n", ["model.sourc: unknown field", "source"]),
+        ("[engine]\nmax_loras = 'four'\n[[experiments]]\nname = 'a'\n", ["engine.max_loras: expected int"]),
+        ("[[experiments]]\nname = 'a'\nsteps = 0\n", ["experiments[0].steps", "must be >= 1"]),
         ("[[experiments]]\nname = 'a'\n[experiments.lora]\nrank = 64\n", ["lora.rank", "max_lora_rank"]),
         ("[model]\nsource = 'tiny'\n", ["no experiments", "[[experiments]]"]),
         ("[model\n", ["malformed TOML"]),

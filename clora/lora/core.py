@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
-from clora.errors import ConfigError, DuplicateTenantError, NonFiniteError, UnknownTenantError
+from clora.errors import ConfigError, DuplicateTenantError, NonFiniteError, PromptTooLongError, UnknownTenantError
 from clora.lora.adam import adamw_step_, clip_grads_, global_grad_norm
 from clora.lora.attach import attach_lora, check_lora_fits, layer_shapes, lora_layers
 from clora.lora.fused import FusedRequest, fused_train_step
@@ -43,7 +43,13 @@ def resolve_device(name: str) -> torch.device:
     """"auto" -> cuda when available, else cpu; anything else is passed to torch.device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"trainer.device: {name!r} is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device: {name!r} but torch sees no CUDA device here; use 'auto' or 'cpu'")
+    return device
 
 
 class TrainerCore:
@@ -56,7 +62,9 @@ class TrainerCore:
         micro_batch_size: int = 8,
         base_model_name: str | None = None,
         pad_token_id: int = 0,
+        max_seq_len: int | None = None,
     ) -> None:
+        """``max_seq_len``: the longest datum accepted; default the model's max_position_embeddings."""
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.model.requires_grad_(False)
@@ -65,6 +73,9 @@ class TrainerCore:
         self.micro_batch_size = micro_batch_size
         self.base_model_name = base_model_name
         self.pad_token_id = pad_token_id
+        self.max_seq_len = max_seq_len or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
         self.routing = SlotRouting()
         self.stores: dict[str, AdapterStore] = {}
         self.pin_memory = torch.cuda.is_available()
@@ -74,7 +85,7 @@ class TrainerCore:
         """Load a HF causal LM directory in fp32 (bf16 compute comes from autocast, if enabled)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
         hf_config = AutoConfig.from_pretrained(str(model_dir))
         pad = hf_config.pad_token_id if isinstance(hf_config.pad_token_id, int) else 0
         return cls(
@@ -114,9 +125,28 @@ class TrainerCore:
 
     # ------------------------------------------------------------------ training
 
+    def check_data(self, tenant: str, data: Sequence[Datum]) -> None:
+        """Refuse data the model cannot take, before any work: PromptTooLongError for a datum longer
+        than ``max_seq_len``, ConfigError for a token id outside the vocabulary."""
+        for index, datum in enumerate(data):
+            if self.max_seq_len is not None and len(datum.tokens) > self.max_seq_len:
+                raise PromptTooLongError(
+                    f"tenant {tenant!r}: datum {index} has {len(datum.tokens)} tokens; the trainer accepts "
+                    f"at most {self.max_seq_len} (the base model's max_position_embeddings)"
+                )
+            if self.vocab_size is not None and datum.tokens:
+                low, high = min(datum.tokens), max(datum.tokens)
+                if low < 0 or high >= self.vocab_size:
+                    bad = low if low < 0 else high
+                    raise ConfigError(
+                        f"tenant {tenant!r}: datum {index}: token id {bad} at position {datum.tokens.index(bad)} "
+                        f"is outside the vocabulary [0, {self.vocab_size})"
+                    )
+
     def forward_backward(self, tenant: str, data: Sequence[Datum], loss: LossConfig) -> dict[str, float]:
         """Accumulate the gradient of ``loss`` over ``data`` into the tenant's store."""
         store = self.store(tenant)
+        self.check_data(tenant, data)
         self._check_normalize(store, loss)
         timer = _Timer()
         with timer("time/swap_in"):
@@ -146,6 +176,7 @@ class TrainerCore:
     def train_step(self, tenant: str, data: Sequence[Datum], loss: LossConfig) -> dict[str, float]:
         """ForwardBackward then OptimStep with one swap; atomic: all or nothing reaches the store."""
         store = self.store(tenant)
+        self.check_data(tenant, data)
         self._check_normalize(store, loss)
         timer = _Timer()
         with timer("time/swap_in"):
@@ -166,6 +197,7 @@ class TrainerCore:
     def compute_logprobs(self, tenant: str, data: Sequence[Datum]) -> list[list[float]]:
         """Trainer-policy log-prob of every token of each datum (index 0 is 0.0)."""
         store = self.store(tenant)
+        self.check_data(tenant, data)
         work = swap_in(store, self.device)
         out: list[list[float]] = []
         with torch.no_grad(), self._bound(store, work):

@@ -145,6 +145,7 @@ def _admit(
                 raise ConfigError(f"tenant {store.tenant!r}: a training call needs at least one datum")
             for index, datum in enumerate(request.data):
                 check_datum(index, datum)
+            core.check_data(request.tenant, request.data)
             denominator = sum(
                 loss_denominator(collate(chunk, core.pad_token_id).loss_mask, request.loss.normalize)
                 for chunk in micro_batches(request.data, core.micro_batch_size)
