@@ -49,6 +49,7 @@ BENCHES: dict[str, BenchCommand] = {
     ),
     "trainer": BenchCommand("clora.bench_trainer", "time split of one LoRA train step, fp32 vs bf16"),
     "fused": BenchCommand("clora.bench_fused", "fused vs swapped multi-tenant train steps, K = 1..8 tenants"),
+    "sampler": BenchCommand("clora.bench_sampler", "rollout decoding: clora's grouped CPU LoRA ops vs vLLM's own"),
 }
 
 _BAD_INPUT = (ConfigError, ArtifactError, TensorBoardUnavailable)
