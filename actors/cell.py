@@ -9,7 +9,8 @@ travel through the TaskGroup: the cell catches them and decides, so cancellation
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from actors import events
 from actors.actor import Actor
@@ -220,6 +221,11 @@ class ActorCell:
     def _finish(self) -> None:
         if self.done.done():
             return
+        stats = self.mailbox.stats()  # before close() and _fail_queued() empty it
+        self.log.info(
+            events.ACTOR_MAILBOX_STATS, depth=stats.depth, peak=stats.peak, capacity=stats.capacity,
+            processed=stats.processed, waiting_senders=stats.waiting_senders,
+        )
         self.mailbox.close("is stopped")
         self._fail_queued()
         if not self.started.done():

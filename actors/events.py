@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "ACTOR_FAILED",
+    "ACTOR_HOOK_FAILED",
+    "ACTOR_MAILBOX_STATS",
+    "ACTOR_RESTARTED",
     "ACTOR_STARTED",
     "ACTOR_START_FAILED",
     "ACTOR_STOPPED",
-    "ACTOR_FAILED",
-    "ACTOR_RESTARTED",
-    "ACTOR_HOOK_FAILED",
     "SYSTEM_STARTED",
     "SYSTEM_STOPPED",
 ]
@@ -27,6 +28,9 @@ ACTOR_RESTARTED: Final = "actor.restarted"
 """A fresh instance of a crashed actor finished on_start (restarts so far, max_restarts)."""
 ACTOR_HOOK_FAILED: Final = "actor.hook_failed"
 """on_stop or on_failure raised (``hook`` names it); the stop or the supervision went on."""
+ACTOR_MAILBOX_STATS: Final = "actor.mailbox_stats"
+"""An actor's mailbox when the actor ended (stopped, crashed or cancelled): depth, peak (most
+messages ever queued at once), capacity, processed, waiting_senders (senders blocked on a full mailbox)."""
 SYSTEM_STARTED: Final = "actor_system.started"
 """An actor system was entered and takes actors."""
 SYSTEM_STOPPED: Final = "actor_system.stopped"

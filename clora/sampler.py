@@ -74,6 +74,7 @@ class _TenantSlot:
     version: int
     path: Path
     in_flight: int = 0
+    admission: asyncio.Future[bool] | None = None  # its hold on one of the engine's LoRA slots
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when in_flight == 0
     open: asyncio.Event = field(default_factory=asyncio.Event)  # cleared while the adapter changes
 
@@ -111,6 +112,11 @@ class SamplerActor(Actor):
         self._owns_engine = shared_engine is None
         self._tenants: dict[str, _TenantSlot] = {}
         self._admin_locks: dict[str, asyncio.Lock] = {}
+        # vLLM batches at most max_loras + 1 adapters, and the pinned zero adapter holds one of those
+        # slots for good, while vLLM's scheduler counts only requested adapters: a batch with more than
+        # max_loras tenant adapters kills the engine (KeyError in vLLM's LoRA mapping). So at most
+        # max_loras tenants have requests in the engine at once; the others wait here (FIFO).
+        self._lora_slots = asyncio.Semaphore(engine.max_loras)
         self._dead = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -197,10 +203,12 @@ class SamplerActor(Actor):
             slot.in_flight += 1
             slot.idle.clear()
             try:
+                await self._hold_lora_slot(slot)
                 output = await self._generate(msg, slot.adapter)
             finally:
                 slot.in_flight -= 1
                 if slot.in_flight == 0:
+                    self._free_lora_slot(slot)
                     slot.idle.set()
         self.log.info(
             SAMPLE_DONE, tenant=msg.tenant, adapter_version=version, n=msg.sampling.n,
@@ -212,6 +220,24 @@ class SamplerActor(Actor):
             tenant=msg.tenant, adapter_version=version,
             prompt_token_ids=output.prompt_token_ids, completions=output.completions,
         )
+
+    async def _hold_lora_slot(self, slot: _TenantSlot) -> None:
+        """Wait until the tenant holds an engine LoRA slot (shared by all its in-flight requests)."""
+        if slot.admission is None:
+            slot.admission = asyncio.ensure_future(self._lora_slots.acquire())
+        await asyncio.shield(slot.admission)
+
+    def _free_lora_slot(self, slot: _TenantSlot) -> None:
+        """The tenant's last request left: give its slot back (or stop waiting for one)."""
+        admission, slot.admission = slot.admission, None
+        if admission is None:
+            return
+        admission.cancel()  # no effect once it acquired
+        admission.add_done_callback(lambda f: None if f.cancelled() else self._lora_slots.release())
+
+    def lora_slots_free(self) -> int:
+        """Engine LoRA slots no tenant holds now (tests, stats)."""
+        return self._lora_slots._value
 
     async def _generate(self, msg: SampleRequest, adapter):
         try:
