@@ -1,6 +1,7 @@
 """The ``clora`` command: run experiments from TOML, read a run's events, export and try adapters.
 
     clora run experiments.toml              # progress bar per tenant; Ctrl-C stops cleanly (exit 130)
+    clora run experiments.toml --resume     # continue each tenant from its checkpoint after a crash
     clora events runs/latest --timeline t.png --curves c.png
     clora export runs/latest lr0.001 out/adapter
     clora sample out/adapter "What is 2+3?"
@@ -102,13 +103,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                       f"on {config.model.source}, run folder {config.run_dir}")
         return EXIT_OK
     run_dir = Path(config.run_dir)
+    checkpointed = _checkpointed_tenants(run_dir, config)
+    if checkpointed and not (args.resume or args.fresh):
+        raise ConfigError(
+            f"run folder {run_dir} holds checkpoints of {', '.join(checkpointed)}: pass --resume to continue "
+            "them, or --fresh to start over (their checkpoints are deleted), or use another --run-dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_bytes(dump_toml(config))
     configure_console_logging(args.log_level)
     console.print(f"[bold]clora run[/]: {len(config.experiments)} experiments ({names}) on {config.model.source}; "
                   f"events in {run_dir / 'events.jsonl'}")
+    if args.resume:
+        console.print(f"resuming: {', '.join(checkpointed) or 'no checkpoints yet, every tenant starts fresh'}")
     try:
-        results = _run_experiments(config, console, args.log_level)
+        results = _run_experiments(config, console, args.log_level, resume=args.resume)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: the runtime stopped cleanly; events so far in {run_dir}")
         return EXIT_INTERRUPTED
@@ -121,7 +130,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _run_experiments(config: Any, console: Any, log_level: str) -> dict[str, Any]:
+def _checkpointed_tenants(run_dir: Path, config: Any) -> list[str]:
+    """"name (step N/M)" of each experiment with a committed checkpoint in ``run_dir``."""
+    from clora.checkpoint import checkpoint_steps
+
+    steps = checkpoint_steps(run_dir, [e.name for e in config.experiments])
+    total = {e.name: e.steps for e in config.experiments}
+    return [f"{name} (step {'?' if step is None else step}/{total[name]})" for name, step in steps.items()]
+
+
+def _run_experiments(config: Any, console: Any, log_level: str, *, resume: bool = False) -> dict[str, Any]:
     """All experiments on one runtime with a progress bar each.
 
     Ctrl-C cancels the main task, so the runtime leaves through its context manager (actors
@@ -149,7 +167,10 @@ def _run_experiments(config: Any, console: Any, log_level: str) -> dict[str, Any
         try:
             async with contextlib.AsyncExitStack() as stack:
                 with console.status("starting the runtime (engine and trainer on one base model)..."):
-                    runtime = await stack.enter_async_context(runtime_class(config, console_level=log_level))
+                    options = {"resume": True} if resume else {}
+                    runtime = await stack.enter_async_context(
+                        runtime_class(config, console_level=log_level, **options)
+                    )
                 with TenantProgress(console, config.experiments) as progress:
                     return await runtime.run_many(config.experiments, on_step=progress.on_step)
         finally:
@@ -334,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="experiments TOML (see docs/configuration.md, examples/experiments.toml)")
     run.add_argument("--run-dir", help="override run_dir of the file (events.jsonl, tenants/<name>/adapter)")
     run.add_argument("--check", action="store_true", help="only validate the file")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue each experiment from its checkpoint in the run folder (after a crash or Ctrl-C)")
+    start.add_argument("--fresh", action="store_true",
+                       help="start over even if the run folder holds checkpoints (they are deleted)")
     run.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                      help="events at or above this level also print to stderr (all go to events.jsonl)")
     run.set_defaults(handler=cmd_run)

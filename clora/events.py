@@ -30,6 +30,9 @@ __all__ = [
     "ROLLOUT_GROUP",
     "ADAPTER_PUBLISHED",
     "PUBLISH_FAILED",
+    "CHECKPOINT_WRITTEN",
+    "CHECKPOINT_RESUMED",
+    "CHECKPOINT_FAILED",
     "JsonlSink",
     "DropBelow",
     "run_logger",
@@ -61,6 +64,12 @@ ADAPTER_PUBLISHED: Final = "sync.published"
 """A tenant's new adapter version serves in the engine: version, duration_s, size_bytes."""
 PUBLISH_FAILED: Final = "sync.publish_failed"
 """Publishing a version failed; the previous version keeps serving."""
+CHECKPOINT_WRITTEN: Final = "tenant.checkpointed"
+"""A tenant's checkpoint was committed (store, RNG, progress): step, adapter_version, duration_s, bytes, path."""
+CHECKPOINT_RESUMED: Final = "tenant.resumed"
+"""A tenant continues from its checkpoint: step (last completed), adapter_version, from_path, digest."""
+CHECKPOINT_FAILED: Final = "tenant.checkpoint_failed"
+"""Writing the checkpoint on stop failed; the previous checkpoint stays (error says why)."""
 
 
 def _to_jsonable(value: Any) -> Any:

@@ -2,7 +2,8 @@
 
 Messages are msgspec tagged Structs, grouped into one union per inbox. They carry plain
 data (token ids, floats, paths): no live tensors cross an actor boundary, except the
-trainer-local hand-off ``AdapterSnapshot`` which SyncActor turns into a file at once.
+trainer-local hand-offs ``AdapterSnapshot`` (SyncActor turns it into a file at once) and
+``StoreState`` (a tenant writes it as a checkpoint, or restores one through the trainer).
 
 Token-aligned lists in ``Datum`` follow one convention: index ``i`` describes the
 prediction of ``tokens[i]`` from ``tokens[:i]``; index 0 is never trained.
@@ -35,6 +36,9 @@ __all__ = [
     "ImportAdapter",
     "Snapshot",
     "AdapterSnapshot",
+    "ExportStoreState",
+    "ImportStoreState",
+    "StoreState",
     "StepMetrics",
     "TrainerMsg",
     "Publish",
@@ -202,9 +206,38 @@ class AdapterSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     peft_config: dict[str, Any]
 
 
+class ExportStoreState(_Msg):
+    """Ask for the tenant's whole AdapterStore (weights, Adam moments, gradient, counters) for a checkpoint."""
+
+    tenant: str
+
+
+class StoreState(msgspec.Struct, frozen=True, kw_only=True):
+    """A tenant's whole AdapterStore as CPU fp32 tensor copies (store names). Trainer-local hand-off."""
+
+    tenant: str
+    lora: Any  # clora.config.LoraConfig
+    optim: Any  # clora.config.OptimConfig
+    version: int
+    adam_step: int
+    grad_weight: float
+    grad_normalize: str | None
+    params: dict[str, Any]
+    exp_avg: dict[str, Any]
+    exp_avg_sq: dict[str, Any]
+    grads: dict[str, Any]
+
+
+class ImportStoreState(_Msg):
+    """Replace the tenant's whole store with a StoreState (a checkpoint); its version becomes state.version."""
+
+    tenant: str
+    state: Any  # StoreState (trainer-local: holds tensors)
+
+
 TrainerMsg = Union[
     AddTenant, RemoveTenant, ForwardBackward, OptimStep, TrainStep, ComputeLogprobs, ExportAdapter, ImportAdapter,
-    Snapshot,
+    Snapshot, ExportStoreState, ImportStoreState,
 ]
 
 

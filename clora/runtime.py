@@ -3,6 +3,13 @@
 A runtime owns one warm base model: the sampler (vLLM engine), the trainer (device) and the
 sync actor, under one actor system. Experiments run as TenantActors that come and go while
 the others run; scripted tenants get a ``TenantHandle`` with Tinker-style primitives.
+
+Crash safety: an experiment with ``checkpoint_every`` > 0 checkpoints into
+``<run_dir>/tenants/<name>/checkpoint/`` (see clora.checkpoint). ``Runtime(config, resume=True)``
+continues every experiment that has a checkpoint there from its last checkpointed step (same
+adapter, optimizer state, RNG and data position); without ``resume`` an experiment starts fresh
+and its old checkpoint is deleted. Resuming is explicit so that re-running a config into a used
+run folder never continues an unrelated run by accident.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any, Callable, Sequence
 from actors import ActorRef, ActorSystem, Supervision
 from clora import events
 from clora.chat import ChatRenderer
+from clora.checkpoint import BaseModelIdentity, base_model_identity
 from clora.config import ExperimentConfig, LoraConfig, LossConfig, OptimConfig, RuntimeConfig, validate_tenant_name
 from clora.envs import Env, make_env
 from clora.errors import AdapterMismatchError, DuplicateTenantError
@@ -48,11 +56,18 @@ class Runtime:
     """Sampler, trainer and sync actors on one base model, and the tenants using them."""
 
     def __init__(
-        self, config: RuntimeConfig | None = None, *, run_dir: str | Path | None = None, console_level: str = "info"
+        self,
+        config: RuntimeConfig | None = None,
+        *,
+        run_dir: str | Path | None = None,
+        console_level: str = "info",
+        resume: bool = False,
     ) -> None:
-        """``console_level``: events below it reach only the run folder, not your structlog output."""
+        """``console_level``: events below it reach only the run folder, not your structlog output.
+        ``resume``: experiments continue from their checkpoints in ``run_dir`` (see the module doc)."""
         self.config = config or RuntimeConfig()
         self.console_level = console_level
+        self.resume = resume
         self.run_dir = Path(run_dir if run_dir is not None else self.config.run_dir)
         self._stack = contextlib.AsyncExitStack()
         self._tenants: set[str] = set()
@@ -63,6 +78,7 @@ class Runtime:
         self.model_dir: Path | None = None
         self.renderer: ChatRenderer | None = None
         self.tokenizer: Any = None
+        self.base_model: BaseModelIdentity | None = None
 
     async def __aenter__(self) -> "Runtime":
         started = time.time()
@@ -72,6 +88,7 @@ class Runtime:
         self._stack.callback(sink.close)
         try:
             self.model_dir = await asyncio.to_thread(resolve_model, cfg.model)
+            self.base_model = await asyncio.to_thread(base_model_identity, self.model_dir)
             self.tokenizer = await asyncio.to_thread(_load_tokenizer, self.model_dir)
             self.renderer = ChatRenderer(self.tokenizer)
             self._system = await self._stack.enter_async_context(
@@ -90,7 +107,7 @@ class Runtime:
         self._started = started
         self._system.log.info(
             events.RUNTIME_STARTED, model=str(self.model_dir), dtype=cfg.model.dtype, run_dir=str(self.run_dir),
-            max_loras=cfg.engine.max_loras, duration_s=round(time.time() - started, 3),
+            max_loras=cfg.engine.max_loras, resume=self.resume, duration_s=round(time.time() - started, 3),
         )
         return self
 
@@ -110,7 +127,8 @@ class Runtime:
     ) -> ExperimentResult:
         """Run one experiment as a TenantActor on the warm runtime; other tenants keep running.
 
-        ``env`` overrides the built-in environment named by ``experiment.env``.
+        ``env`` overrides the built-in environment named by ``experiment.env``. With ``resume``,
+        an experiment that has a checkpoint continues from it (``result.resumed_from_step``).
         """
         self._claim(experiment.name, experiment.lora)
         ref = None
@@ -125,6 +143,9 @@ class Runtime:
                 max_model_len=self.config.model.max_model_len,
                 adapter_dir=self.run_dir / "tenants" / experiment.name / "adapter",
                 on_step=on_step,
+                checkpoint_dir=self.checkpoint_dir(experiment.name),
+                base_model=self.base_model,
+                resume=self.resume,
             )
             ref = await self._system.start(actor, name=f"tenant:{experiment.name}", supervision=Supervision.ISOLATE)
             return await ref.ask(RunExperiment())
@@ -138,6 +159,10 @@ class Runtime:
                 except Exception as e:  # the experiment's own outcome matters more; keep this in the log
                     self._system.log.warning(events.TENANT_RELEASE_INCOMPLETE, tenant=experiment.name, error=str(e))
             self._tenants.discard(experiment.name)
+
+    def checkpoint_dir(self, name: str) -> Path:
+        """Where tenant ``name``'s checkpoint lives in this runtime's run folder."""
+        return self.run_dir / "tenants" / validate_tenant_name(name) / "checkpoint"
 
     async def run_many(
         self, experiments: Sequence[ExperimentConfig], *, on_step: Callable[[str, StepRecord], None] | None = None

@@ -8,8 +8,9 @@ store write-back (or to leave the store untouched), then re-raises the cancellat
 Replies: AddTenant -> 0 (the new version), RemoveTenant -> None, TrainStep / ForwardBackward /
 OptimStep -> StepMetrics, ComputeLogprobs -> list[list[float]], ExportAdapter -> the exported
 version (int), ImportAdapter -> the new version (int; weights replaced, optimizer state reset),
-Snapshot -> AdapterSnapshot. A non-finite loss or gradient rejects only that
-step (NonFiniteError to the asker, store unchanged); the actor keeps serving.
+Snapshot -> AdapterSnapshot, ExportStoreState -> StoreState (a checkpoint's content),
+ImportStoreState -> the restored version (int; the whole store replaced). A non-finite loss or
+gradient rejects only that step (NonFiniteError to the asker, store unchanged); the actor keeps serving.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ from clora.messages import (
     AdapterSnapshot,
     ComputeLogprobs,
     ExportAdapter,
+    ExportStoreState,
     ForwardBackward,
     ImportAdapter,
+    ImportStoreState,
     OptimStep,
     RemoveTenant,
     Snapshot,
     StepMetrics,
+    StoreState,
     TrainStep,
 )
 
@@ -51,6 +55,7 @@ __all__ = [
     "TRAINER_TENANT_REMOVED",
     "TRAINER_EXPORTED",
     "TRAINER_IMPORTED",
+    "TRAINER_STATE_RESTORED",
     "TrainerActor",
 ]
 
@@ -71,6 +76,8 @@ TRAINER_EXPORTED: Final = "trainer.exported"
 """A tenant's adapter was written as a PEFT directory: version, out_dir, duration_s."""
 TRAINER_IMPORTED: Final = "trainer.imported"
 """A tenant's weights were replaced from a PEFT directory (optimizer reset): version, path."""
+TRAINER_STATE_RESTORED: Final = "trainer.state_restored"
+"""A tenant's whole store (weights, Adam moments, counters) was replaced by a checkpoint's: version, adam_step."""
 
 T = TypeVar("T")
 
@@ -267,3 +274,13 @@ class TrainerActor(Actor):
     @handler
     async def snapshot(self, msg: Snapshot) -> AdapterSnapshot:
         return await self._on_device(self._core().snapshot, msg.tenant)
+
+    @handler
+    async def export_store_state(self, msg: ExportStoreState) -> StoreState:
+        return await self._on_device(self._core().store(msg.tenant).export_state)
+
+    @handler
+    async def import_store_state(self, msg: ImportStoreState) -> int:
+        version = await self._on_device(self._core().store(msg.tenant).load_state, msg.state)
+        self.log.info(TRAINER_STATE_RESTORED, tenant=msg.tenant, version=version, adam_step=msg.state.adam_step)
+        return version

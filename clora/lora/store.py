@@ -25,6 +25,7 @@ import torch
 
 from clora.config import LoraConfig, OptimConfig
 from clora.errors import AdapterMismatchError
+from clora.messages import StoreState
 
 __all__ = [
     "lora_key",
@@ -138,6 +139,43 @@ class AdapterStore:
         self.grad_weight, self.grad_normalize = 0.0, None
         self.adam_step = 0
         self.step += 1
+
+    def export_state(self) -> StoreState:
+        """CPU copies of everything this store holds (for a checkpoint); safe while training goes on."""
+        copy = lambda part: {k: t.detach().to("cpu", copy=True) for k, t in part.items()}  # noqa: E731
+        return StoreState(
+            tenant=self.tenant, lora=self.lora, optim=self.optim, version=self.step, adam_step=self.adam_step,
+            grad_weight=self.grad_weight, grad_normalize=self.grad_normalize, params=copy(self.params),
+            exp_avg=copy(self.exp_avg), exp_avg_sq=copy(self.exp_avg_sq), grads=copy(self.grads),
+        )
+
+    def load_state(self, state: StoreState) -> int:
+        """Take over a StoreState (a restored checkpoint) whole: weights, moments, gradient, counters.
+
+        The state must have this store's LoRA shape (rank, alpha, targets) and exactly its tensor
+        names and shapes; everything is checked before the first write. Returns the version.
+        """
+        owner = f"checkpoint state for tenant {self.tenant!r}"
+        ours, theirs = self.lora, state.lora
+        if (theirs.rank, float(theirs.alpha)) != (ours.rank, float(ours.alpha)):
+            raise AdapterMismatchError(
+                f"{owner}: rank/alpha mismatch: state rank {theirs.rank} alpha {theirs.alpha}, "
+                f"tenant rank {ours.rank} alpha {ours.alpha}"
+            )
+        if set(theirs.target_modules) != set(ours.target_modules):
+            raise AdapterMismatchError(
+                f"{owner}: target modules mismatch: state {sorted(theirs.target_modules)}, tenant {sorted(ours.target_modules)}"
+            )
+        parts = ((self.params, state.params), (self.exp_avg, state.exp_avg), (self.exp_avg_sq, state.exp_avg_sq),
+                 (self.grads, state.grads))
+        for mine, given in parts:
+            check_adapter_layout(mine, given, owner=owner)
+        for mine, given in parts:
+            for k, t in mine.items():
+                t.copy_(given[k])
+        self.step, self.adam_step = state.version, state.adam_step
+        self.grad_weight, self.grad_normalize = state.grad_weight, state.grad_normalize
+        return self.step
 
 
 def check_adapter_layout(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], owner: str) -> None:
