@@ -142,6 +142,9 @@ class TenantActor(Actor):
         self._committed_version = 0  # the adapter version that goes with it
         self._saved_step: int | None = None  # the step of the newest checkpoint on disk
         self._saving: asyncio.Future[None] | None = None  # a checkpoint written while the next rollout runs
+        # A copy of the store taken right after the last completed step (its version is _committed_version):
+        # what a checkpoint of that step holds, even when a later step has trained since.
+        self._committed_state: asyncio.Future[StoreState] | None = None
 
     async def on_start(self) -> None:
         exp = self.experiment
@@ -313,23 +316,30 @@ class TenantActor(Actor):
     # ------------------------------------------------------------------ checkpoints
 
     def _commit(self, step: int, started: float, accuracy_start: float, records: list[StepRecord]) -> None:
-        """Step ``step`` is complete: remember what a checkpoint of it holds (cheap: no tensors)."""
+        """Step ``step`` is complete: remember what a checkpoint of it holds. The store copy is
+        taken in the background; ``_saved()`` waits for it before the next step trains."""
         self._committed = TenantProgress(
             step=step, rng=rng_state(self._rng), accuracy_start=accuracy_start, started_at=started,
             tokens_sampled=self._tokens_sampled, records=msgspec.to_builtins(records),
         )
         self._committed_version = self._version
+        if self._checkpoint_dir is not None and self.experiment.checkpoint_every > 0:
+            self._committed_state = asyncio.ensure_future(self._trainer.ask(ExportStoreState(tenant=self.tenant)))
 
     async def _checkpoint_periodically(self, step: int) -> None:
         """Start the checkpoint of a completed step when due; it runs alongside the next rollout."""
         every = self.experiment.checkpoint_every
         if self._checkpoint_dir is not None and every > 0 and (step % every == 0 or step == self.experiment.steps):
-            await self._saved()
+            if self._saving is not None:  # the previous checkpoint, rarely still being written
+                await asyncio.shield(self._saving)
+                self._saving = None
             self._saving = asyncio.ensure_future(self._save())
 
     async def _saved(self) -> None:
-        """Wait for the checkpoint in progress, if any; its error is raised here. Cancelling the
-        caller does not cancel the write (shielded); the stop path waits for it again."""
+        """Wait for the store copy of the last step and the checkpoint in progress, if any; their
+        errors are raised here. Cancelling the caller cancels neither (shielded)."""
+        if self._committed_state is not None:
+            await asyncio.shield(self._committed_state)
         if self._saving is not None:
             await asyncio.shield(self._saving)
             self._saving = None
@@ -339,6 +349,10 @@ class TenantActor(Actor):
         unless it is on disk already. Failures are logged: the run's own error matters more."""
         committed = self._committed
         try:
+            if self._committed_state is not None:
+                await asyncio.wait([self._committed_state])
+                if not self._committed_state.cancelled():
+                    self._committed_state.exception()  # retrieved here; _save() raises it again if it saves
             if self._saving is not None:
                 await asyncio.wait([self._saving])
                 saving, self._saving = self._saving, None
@@ -353,9 +367,10 @@ class TenantActor(Actor):
 
     async def _save(self) -> None:
         assert self._checkpoint_dir is not None and self._base_model is not None and self._committed is not None
+        assert self._committed_state is not None
         progress, version = self._committed, self._committed_version
         started = time.perf_counter()
-        state: StoreState = await self._trainer.ask(ExportStoreState(tenant=self.tenant))
+        state: StoreState = await asyncio.shield(self._committed_state)
         if state.version != version:
             raise CheckpointError(
                 f"tenant {self.tenant!r}: the trainer's store is at version {state.version}, past version "
