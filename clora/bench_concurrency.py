@@ -69,6 +69,10 @@ class BenchSettings:
     max_model_len: int = 1024
     kv_cache_gib: float = 2.0
     autocast_bf16: bool = False
+    dtype: str = "float32"  # the engine's weights: "float32" or "bfloat16"
+    temperature: float = 0.7  # at 1.0 SmolLM2-135M almost never uses the tool format (no reward signal)
+    checkpoint_every: int = 0  # the runtime's own cost is measured; checkpoints are an I/O choice
+    fused_ns: tuple[int, ...] = ()  # extra "concurrent_fused" rows: N tenants with TrainerConfig.fuse_max = N
     fuse_max: int = 1
     reuse_runtime: bool = False
     peer: bool = False
@@ -77,7 +81,8 @@ class BenchSettings:
 
 QUICK = BenchSettings(model="tiny", ns=(1, 2), steps=2, prompts_per_step=2, group_size=2, max_tokens=16,
                       held_out_size=4, kv_cache_gib=1.0, reuse_runtime=True)
-FULL = BenchSettings()
+FULL = BenchSettings(prompts_per_step=2, group_size=4, max_tokens=32, held_out_size=16, dtype="bfloat16",
+                     autocast_bf16=True)
 
 
 def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
@@ -92,6 +97,8 @@ def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
             prompts_per_step=s.prompts_per_step,
             group_size=s.group_size,
             max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            checkpoint_every=s.checkpoint_every,
             seed=i,
         )
         for i in range(count)
@@ -103,7 +110,7 @@ def runtime_config(s: BenchSettings, max_loras: int) -> RuntimeConfig:
     if "fuse_max" in TrainerConfig.__struct_fields__:
         trainer["fuse_max"] = s.fuse_max
     return RuntimeConfig(
-        model=ModelConfig(source=s.model, max_model_len=s.max_model_len),
+        model=ModelConfig(source=s.model, dtype=s.dtype, max_model_len=s.max_model_len),
         engine=EngineConfig(max_loras=max(1, max_loras), max_lora_rank=max(8, s.rank), kv_cache_gib=s.kv_cache_gib),
         trainer=TrainerConfig(**trainer),
     )
@@ -154,13 +161,14 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
                 runtime_config(s, max(s.ns)), run_dir=out / "runs" / "shared", console_level="warning"))
             shared_start = time.time() - began
 
-        async def mode(name: str, n: int, run: Any) -> tuple[list[ExperimentResult], float, float, int]:
+        async def mode(name: str, n: int, run: Any, settings: BenchSettings = s,
+                       ) -> tuple[list[ExperimentResult], float, float, int]:
             with PeakRss() as peak:
                 t0 = time.time()
-                if shared is not None:
+                if shared is not None and settings is s:
                     results = await run(shared)
                     return results, t0 - shared_start, shared_start, peak.bytes
-                async with clora.Runtime(runtime_config(s, n), run_dir=out / "runs" / f"{name}_{n}",
+                async with clora.Runtime(runtime_config(settings, n), run_dir=out / "runs" / f"{name}_{n}",
                                          console_level="warning") as rt:
                     start_s = time.time() - t0
                     results = await run(rt)
@@ -180,6 +188,14 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
             results, t0, start_s, peak = await mode("concurrent", n, concurrent)
             rows.append(aggregate("concurrent", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s))
             log.info(BENCH_MODE_DONE, mode="concurrent", n=n, final_s=round(rows[-1].final_s, 1))
+        for n in s.fused_ns:  # the same N tenants, their train steps fused up to N at a time (its own runtime)
+            async def fused(rt: Any, n: int = n) -> list[ExperimentResult]:
+                batch = [msgspec.structs.replace(e, name=f"f{n}{e.name}") for e in exps[:n]]
+                return _checked(await rt.run_many(batch, on_step=_Progress(console, f"fused N={n}")), "fused")
+
+            results, t0, start_s, peak = await mode("concurrent_fused", n, fused, replace(s, fuse_max=n))
+            rows.append(aggregate("concurrent_fused", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s))
+            log.info(BENCH_MODE_DONE, mode="concurrent_fused", n=n, final_s=round(rows[-1].final_s, 1))
     return rows
 
 
@@ -259,8 +275,9 @@ def _peer_comparison(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _title(s: BenchSettings) -> str:
-    return (f"clora concurrency on {s.model}: {s.steps} steps x {s.prompts_per_step} prompts x {s.group_size} "
-            f"samples, max_tokens {s.max_tokens}, held-out {s.held_out_size}, {os.cpu_count()} CPUs")
+    return (f"clora concurrency on {s.model} ({s.dtype}): {s.steps} steps x {s.prompts_per_step} prompts x "
+            f"{s.group_size} samples at T={s.temperature:g}, max_tokens {s.max_tokens}, held-out {s.held_out_size}, "
+            f"trainer bf16 {s.autocast_bf16}, fuse_max {s.fuse_max}, {os.cpu_count()} CPUs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "peer-experiments"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--bf16", action="store_true", help="trainer bf16 autocast")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="the engine's weights")
+    p.add_argument("--temperature", type=float, help="rollout temperature")
+    p.add_argument("--checkpoint-every", type=int, help="tenant checkpoints every K steps (default 0: none)")
+    p.add_argument("--fused-n", help="comma-separated N list for extra concurrent_fused rows (fuse_max = N)")
     p.add_argument("--reuse-runtime", action=argparse.BooleanOptionalAction, default=None,
                    help="warm and concurrent modes share one runtime (default with --quick)")
     p.add_argument("--peer", action="store_true", help="also run the HF transformers + peft single-tenant loop")
@@ -283,7 +304,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     s = QUICK if args.quick else FULL
     changes: dict[str, Any] = {}
     for field in ("model", "steps", "prompts_per_step", "group_size", "max_tokens", "held_out_size", "fuse_max",
-                  "peer_experiments", "reuse_runtime"):
+                  "peer_experiments", "reuse_runtime", "dtype", "temperature", "checkpoint_every"):
         value = getattr(args, field)
         if value is not None:
             changes[field] = value
@@ -292,6 +313,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         if not ns or min(ns) < 1:
             raise SystemExit(f"--n: give positive integers, got {args.n!r}")
         changes["ns"] = ns
+    if args.fused_n:
+        fused = tuple(sorted({int(x) for x in args.fused_n.split(",") if x.strip()}))
+        if not fused or min(fused) < 1 or max(fused) > max(changes.get("ns", s.ns)):
+            raise SystemExit(f"--fused-n: give positive integers up to the largest --n, got {args.fused_n!r}")
+        changes["fused_ns"] = fused
     if args.bf16:
         changes["autocast_bf16"] = True
     if args.peer:

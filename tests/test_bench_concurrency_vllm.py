@@ -1,6 +1,6 @@
 """CI smoke: ``clora bench concurrency --quick`` on the tiny model completes and its output is well formed.
 
-Real vLLM-CPU; three runtime starts (two cold serial, one shared warm). No timing assertions.
+Real vLLM-CPU; four runtime starts (two cold serial, one shared warm, one fused). No timing assertions.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ def _small_kv_cache_and_structlog(monkeypatch):
 
 def test_quick_benchmark_writes_well_formed_results(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(["bench", "concurrency", "--quick", "--n", "1,2", "--steps", "2", "--peer", "--out", str(out)])
+    code = main(["bench", "concurrency", "--quick", "--n", "1,2", "--steps", "2", "--peer", "--fused-n", "2",
+                 "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == EXIT_OK, printed
     document = json.loads((out / "results.json").read_text())
     rows = document["rows"]
     keys = [(r["mode"], r["n"]) for r in rows]
     assert keys == [("serial_cold", 1), ("serial_cold", 2), ("serial_warm", 1), ("serial_warm", 2),
-                    ("concurrent", 1), ("concurrent", 2), ("peer", 1)]
+                    ("concurrent", 1), ("concurrent", 2), ("concurrent_fused", 2), ("peer", 1)]
     for row in rows:
         assert ROW_KEYS <= set(row), row.keys()
         assert set(row["ratios"]) == RATIO_KEYS
@@ -59,4 +60,5 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path, capsys):
     table_rows = [line for line in printed.splitlines()
                   if re.match(r"^\s*[│|]\s*(serial_cold|serial_warm|concurrent)\s*[│|]", line)]
     assert len(table_rows) == 6, printed
+    assert re.search(r"^\s*[│|]\s*concurrent_fused\s*[│|]\s*2\s*[│|]", printed, re.MULTILINE), printed
     assert "peer loop (transformers + peft) N=1" in printed

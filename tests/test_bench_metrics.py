@@ -104,3 +104,15 @@ def test_settings_and_configs_from_arguments():
     assert [e.name for e in exps] == ["exp0", "exp1", "exp2"]
     assert len({(e.steps, e.prompts_per_step, e.group_size, e.max_tokens, e.env) for e in exps}) == 1
     assert runtime_config(s, 4).engine.max_loras == 4
+
+
+def test_fused_rows_engine_dtype_temperature_and_checkpoints_from_arguments():
+    args = build_parser().parse_args(["--n", "1,2,4", "--fused-n", "4,2", "--dtype", "bfloat16",
+                                      "--temperature", "0.5", "--checkpoint-every", "3"])
+    s = settings_from_args(args)
+    assert s.fused_ns == (2, 4) and s.fuse_max == 1  # only the concurrent_fused rows fuse
+    assert runtime_config(s, 2).model.dtype == "bfloat16"
+    exps = experiments(s, 2)
+    assert {e.temperature for e in exps} == {0.5} and {e.checkpoint_every for e in exps} == {3}
+    with pytest.raises(SystemExit, match="--fused-n"):
+        settings_from_args(build_parser().parse_args(["--n", "1,2", "--fused-n", "8"]))
