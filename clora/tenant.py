@@ -5,13 +5,11 @@ tools run between turns), score them, compute group advantages, train one step, 
 version, and log one canonical ``tenant.step`` event. Held-out accuracy (greedy, one episode per
 problem) is measured before the first step, every ``eval_every`` steps, and after the last.
 
-Checkpoints (when given a ``checkpoint_dir``, see clora.checkpoint): after the initial eval, every
-``checkpoint_every`` steps, after the last step, and when the run stops early (cancelled or
-failed) with a completed step not yet saved. A checkpoint holds the committed state of the last
-completed step: the trainer's whole store, the problem RNG (the data position), the step records
-and the accuracy so far. With ``resume=True`` a tenant that finds one restores it into the trainer
-(checked against the base model, LoRA shape and a digest of the tensors), publishes the restored
-version and goes on with the next step; with ``resume=False`` an old checkpoint is deleted.
+Checkpoints (when given a ``checkpoint_dir``; clora.tenant_checkpoints): after the initial eval,
+every ``checkpoint_every`` steps, after the last step, and when the run stops early with a completed
+step not yet saved. With ``resume=True`` a tenant that finds one restores it into the trainer,
+publishes the restored version and goes on with the next step; with ``resume=False`` an old
+checkpoint is deleted.
 """
 
 from __future__ import annotations
@@ -30,18 +28,7 @@ from actors import Actor, ActorRef, handler
 from clora import events
 from clora.aio import gather_first_error
 from clora.chat import ChatRenderer
-from clora.checkpoint import (
-    BaseModelIdentity,
-    TenantProgress,
-    check_resumable,
-    has_checkpoint,
-    read_checkpoint,
-    remove_checkpoint,
-    restore_rng,
-    rng_state,
-    state_digest,
-    write_checkpoint,
-)
+from clora.checkpoint import BaseModelIdentity, TenantProgress, rng_state
 from clora.config import ExperimentConfig
 from clora.envs import Env
 from clora.errors import CheckpointError, NonFiniteError
@@ -49,8 +36,6 @@ from clora.messages import (
     AddTenant,
     Completion,
     ExportAdapter,
-    ExportStoreState,
-    ImportStoreState,
     Publish,
     RemoveAdapter,
     RemoveTenant,
@@ -58,11 +43,11 @@ from clora.messages import (
     SampleResult,
     SamplingSpec,
     StepMetrics,
-    StoreState,
     TrainStep,
 )
 from clora.rl import group_advantages
 from clora.rollout import Trajectory, run_episode, run_group, start_episode, to_datum
+from clora.tenant_checkpoints import TenantCheckpoints
 
 __all__ = ["ExperimentResult", "RunExperiment", "StepRecord", "TenantActor"]
 
@@ -134,27 +119,23 @@ class TenantActor(Actor):
         self._version = 0
         if checkpoint_dir is not None and base_model is None:
             raise ValueError(f"tenant {self.tenant!r}: a checkpoint_dir needs the base_model identity")
-        self._checkpoint_dir = checkpoint_dir
-        self._base_model = base_model
         self._resume = resume
         self._resumed: TenantProgress | None = None  # the checkpoint's progress, when resumed
-        self._committed: TenantProgress | None = None  # progress after the last completed step
-        self._committed_version = 0  # the adapter version that goes with it
-        self._saved_step: int | None = None  # the step of the newest checkpoint on disk
-        self._saving: asyncio.Future[None] | None = None  # a checkpoint written while the next rollout runs
-        # A copy of the store taken right after the last completed step (its version is _committed_version):
-        # what a checkpoint of that step holds, even when a later step has trained since.
-        self._committed_state: asyncio.Future[StoreState] | None = None
+        self._checkpoints: TenantCheckpoints | None = None
+        if checkpoint_dir is not None and base_model is not None:
+            self._checkpoints = TenantCheckpoints(
+                checkpoint_dir, tenant=self.tenant, every=experiment.checkpoint_every, last_step=experiment.steps,
+                base_model=base_model, lora=experiment.lora, trainer=trainer, log=self.log,
+            )
 
     async def on_start(self) -> None:
         exp = self.experiment
         await self._trainer.ask(AddTenant(tenant=self.tenant, lora=exp.lora, optim=exp.optim))
         try:
-            if self._checkpoint_dir is not None:
-                if self._resume and has_checkpoint(self._checkpoint_dir):
-                    await self._restore()
-                elif not self._resume:
-                    await asyncio.to_thread(remove_checkpoint, self._checkpoint_dir)
+            if self._checkpoints is not None:
+                restored = await self._checkpoints.start(resume=self._resume)
+                if restored is not None:
+                    self._take_over(restored.progress, restored.rng)
             published = await self._sync.ask(Publish(tenant=self.tenant))
         except BaseException:
             # on_stop does not run after a failed start: undo the registration here.
@@ -183,7 +164,7 @@ class TenantActor(Actor):
                 accuracy_start = await self.evaluate(step=0)
                 records: list[StepRecord] = []
                 self._commit(0, started, accuracy_start, records)
-                await self._checkpoint_periodically(0)
+                await self._checkpoint_after(0)
             else:
                 started, accuracy_start = resumed.started_at, resumed.accuracy_start
                 records = msgspec.convert(resumed.records, list[StepRecord])
@@ -195,10 +176,11 @@ class TenantActor(Actor):
                 self._commit(step, started, accuracy_start, records)
                 if self._on_step is not None:
                     self._on_step(self.tenant, record)
-                await self._checkpoint_periodically(step)
-            await self._saved()
+                await self._checkpoint_after(step)
+            await self._checkpoint_written()
         except BaseException:
-            await self._checkpoint_on_stop()
+            if self._checkpoints is not None:
+                await self._checkpoints.on_stop()
             raise
         accuracy_end = await self.evaluate(step=exp.steps)
         if self._adapter_dir is not None:
@@ -259,7 +241,7 @@ class TenantActor(Actor):
         reward_mean = rewards.mean().item()
         if not data:
             return self._skipped(step, "no-signal", reward_mean, t_rollout, time_train_s=0.0)
-        await self._saved()  # the checkpoint of the last step has read the store before this step changes it
+        await self._checkpoint_written()  # the last step's store copy is taken before this step changes the store
         t1 = time.perf_counter()
         try:
             metrics: StepMetrics = await self._trainer.ask(TrainStep(tenant=self.tenant, data=data, loss=exp.loss))
@@ -316,110 +298,30 @@ class TenantActor(Actor):
     # ------------------------------------------------------------------ checkpoints
 
     def _commit(self, step: int, started: float, accuracy_start: float, records: list[StepRecord]) -> None:
-        """Step ``step`` is complete: remember what a checkpoint of it holds. The store copy is
-        taken in the background; ``_saved()`` waits for it before the next step trains."""
-        self._committed = TenantProgress(
-            step=step, rng=rng_state(self._rng), accuracy_start=accuracy_start, started_at=started,
-            tokens_sampled=self._tokens_sampled, records=msgspec.to_builtins(records),
-        )
-        self._committed_version = self._version
-        if self._checkpoint_dir is not None and self.experiment.checkpoint_every > 0:
-            self._committed_state = asyncio.ensure_future(self._trainer.ask(ExportStoreState(tenant=self.tenant)))
+        """Step ``step`` is complete: what a checkpoint of it holds."""
+        if self._checkpoints is not None:
+            self._checkpoints.commit(TenantProgress(
+                step=step, rng=rng_state(self._rng), accuracy_start=accuracy_start, started_at=started,
+                tokens_sampled=self._tokens_sampled, records=msgspec.to_builtins(records),
+            ), self._version)
 
-    async def _checkpoint_periodically(self, step: int) -> None:
-        """Start the checkpoint of a completed step when due; it runs alongside the next rollout."""
-        every = self.experiment.checkpoint_every
-        if self._checkpoint_dir is not None and every > 0 and (step % every == 0 or step == self.experiment.steps):
-            if self._saving is not None:  # the previous checkpoint, rarely still being written
-                await asyncio.shield(self._saving)
-                self._saving = None
-            self._saving = asyncio.ensure_future(self._save())
+    async def _checkpoint_after(self, step: int) -> None:
+        if self._checkpoints is not None:
+            await self._checkpoints.after_step(step)
 
-    async def _saved(self) -> None:
-        """Wait for the store copy of the last step and the checkpoint in progress, if any; their
-        errors are raised here. Cancelling the caller cancels neither (shielded)."""
-        if self._committed_state is not None:
-            await asyncio.shield(self._committed_state)
-        if self._saving is not None:
-            await asyncio.shield(self._saving)
-            self._saving = None
+    async def _checkpoint_written(self) -> None:
+        if self._checkpoints is not None:
+            await self._checkpoints.before_train()
 
-    async def _checkpoint_on_stop(self) -> None:
-        """The run ends early: let a write in progress finish, then save the last completed step
-        unless it is on disk already. Failures are logged: the run's own error matters more."""
-        committed = self._committed
+    def _take_over(self, progress: TenantProgress, rng: random.Random) -> None:
+        """Continue from a restored checkpoint's progress."""
         try:
-            if self._committed_state is not None:
-                await asyncio.wait([self._committed_state])
-                if not self._committed_state.cancelled():
-                    self._committed_state.exception()  # retrieved here; _save() raises it again if it saves
-            if self._saving is not None:
-                await asyncio.wait([self._saving])
-                saving, self._saving = self._saving, None
-                saving.result()
-            if self._checkpoint_dir is None or self.experiment.checkpoint_every <= 0 or committed is None:
-                return
-            if committed.step != self._saved_step:
-                await self._save()
-        except Exception as e:  # the previous checkpoint stays
-            self.log.warning(events.CHECKPOINT_FAILED, tenant=self.tenant, step=getattr(committed, "step", None),
-                             error=f"{type(e).__name__}: {e}")
-
-    async def _save(self) -> None:
-        assert self._checkpoint_dir is not None and self._base_model is not None and self._committed is not None
-        assert self._committed_state is not None
-        progress, version = self._committed, self._committed_version
-        started = time.perf_counter()
-        state: StoreState = await asyncio.shield(self._committed_state)
-        if state.version != version:
-            raise CheckpointError(
-                f"tenant {self.tenant!r}: the trainer's store is at version {state.version}, past version "
-                f"{version} of step {progress.step} (a step trained but did not complete); "
-                f"the checkpoint of step {self._saved_step} stays"
-            )
-        write = asyncio.ensure_future(
-            asyncio.to_thread(write_checkpoint, self._checkpoint_dir, state, progress, self._base_model)
-        )
-        try:
-            path, size = await asyncio.shield(write)
-        except asyncio.CancelledError:
-            await asyncio.wait([write])  # a file is never left half-renamed; then honour the cancel
-            if not write.cancelled():
-                write.exception()
-            raise
-        self._saved_step = progress.step
-        self.log.info(
-            events.CHECKPOINT_WRITTEN, tenant=self.tenant, step=progress.step, adapter_version=state.version,
-            duration_s=round(time.perf_counter() - started, 4), bytes=size, path=str(path),
-        )
-
-    async def _restore(self) -> None:
-        """Load the checkpoint into the trainer, verify it bit for bit, and take over its progress."""
-        assert self._checkpoint_dir is not None and self._base_model is not None
-        started = time.perf_counter()
-        where = f"checkpoint of tenant {self.tenant!r} in {str(self._checkpoint_dir)!r}"
-        ckpt = await asyncio.to_thread(read_checkpoint, self._checkpoint_dir)
-        manifest = ckpt.manifest
-        check_resumable(manifest, self.tenant, self._base_model, self.experiment.lora, where)
-        try:
-            msgspec.convert(manifest.progress.records, list[StepRecord])
+            msgspec.convert(progress.records, list[StepRecord])
         except msgspec.ValidationError as e:
-            raise CheckpointError(f"{where}: step records are invalid: {e}") from None
-        rng = restore_rng(manifest.progress.rng)
-        version = await self._trainer.ask(ImportStoreState(tenant=self.tenant, state=ckpt.state))
-        back: StoreState = await self._trainer.ask(ExportStoreState(tenant=self.tenant))
-        digest = await asyncio.to_thread(state_digest, back)
-        if digest != manifest.state_digest:
-            raise CheckpointError(f"{where}: the restored store differs from the checkpoint (digest {digest[:12]})")
+            raise CheckpointError(f"checkpoint of tenant {self.tenant!r}: step records are invalid: {e}") from None
         self._rng = rng
-        self._tokens_sampled = manifest.progress.tokens_sampled
-        self._resumed = self._committed = manifest.progress
-        self._committed_version = version
-        self._saved_step = manifest.progress.step
-        self.log.info(
-            events.CHECKPOINT_RESUMED, tenant=self.tenant, step=manifest.progress.step, adapter_version=version,
-            from_path=str(ckpt.path), digest=digest, duration_s=round(time.perf_counter() - started, 4),
-        )
+        self._tokens_sampled = progress.tokens_sampled
+        self._resumed = progress
 
     async def on_stop(self) -> None:
         await release_tenant(self.tenant, trainer=self._trainer, sync=self._sync, log=self.log)

@@ -27,6 +27,7 @@ import torch
 
 from actors import Actor, ActorRef, ActorSystem, Supervision, handler
 from clora.config import ModelConfig, TrainerConfig
+from clora.memory import release_free_memory
 from clora.errors import NonFiniteError
 from clora.lora.core import TrainerCore
 from clora.messages import (
@@ -80,6 +81,14 @@ TRAINER_STATE_RESTORED: Final = "trainer.state_restored"
 """A tenant's whole store (weights, Adam moments, counters) was replaced by a checkpoint's: version, adam_step."""
 
 T = TypeVar("T")
+
+
+def _then_release_memory(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, then give the heap memory its temporaries freed back to the OS (see clora.memory)."""
+    try:
+        return fn(*args)
+    finally:
+        release_free_memory()
 
 
 class TrainerActor(Actor):
@@ -172,7 +181,7 @@ class TrainerActor(Actor):
     def _in_worker(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Submit ``fn(*args)`` to the worker thread (the caller holds the device lock)."""
         assert self._executor is not None, "TrainerActor is not started"
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        call = functools.partial(contextvars.copy_context().run, _then_release_memory, fn, *args)
         return asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     @staticmethod

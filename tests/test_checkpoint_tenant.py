@@ -250,7 +250,7 @@ async def test_a_failing_checkpoint_write_fails_the_tenant_and_keeps_the_previou
 ):
     import errno
 
-    import clora.tenant as tenant_module
+    import clora.tenant_checkpoints as tenant_module
 
     real = tenant_module.write_checkpoint
 

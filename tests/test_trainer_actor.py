@@ -151,3 +151,23 @@ async def test_missing_model_fails_start_with_a_clear_error(tmp_path):
         with pytest.raises(ModelNotFoundError, match="no-such-model"):
             await system.start(actor, name="trainer")
         assert actor._executor is None
+
+
+async def test_every_device_job_gives_freed_heap_memory_back(tiny_model_dir, monkeypatch):
+    import threading
+
+    import clora.trainer as trainer_module
+    from clora.memory import release_free_memory
+
+    assert release_free_memory()  # glibc here: malloc_trim is found and called
+    threads: list[str] = []
+    monkeypatch.setattr(trainer_module, "release_free_memory", lambda: threads.append(threading.current_thread().name))
+    async with ActorSystem("trainer-trim") as system:
+        ref = await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(queue_size=4))
+        await ref.ask(AddTenant(tenant="a", lora=LORA, optim=OPTIM))
+        before = len(threads)
+        await ref.ask(TrainStep(tenant="a", data=make_data(2, seed=1), loss=LossConfig()))
+        with pytest.raises(NonFiniteError):  # also after a step that raises
+            await ref.ask(TrainStep(tenant="a", data=_nan_data(), loss=LossConfig()))
+    assert len(threads) >= before + 2
+    assert all("device" in name for name in threads)  # in the trainer's device thread
