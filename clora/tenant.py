@@ -121,18 +121,18 @@ class TenantActor(Actor):
             raise ValueError(f"tenant {self.tenant!r}: a checkpoint_dir needs the base_model identity")
         self._resume = resume
         self._resumed: TenantProgress | None = None  # the checkpoint's progress, when resumed
-        self._checkpoints: TenantCheckpoints | None = None
-        if checkpoint_dir is not None and base_model is not None:
-            self._checkpoints = TenantCheckpoints(
-                checkpoint_dir, tenant=self.tenant, every=experiment.checkpoint_every, last_step=experiment.steps,
-                base_model=base_model, lora=experiment.lora, trainer=trainer, log=self.log,
-            )
+        self._checkpoint_dir, self._base_model = checkpoint_dir, base_model
+        self._checkpoints: TenantCheckpoints | None = None  # made in on_start, where self.log is the system's
 
     async def on_start(self) -> None:
         exp = self.experiment
         await self._trainer.ask(AddTenant(tenant=self.tenant, lora=exp.lora, optim=exp.optim))
         try:
-            if self._checkpoints is not None:
+            if self._checkpoint_dir is not None and self._base_model is not None:
+                self._checkpoints = TenantCheckpoints(
+                    self._checkpoint_dir, tenant=self.tenant, every=exp.checkpoint_every, last_step=exp.steps,
+                    base_model=self._base_model, lora=exp.lora, trainer=self._trainer, log=self.log,
+                )
                 restored = await self._checkpoints.start(resume=self._resume)
                 if restored is not None:
                     self._take_over(restored.progress, restored.rng)
