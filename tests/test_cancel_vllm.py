@@ -11,7 +11,6 @@ version: bit-identical to the same step run uncancelled on a twin tenant. Others
 from __future__ import annotations
 
 import asyncio
-import random
 
 import pytest
 import torch
@@ -27,36 +26,11 @@ from clora.config import (
     ModelConfig,
     RuntimeConfig,
 )
-from clora.envs import Outcome, Problem
+from small_env import SmallEnv  # noqa: E402  (tests/ is on sys.path under pytest)
 from clora.messages import Datum, Snapshot
 from clora.trainer import TRAINER_STEP, TRAINER_TENANT_REMOVED
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
-
-
-class _Episode:
-    def __init__(self, problem: Problem) -> None:
-        self.problem = problem
-
-    def initial_messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.problem.question}]
-
-    def step(self, text: str) -> Outcome:
-        return Outcome(done=True, reward=(sum(map(ord, text)) % 13) / 13)
-
-
-class SmallEnv:
-    name = "small"
-    stop_sequences: tuple[str, ...] = ()
-
-    def train_problems(self, rng: random.Random, n: int) -> list[Problem]:
-        return [Problem(id=f"p{rng.randrange(1000)}", question="go on and on", answer="0") for _ in range(n)]
-
-    def held_out(self) -> list[Problem]:
-        return [Problem(id="h", question="hi", answer="0")]
-
-    def start(self, problem: Problem) -> _Episode:
-        return _Episode(problem)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +60,8 @@ def _vllm_requests_of(sampler, lora_prefix: str) -> list[str]:
 async def test_cancelling_a_tenant_mid_rollout_aborts_its_requests_and_keeps_its_store(runtime):
     rt = runtime
     sampler = rt.sampler._cell._actor
-    bystander = asyncio.create_task(rt.run(_experiment("bystander", 1, steps=2, max_tokens=16), env=SmallEnv()))
-    victim = asyncio.create_task(rt.run(_experiment("victim", 2, steps=3, max_tokens=200), env=SmallEnv()))
+    bystander = asyncio.create_task(rt.run(_experiment("bystander", 1, steps=2, max_tokens=16), env=SmallEnv("go on and on")))
+    victim = asyncio.create_task(rt.run(_experiment("victim", 2, steps=3, max_tokens=200), env=SmallEnv("go on and on")))
     log_path = rt.run_dir / "events.jsonl"
 
     def victim_in_step_2_rollout() -> bool:
