@@ -130,11 +130,17 @@ class Datum(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StepMetrics(msgspec.Struct, frozen=True, kw_only=True):
-    """What the trainer measured; ``values`` uses slash keys like 'loss', 'grad_norm', 'time/fwd_bwd'."""
+    """What the trainer measured; ``values`` uses slash keys like 'loss', 'grad_norm', 'time/fwd_bwd'.
+
+    ``adapter`` / ``state``: copies of the new version taken in the same device job as the step,
+    when the TrainStep asked for them (trainer-local hand-offs: they hold tensors).
+    """
 
     tenant: str
     version: int
     values: dict[str, float]
+    adapter: Any = None  # AdapterSnapshot of ``version``, or None
+    state: Any = None  # StoreState of ``version``, or None
 
 
 class AddTenant(_Msg):
@@ -163,11 +169,18 @@ class OptimStep(_Msg):
 
 
 class TrainStep(_Msg):
-    """ForwardBackward then OptimStep as one atomic step."""
+    """ForwardBackward then OptimStep as one atomic step.
+
+    ``copy_adapter`` / ``copy_state``: also reply with the new version's AdapterSnapshot (to
+    publish) / StoreState (to checkpoint), copied before the device is given to anyone else, so
+    neither needs a second wait behind other tenants' steps.
+    """
 
     tenant: str
     data: list[Datum]
     loss: Any  # clora.config.LossConfig
+    copy_adapter: bool = False
+    copy_state: bool = False
 
 
 class ComputeLogprobs(_Msg):
@@ -245,9 +258,11 @@ TrainerMsg = Union[
 
 
 class Publish(_Msg):
-    """Publish the tenant's current trainer weights into the engine."""
+    """Publish the tenant's current trainer weights into the engine, or ``adapter`` when given (an
+    AdapterSnapshot a TrainStep replied with: no second trip to the trainer)."""
 
     tenant: str
+    adapter: Any = None  # AdapterSnapshot, or None: ask the trainer for a snapshot
 
 
 class Published(_Msg):

@@ -1,8 +1,10 @@
 """SyncActor: puts a tenant's newest trainer weights into the running engine, in place.
 
-One publish = snapshot the tenant's adapter from the trainer (CPU tensor copies), write it as a
-PEFT directory under a memory-backed folder (``/dev/shm`` where it exists, so no disk round
-trip), then ask the sampler to load it in place under the tenant's existing LoRA id. Versions
+One publish = snapshot the tenant's adapter from the trainer (CPU tensor copies), or take the
+snapshot a TrainStep replied with (copied in the step's own device job: no second wait behind
+other tenants' steps), write it as a PEFT directory under a memory-backed folder (``/dev/shm``
+where it exists, so no disk round trip), then ask the sampler to load it in place under the
+tenant's existing LoRA id. Versions
 are monotonic per tenant: a snapshot that is not newer than what serves is not published again.
 A failed load leaves the previous version serving and raises ``PublishError`` to the caller.
 """
@@ -93,7 +95,11 @@ class SyncActor(Actor):
 
     async def _publish(self, msg: Publish) -> Published:
         started = time.perf_counter()
-        snap: AdapterSnapshot = await self._trainer.ask(Snapshot(tenant=msg.tenant))
+        snap: AdapterSnapshot = msg.adapter if msg.adapter is not None else await self._trainer.ask(
+            Snapshot(tenant=msg.tenant)
+        )
+        if snap.tenant != msg.tenant:
+            raise PublishError(f"publish for tenant {msg.tenant!r} was given tenant {snap.tenant!r}'s adapter")
         live = self._serving.get(msg.tenant)
         if live is not None and snap.version <= live:
             return Published(tenant=msg.tenant, version=live, duration_s=0.0)

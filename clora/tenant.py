@@ -43,6 +43,7 @@ from clora.messages import (
     SampleResult,
     SamplingSpec,
     StepMetrics,
+    StoreState,
     TrainStep,
 )
 from clora.rl import group_advantages
@@ -123,6 +124,7 @@ class TenantActor(Actor):
         self._resumed: TenantProgress | None = None  # the checkpoint's progress, when resumed
         self._checkpoint_dir, self._base_model = checkpoint_dir, base_model
         self._checkpoints: TenantCheckpoints | None = None  # made in on_start, where self.log is the system's
+        self._step_state: StoreState | None = None  # the store copy the last TrainStep replied with
 
     async def on_start(self) -> None:
         exp = self.experiment
@@ -244,13 +246,17 @@ class TenantActor(Actor):
         await self._checkpoint_written()  # the last step's store copy is taken before this step changes the store
         t1 = time.perf_counter()
         try:
-            metrics: StepMetrics = await self._trainer.ask(TrainStep(tenant=self.tenant, data=data, loss=exp.loss))
+            metrics: StepMetrics = await self._trainer.ask(TrainStep(
+                tenant=self.tenant, data=data, loss=exp.loss, copy_adapter=True,
+                copy_state=self._checkpoints is not None and self._checkpoints.enabled,
+            ))
         except NonFiniteError as e:  # the trainer rejected the step and left the adapter as it was
             return self._skipped(
                 step, "non-finite", reward_mean, t_rollout, time_train_s=time.perf_counter() - t1, error=str(e)
             )
         t2 = time.perf_counter()
-        published = await self._sync.ask(Publish(tenant=self.tenant))
+        self._step_state = metrics.state  # the checkpoint's store copy of this step, when asked for
+        published = await self._sync.ask(Publish(tenant=self.tenant, adapter=metrics.adapter))
         t3 = time.perf_counter()
         self._version = published.version
         fields = {f"train/{k}": v for k, v in metrics.values.items()}
@@ -299,11 +305,12 @@ class TenantActor(Actor):
 
     def _commit(self, step: int, started: float, accuracy_start: float, records: list[StepRecord]) -> None:
         """Step ``step`` is complete: what a checkpoint of it holds."""
+        state, self._step_state = self._step_state, None
         if self._checkpoints is not None:
             self._checkpoints.commit(TenantProgress(
                 step=step, rng=rng_state(self._rng), accuracy_start=accuracy_start, started_at=started,
                 tokens_sampled=self._tokens_sampled, records=msgspec.to_builtins(records),
-            ), self._version)
+            ), self._version, state=state)
 
     async def _checkpoint_after(self, step: int) -> None:
         if self._checkpoints is not None:

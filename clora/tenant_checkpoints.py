@@ -1,7 +1,8 @@
 """The checkpoints of one tenant's run: when to write them, what they hold, and resuming from one.
 
 A checkpoint holds the committed state of the last completed step: a copy of the trainer's whole
-store taken right after that step (so it stays valid while a later step trains), the problem RNG
+store taken right after that step (in the step's own device job when the TrainStep asked for it;
+it stays valid while a later step trains), the problem RNG
 (the data position), the step records and the accuracy so far. Writes run in a thread alongside
 the next rollout; ``before_train()`` waits for the store copy and the write before the store
 changes again. The file format is clora.checkpoint's.
@@ -78,10 +79,16 @@ class TenantCheckpoints:
             await asyncio.to_thread(remove_checkpoint, self.folder)
         return None
 
-    def commit(self, progress: TenantProgress, version: int) -> None:
-        """A step is complete: remember its progress and copy the store in the background."""
+    def commit(self, progress: TenantProgress, version: int, *, state: StoreState | None = None) -> None:
+        """A step is complete: remember its progress and its store copy: ``state`` when the step's
+        TrainStep replied with one of ``version``, else one asked for in the background."""
         self._committed, self._committed_version = progress, version
-        if self.enabled:
+        if not self.enabled:
+            return
+        if state is not None and state.version == version:
+            self._committed_state = asyncio.get_running_loop().create_future()
+            self._committed_state.set_result(state)
+        else:
             self._committed_state = asyncio.ensure_future(self._trainer.ask(ExportStoreState(tenant=self._tenant)))
 
     async def after_step(self, step: int) -> None:

@@ -6,7 +6,7 @@ half-written: if the handler is cancelled, it waits for the worker to finish the
 store write-back (or to leave the store untouched), then re-raises the cancellation.
 
 Replies: AddTenant -> 0 (the new version), RemoveTenant -> None, TrainStep / ForwardBackward /
-OptimStep -> StepMetrics, ComputeLogprobs -> list[list[float]], ExportAdapter -> the exported
+OptimStep -> StepMetrics (a TrainStep's with the copies it asked for: see ``step_copies``), ComputeLogprobs -> list[list[float]], ExportAdapter -> the exported
 version (int), ImportAdapter -> the new version (int; weights replaced, optimizer state reset),
 Snapshot -> AdapterSnapshot, ExportStoreState -> StoreState (a checkpoint's content),
 ImportStoreState -> the restored version (int; the whole store replaced). A non-finite loss or
@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Final, TypeVar
 
+import msgspec
 import torch
 
 from actors import Actor, ActorRef, ActorSystem, Supervision, handler
@@ -58,6 +59,7 @@ __all__ = [
     "TRAINER_IMPORTED",
     "TRAINER_STATE_RESTORED",
     "TrainerActor",
+    "step_copies",
 ]
 
 TRAINER_STARTED: Final = "trainer.started"
@@ -250,7 +252,16 @@ class TrainerActor(Actor):
 
     @handler
     async def train_step(self, msg: TrainStep) -> StepMetrics:
-        return await self._step(TRAINER_STEP, msg.tenant, self._core().train_step, msg.data, msg.loss)
+        core = self._core()
+        copies: dict[str, Any] = {}
+
+        def step_then_copy(tenant: str, data: list, loss: Any) -> dict[str, float]:
+            values = core.train_step(tenant, data, loss)
+            copies.update(step_copies(core, msg, values))
+            return values
+
+        metrics = await self._step(TRAINER_STEP, msg.tenant, step_then_copy, msg.data, msg.loss)
+        return msgspec.structs.replace(metrics, **copies)
 
     @handler
     async def forward_backward(self, msg: ForwardBackward) -> StepMetrics:
@@ -293,3 +304,18 @@ class TrainerActor(Actor):
         version = await self._on_device(self._core().store(msg.tenant).load_state, msg.state)
         self.log.info(TRAINER_STATE_RESTORED, tenant=msg.tenant, version=version, adam_step=msg.state.adam_step)
         return version
+
+
+def step_copies(core: TrainerCore, msg: TrainStep, values: dict[str, float]) -> dict[str, Any]:
+    """The copies ``msg`` asked for, of the tenant's version right after its step (StepMetrics
+    fields ``adapter`` / ``state``); their time goes into ``values["time/copy"]``. Runs in the
+    worker, in the same device job as the step."""
+    started = time.perf_counter()
+    copies: dict[str, Any] = {}
+    if msg.copy_adapter:
+        copies["adapter"] = core.snapshot(msg.tenant)
+    if msg.copy_state:
+        copies["state"] = core.store(msg.tenant).export_state()
+    if copies:
+        values["time/copy"] = time.perf_counter() - started
+    return copies

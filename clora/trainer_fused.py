@@ -33,14 +33,14 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from actors import handler
 from clora.config import ModelConfig, TrainerConfig
 from clora.errors import NonFiniteError
 from clora.lora import FusedRequest, TrainerCore
 from clora.messages import StepMetrics, TrainStep
-from clora.trainer import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor
+from clora.trainer import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor, step_copies
 
 __all__ = ["FUSED_MAX_PENDING", "FusedTrainerActor"]
 
@@ -63,6 +63,23 @@ def _single_step(core: TrainerCore, request: FusedRequest) -> list[Outcome]:
         return [core.train_step(request.tenant, request.data, request.loss)]
     except Exception as exc:  # noqa: BLE001 - delivered to this request's asker
         return [exc]
+
+
+def _train_then_copy(core: TrainerCore, msgs: list[TrainStep]) -> list[tuple[Outcome, dict[str, Any]]]:
+    """One group's step (single-adapter path for one request, fused for several), then each
+    trained tenant's copies its TrainStep asked for, all in one device job."""
+    requests = [FusedRequest(m.tenant, m.data, m.loss) for m in msgs]
+    outcomes = _single_step(core, requests[0]) if len(requests) == 1 else core.train_steps_fused(requests)
+    results: list[tuple[Outcome, dict[str, Any]]] = []
+    for msg, outcome in zip(msgs, outcomes, strict=True):
+        copies: dict[str, Any] = {}
+        if not isinstance(outcome, BaseException):
+            try:
+                copies = step_copies(core, msg, outcome)
+            except Exception as exc:  # noqa: BLE001 - this tenant's asker sees it; the others go on
+                outcome = exc
+        results.append((outcome, copies))
+    return results
 
 
 class FusedTrainerActor(TrainerActor):
@@ -133,31 +150,29 @@ class FusedTrainerActor(TrainerActor):
         """One (fused) step for ``group`` in the worker; the caller holds the device lock. Every
         request's future is resolved when the worker finishes, even if this task is cancelled."""
         core = self._core()
-        requests = [FusedRequest(p.msg.tenant, p.msg.data, p.msg.loss) for p in group]
         start = time.perf_counter()
         try:
-            if len(requests) == 1:
-                future = self._in_worker(_single_step, core, requests[0])
-            else:
-                future = self._in_worker(core.train_steps_fused, requests)
+            future = self._in_worker(_train_then_copy, core, [p.msg for p in group])
         except BaseException as exc:
-            self._resolve(group, [exc] * len(group), start)
+            self._resolve(group, [(exc, {})] * len(group), start)
             raise
         future.add_done_callback(lambda f: self._resolve(group, self._outcomes(f, len(group)), start))
         await self._finish(future)
 
     @staticmethod
-    def _outcomes(future: asyncio.Future[list[Outcome]], size: int) -> list[Outcome]:
+    def _outcomes(
+        future: asyncio.Future[list[tuple[Outcome, dict[str, Any]]]], size: int
+    ) -> list[tuple[Outcome, dict[str, Any]]]:
         if future.cancelled():
-            return [RuntimeError("the trainer's worker was shut down before the step ran")] * size
+            return [(RuntimeError("the trainer's worker was shut down before the step ran"), {})] * size
         exc = future.exception()
-        return [exc] * size if exc is not None else future.result()
+        return [(exc, {})] * size if exc is not None else future.result()
 
-    def _resolve(self, group: list[_Pending], outcomes: list[Outcome], start: float) -> None:
+    def _resolve(self, group: list[_Pending], outcomes: list[tuple[Outcome, dict[str, Any]]], start: float) -> None:
         """Log each request's canonical event and resolve its future (in the event loop thread)."""
         duration = round(time.perf_counter() - start, 4)
         depth = self._queue_depth()
-        for pending, outcome in zip(group, outcomes, strict=True):
+        for pending, (outcome, copies) in zip(group, outcomes, strict=True):
             tenant = pending.msg.tenant
             wait_s = round(start - pending.enqueued, 4)
             if isinstance(outcome, BaseException):
@@ -176,4 +191,4 @@ class FusedTrainerActor(TrainerActor):
                 **{**outcome, "version": version, "step": version},
             )
             if not pending.future.done():
-                pending.future.set_result(StepMetrics(tenant=tenant, version=version, values=outcome))
+                pending.future.set_result(StepMetrics(tenant=tenant, version=version, values=outcome, **copies))

@@ -268,3 +268,28 @@ async def test_a_failing_checkpoint_write_fails_the_tenant_and_keeps_the_previou
     assert len(failed) == 1 and "No space left" in failed[0]["error"]
     steps = [e["step"] for e in logs if e["event"] in (events.TENANT_STEP, events.TENANT_STEP_SKIPPED)]
     assert max(steps) == 2, "the tenant stops before training past its last checkpointable step"
+
+
+async def test_each_trained_step_is_published_and_checkpointed_from_its_own_reply(harness, tmp_path, monkeypatch):
+    """No second trip to the trainer after a step: the TrainStep's reply carries the adapter the
+    sync publishes and the store copy the checkpoint writes (timed as time/copy in trainer.step)."""
+    from actors.ref import ActorRef
+
+    asked = Counter()
+    real_ask = ActorRef.ask
+
+    async def counting_ask(self, message):
+        asked[type(message).__name__] += 1
+        return await real_ask(self, message)
+
+    monkeypatch.setattr(ActorRef, "ask", counting_ask)
+    with capture_logs() as logs:
+        result, state = await harness.run(_experiment(3), tmp_path / "ck", resume=False)
+    trained = sum(r.trained for r in result.steps)
+    skipped = len(result.steps) - trained
+    assert trained >= 1 and asked["TrainStep"] == trained
+    assert asked["Snapshot"] == 1  # the first publish only
+    assert asked["ExportStoreState"] == 1 + skipped + 1  # step 0, each untrained step, the harness's own copy
+    steps = [e for e in logs if e["event"] == "trainer.step"]
+    assert len(steps) == trained and all("time/copy" in e for e in steps)
+    assert read_manifest(tmp_path / "ck").adapter_version == state.version == result.steps[-1].adapter_version

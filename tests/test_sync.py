@@ -26,9 +26,11 @@ pytestmark = pytest.mark.timeout(30)
 class FakeTrainer(Actor):
     def __init__(self) -> None:
         self.version = 0
+        self.snapshots_served = 0
 
     @handler
     async def snapshot(self, msg: Snapshot) -> AdapterSnapshot:
+        self.snapshots_served += 1
         weight = torch.full((2, 4), float(self.version))  # (r, in): the version is readable in the weights
         return AdapterSnapshot(
             tenant=msg.tenant, version=self.version,
@@ -113,3 +115,23 @@ async def test_a_failed_load_keeps_the_previous_version_serving_and_is_reported(
         assert (await sync.ask(Publish(tenant="a"))).version == 1  # the next publish retries and succeeds
         assert sampler.calls[-1] == ("load", "a", 1, 1.0)
         assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+async def test_a_given_snapshot_is_published_without_asking_the_trainer(tmp_path):
+    async with ActorSystem("t") as system:
+        trainer, sampler, sync_actor, sync = await _start(system, tmp_path)
+        await sync.ask(Publish(tenant="a"))
+        snapshots = trainer.snapshots_served
+        weight = torch.full((2, 4), 7.0)
+        given = AdapterSnapshot(
+            tenant="a", version=7, tensors={"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": weight},
+            peft_config={"r": 2, "lora_alpha": 4, "peft_type": "LORA"},
+        )
+        assert (await sync.ask(Publish(tenant="a", adapter=given))).version == 7
+        assert trainer.snapshots_served == snapshots  # the trainer was not asked again
+        assert sampler.calls[-1] == ("load", "a", 7, 7.0) and sync_actor.serving_version("a") == 7
+        older = AdapterSnapshot(tenant="a", version=6, tensors=given.tensors, peft_config=given.peft_config)
+        assert (await sync.ask(Publish(tenant="a", adapter=older))).version == 7  # never an older version
+        with pytest.raises(PublishError, match="tenant 'b'"):
+            await sync.ask(Publish(tenant="b", adapter=given))
+        assert sync_actor.serving_version("b") is None

@@ -19,6 +19,7 @@ from clora.messages import (
     ComputeLogprobs,
     Datum,
     ExportAdapter,
+    ExportStoreState,
     ForwardBackward,
     ImportAdapter,
     OptimStep,
@@ -171,3 +172,31 @@ async def test_every_device_job_gives_freed_heap_memory_back(tiny_model_dir, mon
             await ref.ask(TrainStep(tenant="a", data=_nan_data(), loss=LossConfig()))
     assert len(threads) >= before + 2
     assert all("device" in name for name in threads)  # in the trainer's device thread
+
+
+@pytest.mark.parametrize("fuse_max", [1, 3])
+async def test_a_train_step_replies_with_the_copies_it_asked_for(tiny_model_dir, fuse_max):
+    """The adapter / store copies in a TrainStep's reply are the new version, identical to asking afterwards."""
+    async with ActorSystem("trainer-copies") as system:
+        ref = await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(fuse_max=fuse_max))
+        for tenant in ("a", "b"):
+            await ref.ask(AddTenant(tenant=tenant, lora=LORA, optim=OPTIM))
+        plain = await ref.ask(TrainStep(tenant="a", data=make_data(2, seed=1), loss=LossConfig()))
+        assert plain.adapter is None and plain.state is None and "time/copy" not in plain.values
+        asks = [ref.ask(TrainStep(tenant=t, data=make_data(2, seed=i), loss=LossConfig(),
+                                  copy_adapter=True, copy_state=True)) for i, t in enumerate(("a", "b"))]
+        replies = await asyncio.gather(*asks)
+        for reply in replies:
+            snap = await ref.ask(Snapshot(tenant=reply.tenant))
+            state = await ref.ask(ExportStoreState(tenant=reply.tenant))
+            assert reply.adapter.version == reply.state.version == reply.version == snap.version
+            assert reply.adapter.peft_config == snap.peft_config
+            assert all(torch.equal(reply.adapter.tensors[k], snap.tensors[k]) for k in snap.tensors)
+            for field in ("params", "exp_avg", "exp_avg_sq"):
+                ours, theirs = getattr(reply.state, field), getattr(state, field)
+                assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+            assert reply.state.adam_step == state.adam_step and reply.values["time/copy"] >= 0
+        # the copies are copies: a later step does not change them
+        kept = {k: v.clone() for k, v in replies[1].adapter.tensors.items()}
+        await ref.ask(TrainStep(tenant="b", data=make_data(2, seed=5), loss=LossConfig()))
+        assert all(torch.equal(replies[1].adapter.tensors[k], kept[k]) for k in kept)
