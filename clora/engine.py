@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from clora import vllm_cpu_lora
+from clora import vllm_cpu_lora, vllm_parent_watch
 from clora.config import EngineConfig, ModelConfig
 from clora.engine_files import (
     LLAMA_LORA_MODULES,
@@ -103,6 +103,9 @@ def engine_env(cfg: EngineConfig, environ: Mapping[str, str] | None = None) -> d
         defaults["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     env = {key: value for key, value in defaults.items() if key not in environ}
     env.update(cfg.extra_env)
+    # Not a setting: this process owns the engine, whose processes exit when they lose their parent
+    # (clora/vllm_parent_watch.py).
+    env[vllm_parent_watch.ENV_OWNER_PID] = str(os.getpid())
     return env
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,10 @@ def test_engine_env_defaults_user_env_and_extra_env_precedence():
     env = engine_env(cfg, environ={})
     assert env == {
         "VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
-        "CLORA_VLLM_CPU_LORA_OPS": "1",
+        "CLORA_VLLM_CPU_LORA_OPS": "1", "CLORA_ENGINE_OWNER_PID": str(os.getpid()),
     }
+    # the owner pid is this process's, even when an inherited environment names another
+    assert engine_env(cfg, environ={"CLORA_ENGINE_OWNER_PID": "1"})["CLORA_ENGINE_OWNER_PID"] == str(os.getpid())
     # the user's environment wins over clora's defaults: those keys are left alone
     env = engine_env(cfg, environ={"VLLM_CPU_KVCACHE_SPACE": "9"})
     assert "VLLM_CPU_KVCACHE_SPACE" not in env
