@@ -210,6 +210,7 @@ class EnvConfig(_Config):
     max_turns: int = 3
     seed: int = 0
     held_out_size: int = 32
+    step_timeout_s: float = 60.0  # one env step (tool calls, reward) must return within this; 0: no limit
 
     def validate(self) -> None:
         if self.kind == "gsm8k" and not self.path:
@@ -218,6 +219,8 @@ class EnvConfig(_Config):
             _fail("env.difficulty", f"must be >= 0, got {self.difficulty}")
         if self.max_turns < 1:
             _fail("env.max_turns", f"must be >= 1, got {self.max_turns}")
+        if self.step_timeout_s < 0:
+            _fail("env.step_timeout_s", f"must be >= 0 (0: no limit), got {self.step_timeout_s}")
 
 
 class ExperimentConfig(_Config):
@@ -236,6 +239,8 @@ class ExperimentConfig(_Config):
     advantage: Literal["grpo", "grpo_no_std"] = "grpo"
     eval_every: int = 0  # 0: only before and after
     checkpoint_every: int = 1  # steps between checkpoints (also after the last step and on stop); 0: none
+    retries: int = 0  # more tries of a rollout (env error, bad reward, step timeout) or a publish; 0: the tenant fails
+    retry_backoff_s: float = 1.0  # wait before the first retry, doubled before each further one
     seed: int = 0
 
     def _field_prefix(self) -> str:
@@ -246,6 +251,10 @@ class ExperimentConfig(_Config):
         for field in ("steps", "prompts_per_step", "group_size", "max_tokens"):
             if getattr(self, field) < 1:
                 _fail(f"experiments.{self.name}.{field}", f"must be >= 1, got {getattr(self, field)}")
+        if self.retries < 0:
+            _fail(f"experiments.{self.name}.retries", f"must be >= 0 (0: no retry), got {self.retries}")
+        if self.retry_backoff_s < 0:
+            _fail(f"experiments.{self.name}.retry_backoff_s", f"must be >= 0, got {self.retry_backoff_s}")
         if self.checkpoint_every < 0:
             _fail(
                 f"experiments.{self.name}.checkpoint_every",

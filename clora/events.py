@@ -26,6 +26,7 @@ __all__ = [
     "TENANT_FINISHED",
     "TENANT_FAILED",
     "TENANT_STEP_SKIPPED",
+    "TENANT_RETRY",
     "TENANT_RELEASE_INCOMPLETE",
     "ROLLOUT_GROUP",
     "ADAPTER_PUBLISHED",
@@ -56,6 +57,9 @@ TENANT_FAILED: Final = "tenant.failed"
 TENANT_STEP_SKIPPED: Final = "tenant.step_skipped"
 """A step trained nothing (reason: no-signal = all advantages zero; non-finite = the trainer rejected
 it): the adapter and its version stay as they were."""
+TENANT_RETRY: Final = "tenant.retry"
+"""A rollout (env error, bad reward, env step timeout) or a publish failed and is tried again after
+backoff_s (what: rollout / eval / publish; attempt: the try that failed; error)."""
 TENANT_RELEASE_INCOMPLETE: Final = "tenant.release_incomplete"
 """Part of removing a tenant (engine adapter or trainer state) failed or was already gone."""
 ROLLOUT_GROUP: Final = "tenant.rollout_group"

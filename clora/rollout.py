@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ import structlog
 
 from clora.aio import gather_first_error
 from clora.chat import ChatRenderer
+from clora.env_steps import EnvStepTimeout, step_on_loop
 from clora.envs.base import Env, Episode, Outcome, Problem, check_reward
 from clora.errors import EnvError, NonFiniteError
 from clora.messages import Completion, Datum, SamplingSpec
@@ -32,6 +32,7 @@ __all__ = [
     "FINISH_DONE",
     "FINISH_MAX_TURNS",
     "SampleFn",
+    "StepFn",
     "Trajectory",
     "completion_datum",
     "run_episode",
@@ -44,6 +45,9 @@ log = structlog.get_logger(__name__)
 
 SampleFn = Callable[[list[int], SamplingSpec], Awaitable[tuple[Completion, int]]]
 """Sample one completion of a prompt; returns it and the adapter version that produced it."""
+
+StepFn = Callable[[Episode, str], Awaitable[Any]]
+"""Run ``episode.step(text)`` and return what it returned (``step_on_loop``, or a tenant's ``EnvStepper``)."""
 
 FINISH_DONE = "done"
 FINISH_MAX_TURNS = "max_turns"
@@ -88,13 +92,13 @@ def _turn_seed(seed: int | None, *salt: object) -> int | None:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-async def _step(episode: Episode, text: str, pid: str) -> Outcome:
+async def _step(episode: Episode, text: str, pid: str, step_env: StepFn) -> Outcome:
     try:
-        outcome = episode.step(text)
-        if inspect.isawaitable(outcome):
-            outcome = await outcome
+        outcome = await step_env(episode, text)
     except asyncio.CancelledError:
         raise
+    except EnvStepTimeout as e:
+        raise EnvError(f"env step on problem {pid} {e}") from e
     except Exception as e:
         raise EnvError(f"env step raised on problem {pid}: {type(e).__name__}: {e}") from e
     if not isinstance(outcome, Outcome):
@@ -118,12 +122,15 @@ async def run_episode(
     max_turns: int,
     sampling: SamplingSpec,
     max_model_len: int,
+    step_env: StepFn = step_on_loop,
 ) -> Trajectory:
     """Run one episode to its end; see the module docstring.
 
     Each turn samples at most ``min(sampling.max_tokens, room left in max_model_len)`` tokens.
     The reward is the env's reward of its final (done) turn; an episode cut by ``max_turns``
-    or a full context gets 0.0. Env errors and bad rewards raise ``EnvError``.
+    or a full context gets 0.0. Env errors, bad rewards and steps past their deadline raise
+    ``EnvError``. The env's step runs through ``step_env`` (a tenant's ``EnvStepper``: in the
+    tenant's thread, under ``env.step_timeout_s``; by default on the loop).
     """
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
@@ -160,7 +167,7 @@ async def run_episode(
         finish_reasons.append(completion.finish_reason)
         messages.append({"role": "assistant", "content": completion.text})
 
-        outcome = await _step(episode, completion.text, pid)
+        outcome = await _step(episode, completion.text, pid, step_env)
         step_reward = check_reward(outcome.reward, problem)
         info = dict(outcome.info)
         if outcome.done:
@@ -217,6 +224,7 @@ async def run_group(
     max_turns: int,
     sampling: SamplingSpec,
     max_model_len: int,
+    step_env: StepFn = step_on_loop,
 ) -> list[Trajectory]:
     """``group_size`` episodes of one problem, concurrently (their turns batch in the sampler).
 
@@ -236,6 +244,7 @@ async def run_group(
             max_turns=max_turns,
             sampling=msgspec.structs.replace(sampling, stop=stops, seed=_turn_seed(sampling.seed, i)),
             max_model_len=max_model_len,
+            step_env=step_env,
         )
         for i, episode in enumerate(episodes)
     )

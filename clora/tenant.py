@@ -5,6 +5,11 @@ tools run between turns), score them, compute group advantages, train one step, 
 version, and log one canonical ``tenant.step`` event. Held-out accuracy (greedy, one episode per
 problem) is measured before the first step, every ``eval_every`` steps, and after the last.
 
+Env steps run in the tenant's own thread under ``env.step_timeout_s`` (clora.env_steps), so a
+hanging tool stalls only this tenant. A rollout or eval that fails with an env error (the env
+raising, a bad reward, a step past its deadline) and a failed publish are tried again up to
+``retries`` times (``tenant.retry`` events); after that the error ends this tenant only.
+
 Checkpoints (when given a ``checkpoint_dir``; clora.tenant_checkpoints): after the initial eval,
 every ``checkpoint_every`` steps, after the last step, and when the run stops early with a completed
 step not yet saved. With ``resume=True`` a tenant that finds one restores it into the trainer,
@@ -15,11 +20,12 @@ checkpoint is deleted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import torch
@@ -30,8 +36,9 @@ from clora.aio import gather_first_error
 from clora.chat import ChatRenderer
 from clora.checkpoint import BaseModelIdentity, TenantProgress, rng_state
 from clora.config import ExperimentConfig
+from clora.env_steps import EnvStepper
 from clora.envs import Env
-from clora.errors import CheckpointError, NonFiniteError
+from clora.errors import CheckpointError, EnvError, NonFiniteError, PublishError
 from clora.messages import (
     AddTenant,
     Completion,
@@ -51,6 +58,8 @@ from clora.rollout import Trajectory, run_episode, run_group, start_episode, to_
 from clora.tenant_checkpoints import TenantCheckpoints
 
 __all__ = ["ExperimentResult", "RunExperiment", "StepRecord", "TenantActor"]
+
+T = TypeVar("T")
 
 
 class RunExperiment(msgspec.Struct, frozen=True, tag=True):
@@ -125,6 +134,7 @@ class TenantActor(Actor):
         self._checkpoint_dir, self._base_model = checkpoint_dir, base_model
         self._checkpoints: TenantCheckpoints | None = None  # made in on_start, where self.log is the system's
         self._step_state: StoreState | None = None  # the store copy the last TrainStep replied with
+        self._env_steps = EnvStepper(self.tenant, experiment.env.step_timeout_s)
 
     async def on_start(self) -> None:
         exp = self.experiment
@@ -203,10 +213,10 @@ class TenantActor(Actor):
         started = time.perf_counter()
         problems = self._env.held_out()
         spec = self._spec(temperature=0.0, stop=tuple(getattr(self._env, "stop_sequences", ())))
-        trajectories = await gather_first_error(
+        trajectories = await self._retrying(step, "eval", lambda: gather_first_error(
             run_episode(self._sample, self._renderer, start_episode(self._env, p), **self._episode_kw(spec))
             for p in problems
-        )
+        ))
         rewards = [t.reward for t in trajectories]
         accuracy = sum(1.0 for r in rewards if r >= 1.0) / max(1, len(rewards))
         self.log.info(
@@ -220,10 +230,10 @@ class TenantActor(Actor):
         t0 = time.perf_counter()
         problems = self._env.train_problems(self._rng, exp.prompts_per_step)
         spec = self._spec(temperature=exp.temperature)
-        groups: list[list[Trajectory]] = await gather_first_error(  # (prompts, group_size)
+        groups: list[list[Trajectory]] = await self._retrying(step, "rollout", lambda: gather_first_error(
             run_group(self._sample, self._renderer, self._env, p, exp.group_size, **self._episode_kw(spec))
             for p in problems
-        )
+        ))  # (prompts, group_size)
         rewards = torch.tensor([[traj.reward for traj in group] for group in groups])  # (P, G)
         advantages = group_advantages(rewards, kind=exp.advantage)  # (P, G)
         if not torch.isfinite(advantages).all():  # finite rewards too large for float32 statistics
@@ -256,7 +266,9 @@ class TenantActor(Actor):
             )
         t2 = time.perf_counter()
         self._step_state = metrics.state  # the checkpoint's store copy of this step, when asked for
-        published = await self._sync.ask(Publish(tenant=self.tenant, adapter=metrics.adapter))
+        published = await self._retrying(step, "publish", lambda: self._sync.ask(
+            Publish(tenant=self.tenant, adapter=metrics.adapter)
+        ))
         t3 = time.perf_counter()
         self._version = published.version
         fields = {f"train/{k}": v for k, v in metrics.values.items()}
@@ -295,11 +307,32 @@ class TenantActor(Actor):
             time_train_s=time_train_s, time_sync_s=0.0, trained=False,
         )
 
+    async def _retrying(self, step: int, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()``, tried again up to ``retries`` times after an env or publish error, with
+        doubling backoff; the last error is raised. A rollout retry reuses the step's problems."""
+        exp = self.experiment
+        for tries in itertools.count(1):
+            try:
+                return await attempt()
+            except (EnvError, PublishError) as e:
+                if tries > exp.retries:
+                    raise
+                backoff = exp.retry_backoff_s * 2 ** (tries - 1)
+                self.log.warning(
+                    events.TENANT_RETRY, tenant=self.tenant, step=step, what=what, attempt=tries,
+                    retries=exp.retries, backoff_s=backoff, error=f"{type(e).__name__}: {e}",
+                )
+                await asyncio.sleep(backoff)
+        raise AssertionError("unreachable")
+
     def _spec(self, temperature: float, stop: tuple[str, ...] = ()) -> SamplingSpec:
         return SamplingSpec(n=1, max_tokens=self.experiment.max_tokens, temperature=temperature, stop=stop)
 
     def _episode_kw(self, spec: SamplingSpec) -> dict[str, Any]:
-        return {"max_turns": self.experiment.env.max_turns, "sampling": spec, "max_model_len": self._max_model_len}
+        return {
+            "max_turns": self.experiment.env.max_turns, "sampling": spec, "max_model_len": self._max_model_len,
+            "step_env": self._env_steps,
+        }
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -331,9 +364,11 @@ class TenantActor(Actor):
         self._resumed = progress
 
     async def on_stop(self) -> None:
+        self._env_steps.close()
         await release_tenant(self.tenant, trainer=self._trainer, sync=self._sync, log=self.log)
 
     async def on_failure(self, exc: BaseException) -> None:
+        self._env_steps.close()
         await release_tenant(self.tenant, trainer=self._trainer, sync=self._sync, log=self.log)
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from pathlib import Path
 from typing import ClassVar
 
+import msgspec
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -74,6 +76,7 @@ class ScriptedSampler(Actor):
 
     mailbox_size = 64
     fail_load: ClassVar[set[tuple[str, int]]] = set()
+    fail_load_once: ClassVar[set[tuple[str, int]]] = set()  # fail the first load of these only
     instances: ClassVar[list[ScriptedSampler]] = []
 
     def __init__(self, model_dir: Path, model_cfg, engine_cfg) -> None:
@@ -104,6 +107,9 @@ class ScriptedSampler(Actor):
     def _read(self, tenant: str, version: int, path: str) -> AdapterLoaded:
         if (tenant, version) in self.fail_load:
             raise AdapterMismatchError(f"vLLM refused adapter {path!r}: injected load failure")
+        if (tenant, version) in self.fail_load_once:
+            self.fail_load_once.discard((tenant, version))
+            raise AdapterMismatchError(f"vLLM refused adapter {path!r}: injected load failure, once")
         self.published.setdefault(tenant, []).append((version, load_file(f"{path}/adapter_model.safetensors")))
         self._served.add(tenant)
         return AdapterLoaded(tenant=tenant, version=version, duration_s=0.0)
@@ -143,10 +149,11 @@ def _script(tenant: str, k: int, follow_up: bool) -> str:
 
 
 class _Episode:
-    def __init__(self, problem: Problem, fault: str | None, reward_scale: float) -> None:
+    def __init__(self, problem: Problem, fault: str | None, reward_scale: float, env: FaultyEnv) -> None:
         self.problem = problem
         self._fault = fault
         self._scale = reward_scale
+        self._env = env
 
     def initial_messages(self) -> list[dict[str, str]]:
         return [{"role": "user", "content": self.problem.question}]
@@ -155,6 +162,11 @@ class _Episode:
         reward = float(len(assistant_text) % 2 == 0)
         if self._fault == "step_raises":
             raise RuntimeError("the env's step is broken on purpose")
+        if self._fault == "step_raises_once" and self._env.raises_left:
+            self._env.raises_left -= 1
+            raise RuntimeError("the env's step fails once")
+        if self._fault == "step_hangs":
+            time.sleep(2.0)  # a hung tool (it returns eventually, so no thread outlives the test session)
         if self._fault == "reward_nan":
             return Outcome(done=True, reward=math.nan)
         if self._fault == "reward_str":
@@ -173,6 +185,7 @@ class FaultyEnv:
     def __init__(self, fault: str | None = None) -> None:
         self.fault = fault
         self._draws = 0
+        self.raises_left = 1  # step_raises_once
 
     def train_problems(self, rng: random.Random, n: int) -> list[Problem]:
         self._draws += 1
@@ -190,7 +203,7 @@ class FaultyEnv:
             return ToolUseEpisode(problem, few_shot=False)
         # 3e38 fits float32 (max 3.4e38); the loss summed over tokens overflows to inf
         scale = 3e38 if active and self.fault == "nonfinite_grad" else 1.0
-        return _Episode(problem, self.fault if active else None, scale)
+        return _Episode(problem, self.fault if active else None, scale, self)
 
 
 def _experiment(name: str, seed: int, *, max_turns: int = 1) -> ExperimentConfig:
@@ -217,19 +230,22 @@ class RunRecord:
 
 
 async def _run(
-    model_dir: Path, run_dir: Path, fault: str | None, fail_load=frozenset(), trainer: TrainerConfig | None = None
+    model_dir: Path, run_dir: Path, fault: str | None, fail_load=frozenset(), trainer: TrainerConfig | None = None,
+    fail_load_once=frozenset(), **faulty_changes,
 ) -> RunRecord:
+    """Two healthy tenants and, with ``fault``, a faulty one (its ExperimentConfig changed by ``faulty_changes``)."""
     experiments = [_experiment(name, seed) for seed, name in enumerate(HEALTHY, start=1)]
     envs = {name: FaultyEnv() for name in HEALTHY}
     if fault is not None:
         name = "calc" if fault == "calculator_garbage" else FAULTY
-        experiments.append(_experiment(name, 7, max_turns=2))
+        experiments.append(msgspec.structs.replace(_experiment(name, 7, max_turns=2), **faulty_changes))
         envs[name] = FaultyEnv(fault)
     config = RuntimeConfig(model=ModelConfig(source=str(model_dir)), trainer=trainer or TrainerConfig(),
                            run_dir=str(run_dir))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(clora.runtime, "SamplerActor", ScriptedSampler)
         mp.setattr(ScriptedSampler, "fail_load", set(fail_load))
+        mp.setattr(ScriptedSampler, "fail_load_once", set(fail_load_once))
         ScriptedSampler.instances.clear()
         async with clora.runtime.Runtime(config, console_level="critical") as rt:
             outcomes = await asyncio.gather(*(rt.run(e, env=envs[e.name]) for e in experiments),
@@ -375,3 +391,38 @@ def _tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+async def test_a_hung_env_step_times_out_and_fails_only_its_tenant(control, tiny_model_dir, tmp_path):
+    """The hung step blocks the faulty tenant's own thread, not the event loop: the healthy tenants
+    train exactly as without a neighbour, and the faulty one fails at its deadline."""
+    hung_env = EnvConfig(max_turns=2, step_timeout_s=0.3)
+    run = await _run(tiny_model_dir, tmp_path / "run", "step_hangs", env=hung_env)
+
+    _assert_healthy_tenants_bit_identical(run, control)
+    outcome = run.results[FAULTY]
+    assert isinstance(outcome, EnvError) and "did not return within 0.3 s (env.step_timeout_s)" in str(outcome)
+    (failed,) = run.of(events.TENANT_FAILED, FAULTY)
+    assert "env step on problem s2-0 did not return within 0.3 s" in failed["error"]
+    assert [v for v, _ in run.published[FAULTY]] == [0, 1]
+
+
+async def test_retries_carry_a_tenant_over_a_failing_env_step_and_a_failing_publish(control, tiny_model_dir, tmp_path):
+    run = await _run(tiny_model_dir, tmp_path / "run", "step_raises_once", fail_load_once={(FAULTY, 3)},
+                     retries=1, retry_backoff_s=0.01)
+
+    _assert_healthy_tenants_bit_identical(run, control)
+    result = run.results[FAULTY]
+    assert not isinstance(result, BaseException), result
+    assert [(s.trained, s.adapter_version) for s in result.steps] == [(True, 1), (True, 2), (True, 3)]
+    assert [v for v, _ in run.published[FAULTY]] == [0, 1, 2, 3]  # version 3 served after its retried publish
+    retries = [(e["what"], e["step"], e["attempt"]) for e in run.of(events.TENANT_RETRY, FAULTY)]
+    assert retries == [("rollout", 2, 1), ("publish", 3, 1)]
+    errors = [e["error"] for e in run.of(events.TENANT_RETRY, FAULTY)]
+    assert "the env's step fails once" in errors[0] and "injected load failure, once" in errors[1]
+    assert not run.of(events.TENANT_FAILED, FAULTY)
+
+
+async def test_without_retries_the_same_failing_step_ends_the_tenant(tiny_model_dir, tmp_path):
+    run = await _run(tiny_model_dir, tmp_path / "run", "step_raises_once")
+    assert isinstance(run.results[FAULTY], EnvError) and not run.of(events.TENANT_RETRY, FAULTY)
