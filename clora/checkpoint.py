@@ -34,7 +34,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from clora.config import LoraConfig, OptimConfig
-from clora.errors import AdapterMismatchError, CheckpointError
+from clora.errors import CheckpointError
 from clora.messages import StoreState
 
 __all__ = [
@@ -55,8 +55,6 @@ __all__ = [
     "read_checkpoint",
     "has_checkpoint",
     "remove_checkpoint",
-    "check_compatible",
-    "check_resumable",
     "checkpoint_steps",
 ]
 
@@ -346,50 +344,6 @@ def _state_from(named: Mapping[str, torch.Tensor], manifest: CheckpointManifest,
         adam_step=manifest.adam_step, grad_weight=manifest.grad_weight, grad_normalize=manifest.grad_normalize,
         params=params, exp_avg=groups["exp_avg"], exp_avg_sq=groups["exp_avg_sq"], grads=groups["grads"],
     )
-
-
-# ----------------------------------------------------------------------------- compatibility
-
-
-def check_compatible(manifest: CheckpointManifest, base_model: BaseModelIdentity, lora: LoraConfig, where: str) -> None:
-    """AdapterMismatchError naming the first difference between a checkpoint and this runtime/tenant."""
-    theirs, ours = manifest.base_model, base_model
-    for field in ("model_type", "hidden_size", "num_layers", "vocab_size", "config_sha256", "weights_fingerprint"):
-        if getattr(theirs, field) != getattr(ours, field):
-            raise AdapterMismatchError(
-                f"{where}: base model mismatch ({field}): the checkpoint was made on {theirs.name!r} "
-                f"({theirs.model_type}, hidden {theirs.hidden_size}, {theirs.num_layers} layers, {field}="
-                f"{_short(getattr(theirs, field))}), this runtime's base is {ours.name!r} ({ours.model_type}, "
-                f"hidden {ours.hidden_size}, {ours.num_layers} layers, {field}={_short(getattr(ours, field))})"
-            )
-    if manifest.lora.rank != lora.rank:
-        raise AdapterMismatchError(f"{where}: rank mismatch: checkpoint rank {manifest.lora.rank}, tenant rank {lora.rank}")
-    if float(manifest.lora.alpha) != float(lora.alpha):
-        raise AdapterMismatchError(
-            f"{where}: alpha mismatch: checkpoint alpha {manifest.lora.alpha}, tenant alpha {lora.alpha}"
-        )
-    if set(manifest.lora.target_modules) != set(lora.target_modules):
-        raise AdapterMismatchError(
-            f"{where}: target modules mismatch: checkpoint {sorted(manifest.lora.target_modules)}, "
-            f"tenant {sorted(lora.target_modules)}"
-        )
-
-
-def check_resumable(
-    manifest: CheckpointManifest, tenant: str, base_model: BaseModelIdentity, lora: LoraConfig, where: str
-) -> None:
-    """Everything a tenant checks before it resumes from ``manifest``: owner, base model, LoRA shape, progress."""
-    if manifest.tenant != tenant:
-        raise CheckpointError(f"{where}: it belongs to tenant {manifest.tenant!r}")
-    check_compatible(manifest, base_model, lora, where)
-    progress = manifest.progress
-    if len(progress.records) != progress.step:
-        raise CheckpointError(f"{where}: {len(progress.records)} step records for step {progress.step}")
-
-
-def _short(value: Any) -> str:
-    text = str(value)
-    return text[:12] + "..." if len(text) > 16 else text
 
 
 def checkpoint_steps(run_dir: str | Path, tenants: Iterable[str]) -> dict[str, int | None]:

@@ -22,7 +22,6 @@ from clora import events
 from clora.checkpoint import (
     BaseModelIdentity,
     TenantProgress,
-    check_resumable,
     has_checkpoint,
     read_checkpoint,
     remove_checkpoint,
@@ -30,6 +29,7 @@ from clora.checkpoint import (
     state_digest,
     write_checkpoint,
 )
+from clora.checkpoint_compat import check_resumable
 from clora.config import LoraConfig
 from clora.errors import CheckpointError
 from clora.messages import ExportStoreState, ImportStoreState, StoreState

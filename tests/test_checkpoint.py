@@ -15,7 +15,6 @@ from clora.checkpoint import (
     BaseModelIdentity,
     TenantProgress,
     base_model_identity,
-    check_compatible,
     checkpoint_steps,
     has_checkpoint,
     read_checkpoint,
@@ -26,6 +25,7 @@ from clora.checkpoint import (
     state_digest,
     write_checkpoint,
 )
+from clora.checkpoint_compat import check_compatible
 from clora.config import LoraConfig, OptimConfig
 from clora.errors import AdapterMismatchError, CheckpointError
 from clora.lora.store import AdapterStore

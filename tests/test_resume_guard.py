@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-import clora.cli as cli
+import clora.cli_run as cli_run
 from clora.checkpoint import TenantProgress, base_model_identity, rng_state, write_checkpoint
 from clora.cli import EXIT_OK, EXIT_USAGE, main
 from clora.config import LoraConfig, OptimConfig
@@ -68,8 +68,8 @@ def _keep_structlog_config():
 @pytest.fixture
 def fake_runtime(monkeypatch):
     FakeRuntime.made = []
-    monkeypatch.setattr(cli, "_runtime_class", lambda: FakeRuntime)
-    monkeypatch.setattr(cli, "_print_run_summary", lambda console, run_dir: None)
+    monkeypatch.setattr(cli_run, "load_runtime_class", lambda: FakeRuntime)
+    monkeypatch.setattr(cli_run, "print_run_summary", lambda console, run_dir: None)
     return FakeRuntime
 
 

@@ -7,7 +7,6 @@ are non-zero and every tenant trains. Asserts versions, isolation, and the event
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
