@@ -9,6 +9,9 @@ config in every mode; the tenants differ in seed and learning rate, as in a swee
 * ``concurrent``: N experiments at once on one runtime, for each N in ``--n``.
 * ``peer`` (``--peer``): a single-tenant loop from HF transformers + peft (clora.peer_baseline).
 
+``--modes`` runs a subset of the first three (e.g. ``--modes concurrent --n 8`` to measure one
+change quickly); rows without a ``serial_cold`` row of the same N in the same run get no ratios.
+
 Every time is seconds from the start of its mode, and each mode's clock includes its runtime
 start(s). Serial rows for N are the first N experiments of one serial run of max(N).
 With ``--reuse-runtime`` (the ``--quick`` default) the warm and concurrent modes share one
@@ -45,7 +48,7 @@ from clora.config import (
 )
 from clora.tenant import ExperimentResult, StepRecord
 
-__all__ = ["BenchSettings", "QUICK", "FULL", "experiments", "runtime_config", "run_benchmark", "build_parser", "main"]
+__all__ = ["BenchSettings", "MODES", "QUICK", "FULL", "experiments", "runtime_config", "run_benchmark", "build_parser", "main"]
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +80,10 @@ class BenchSettings:
     reuse_runtime: bool = False
     peer: bool = False
     peer_experiments: int = 1
+    modes: tuple[str, ...] = ("serial_cold", "serial_warm", "concurrent")  # ratios need serial_cold
+
+
+MODES = ("serial_cold", "serial_warm", "concurrent")
 
 
 QUICK = BenchSettings(model="tiny", ns=(1, 2), steps=2, prompts_per_step=2, group_size=2, max_tokens=16,
@@ -178,9 +185,11 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
             progress = _Progress(console, "serial_warm")
             return [await rt.run(msgspec.structs.replace(e, name=f"w{e.name}"), on_step=progress) for e in exps]
 
-        results, t0, start_s, peak = await mode("serial_warm", max(s.ns), serial)
-        rows += serial_prefix_rows("serial_warm", results, t0, s.ns, peak_rss_bytes=peak, runtime_starts_s=[start_s])
-        for n in s.ns:
+        if "serial_warm" in s.modes:
+            results, t0, start_s, peak = await mode("serial_warm", max(s.ns), serial)
+            rows += serial_prefix_rows("serial_warm", results, t0, s.ns, peak_rss_bytes=peak,
+                                       runtime_starts_s=[start_s])
+        for n in s.ns if "concurrent" in s.modes else ():
             async def concurrent(rt: Any, n: int = n) -> list[ExperimentResult]:
                 batch = [msgspec.structs.replace(e, name=f"c{n}{e.name}") for e in exps[:n]]
                 return _checked(await rt.run_many(batch, on_step=_Progress(console, f"concurrent N={n}")), "concurrent")
@@ -244,8 +253,9 @@ async def run_benchmark(s: BenchSettings, out: Path, console: Any) -> dict[str, 
         write_json(out / "results.json", document)
         return document
 
-    rows += await _serial_cold(s, exps, out, console)
-    save(complete=False)
+    if "serial_cold" in s.modes:
+        rows += await _serial_cold(s, exps, out, console)
+        save(complete=False)
     rows += await _warm_modes(s, exps, out, console)
     save(complete=False)
     if s.peer:
@@ -292,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="the engine's weights")
     p.add_argument("--temperature", type=float, help="rollout temperature")
     p.add_argument("--checkpoint-every", type=int, help="tenant checkpoints every K steps (default 0: none)")
+    p.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (default: all; ratios need "
+                                   "serial_cold)")
     p.add_argument("--fused-n", help="comma-separated N list for extra concurrent_fused rows (fuse_max = N)")
     p.add_argument("--reuse-runtime", action=argparse.BooleanOptionalAction, default=None,
                    help="warm and concurrent modes share one runtime (default with --quick)")
@@ -318,6 +330,12 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         if not fused or min(fused) < 1 or max(fused) > max(changes.get("ns", s.ns)):
             raise SystemExit(f"--fused-n: give positive integers up to the largest --n, got {args.fused_n!r}")
         changes["fused_ns"] = fused
+    if args.modes is not None:
+        modes = tuple(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))
+        unknown = [m for m in modes if m not in MODES]
+        if not modes or unknown:
+            raise SystemExit(f"--modes: choose from {', '.join(MODES)}, got {args.modes!r}")
+        changes["modes"] = modes
     if args.bf16:
         changes["autocast_bf16"] = True
     if args.peer:

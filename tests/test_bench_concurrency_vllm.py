@@ -62,3 +62,14 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path, capsys):
     assert len(table_rows) == 6, printed
     assert re.search(r"^\s*[│|]\s*concurrent_fused\s*[│|]\s*2\s*[│|]", printed, re.MULTILINE), printed
     assert "peer loop (transformers + peft) N=1" in printed
+
+
+def test_only_the_chosen_modes_run_and_rows_without_a_baseline_have_no_ratios(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "concurrency", "--quick", "--modes", "concurrent", "--n", "1", "--steps", "1",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == EXIT_OK, printed
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["mode"], r["n"], r["ratios"]) for r in rows] == [("concurrent", 1, {})]
+    assert not (out / "runs" / "serial_cold_exp0").exists()

@@ -116,3 +116,12 @@ def test_fused_rows_engine_dtype_temperature_and_checkpoints_from_arguments():
     assert {e.temperature for e in exps} == {0.5} and {e.checkpoint_every for e in exps} == {3}
     with pytest.raises(SystemExit, match="--fused-n"):
         settings_from_args(build_parser().parse_args(["--n", "1,2", "--fused-n", "8"]))
+
+
+def test_modes_pick_which_rows_run():
+    assert settings_from_args(build_parser().parse_args([])).modes == ("serial_cold", "serial_warm", "concurrent")
+    s = settings_from_args(build_parser().parse_args(["--modes", "concurrent, serial_warm,concurrent"]))
+    assert s.modes == ("concurrent", "serial_warm")
+    for bad in ("concurent", "", "peer"):
+        with pytest.raises(SystemExit, match="--modes: choose from serial_cold, serial_warm, concurrent"):
+            settings_from_args(build_parser().parse_args(["--modes", bad]))
