@@ -48,7 +48,8 @@ from clora.config import (
 )
 from clora.tenant import ExperimentResult, StepRecord
 
-__all__ = ["BenchSettings", "MODES", "QUICK", "FULL", "experiments", "runtime_config", "run_benchmark", "build_parser", "main"]
+__all__ = ["BenchSettings", "MODES", "QUICK", "FULL", "experiments", "runtime_config", "run_benchmark", "build_parser",
+           "main"]
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +57,9 @@ BENCH_MODE_DONE = "bench.mode_done"
 """One benchmark mode finished: mode, n, final_s."""
 
 LEARNING_RATES = (1e-3, 2e-3, 5e-4, 1e-3, 2e-3, 5e-4, 1e-3, 2e-3)
+
+MODES = ("serial_cold", "serial_warm", "concurrent")
+"""The clora modes ``--modes`` chooses from (ratios need serial_cold)."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,7 @@ class BenchSettings:
     reuse_runtime: bool = False
     peer: bool = False
     peer_experiments: int = 1
-    modes: tuple[str, ...] = ("serial_cold", "serial_warm", "concurrent")  # ratios need serial_cold
-
-
-MODES = ("serial_cold", "serial_warm", "concurrent")
+    modes: tuple[str, ...] = MODES
 
 
 QUICK = BenchSettings(model="tiny", ns=(1, 2), steps=2, prompts_per_step=2, group_size=2, max_tokens=16,

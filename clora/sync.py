@@ -4,8 +4,8 @@ One publish = snapshot the tenant's adapter from the trainer (CPU tensor copies)
 snapshot a TrainStep replied with (copied in the step's own device job: no second wait behind
 other tenants' steps), write it as a PEFT directory under a memory-backed folder (``/dev/shm``
 where it exists, so no disk round trip), then ask the sampler to load it in place under the
-tenant's existing LoRA id. Versions
-are monotonic per tenant: a snapshot that is not newer than what serves is not published again.
+tenant's existing LoRA id. Versions are monotonic per tenant: a snapshot that is not newer than
+what serves is not published again.
 A failed load leaves the previous version serving and raises ``PublishError`` to the caller.
 """
 

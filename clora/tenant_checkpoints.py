@@ -2,8 +2,8 @@
 
 A checkpoint holds the committed state of the last completed step: a copy of the trainer's whole
 store taken right after that step (in the step's own device job when the TrainStep asked for it;
-it stays valid while a later step trains), the problem RNG
-(the data position), the step records and the accuracy so far. Writes run in a thread alongside
+it stays valid while a later step trains), the problem RNG (the data position), the step records
+and the accuracy so far. Writes run in a thread alongside
 the next rollout; ``before_train()`` waits for the store copy and the write before the store
 changes again. The file format is clora.checkpoint's.
 """
@@ -43,7 +43,6 @@ class Restored:
 
     progress: TenantProgress
     rng: random.Random
-    version: int
 
 
 class TenantCheckpoints:
@@ -170,4 +169,4 @@ class TenantCheckpoints:
             events.CHECKPOINT_RESUMED, tenant=self._tenant, step=manifest.progress.step, adapter_version=version,
             from_path=str(ckpt.path), digest=digest, duration_s=round(time.perf_counter() - started, 4),
         )
-        return Restored(progress=manifest.progress, rng=rng, version=version)
+        return Restored(progress=manifest.progress, rng=rng)

@@ -6,9 +6,9 @@ half-written: if the handler is cancelled, it waits for the worker to finish the
 store write-back (or to leave the store untouched), then re-raises the cancellation.
 
 Replies: AddTenant -> 0 (the new version), RemoveTenant -> None, TrainStep / ForwardBackward /
-OptimStep -> StepMetrics (a TrainStep's with the copies it asked for: see ``step_copies``), ComputeLogprobs -> list[list[float]], ExportAdapter -> the exported
-version (int), ImportAdapter -> the new version (int; weights replaced, optimizer state reset),
-Snapshot -> AdapterSnapshot, ExportStoreState -> StoreState (a checkpoint's content),
+OptimStep -> StepMetrics (a TrainStep's carries the copies it asked for: see ``step_copies``),
+ComputeLogprobs -> list[list[float]], ExportAdapter -> the exported version (int), ImportAdapter
+-> the new version (int; weights replaced, optimizer state reset), Snapshot -> AdapterSnapshot, ExportStoreState -> StoreState (a checkpoint's content),
 ImportStoreState -> the restored version (int; the whole store replaced). A non-finite loss or
 gradient rejects only that step (NonFiniteError to the asker, store unchanged); the actor keeps serving.
 """
@@ -28,12 +28,12 @@ import torch
 
 from actors import Actor, ActorRef, ActorSystem, Supervision, handler
 from clora.config import ModelConfig, TrainerConfig
-from clora.memory import release_free_memory
 from clora.errors import NonFiniteError
 from clora.lora.core import TrainerCore
+from clora.memory import release_free_memory
 from clora.messages import (
-    AddTenant,
     AdapterSnapshot,
+    AddTenant,
     ComputeLogprobs,
     ExportAdapter,
     ExportStoreState,
