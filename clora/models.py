@@ -23,7 +23,7 @@ from pathlib import Path
 
 from clora.config import ModelConfig
 from clora.errors import ModelNotFoundError
-from clora.fsutil import pid_alive
+from clora.checkpoint.atomic import pid_alive
 
 __all__ = [
     "SMOLLM2_GGUF",

@@ -5,7 +5,7 @@ sync actor, under one actor system. Experiments run as TenantActors that come an
 the others run; scripted tenants get a ``TenantHandle`` with Tinker-style primitives.
 
 Crash safety: an experiment with ``checkpoint_every`` > 0 checkpoints into
-``<run_dir>/tenants/<name>/checkpoint/`` (see clora.checkpoint). ``Runtime(config, resume=True)``
+``<run_dir>/tenants/<name>/checkpoint/`` (see clora.checkpoint.format). ``Runtime(config, resume=True)``
 continues every experiment that has a checkpoint there from its last checkpointed step (same
 adapter, optimizer state, RNG and data position); without ``resume`` an experiment starts fresh
 and its old checkpoint is deleted. Resuming is explicit so that re-running a config into a used
@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 
 from actors import ActorRef, ActorSystem, Supervision
 from clora import events
-from clora.chat import ChatRenderer
-from clora.checkpoint import BaseModelIdentity, base_model_identity
+from clora.rl.chat import ChatRenderer
+from clora.checkpoint.format import BaseModelIdentity, base_model_identity
 from clora.config import ExperimentConfig, LoraConfig, LossConfig, OptimConfig, RuntimeConfig, validate_tenant_name
 from clora.envs import Env, make_env
 from clora.errors import AdapterMismatchError, DuplicateTenantError
@@ -44,10 +44,10 @@ from clora.messages import (
     TrainStep,
 )
 from clora.models import resolve_model
-from clora.sampler import SamplerActor
-from clora.sync import SyncActor
-from clora.tenant import ExperimentResult, RunExperiment, StepRecord, TenantActor, release_tenant
-from clora.trainer import TrainerActor
+from clora.sampler.actor import SamplerActor
+from clora.sampler.sync import SyncActor
+from clora.tenant.actor import ExperimentResult, RunExperiment, StepRecord, TenantActor, release_tenant
+from clora.trainer.actor import TrainerActor
 
 __all__ = ["Runtime", "TenantHandle"]
 

@@ -107,10 +107,10 @@ async def measure_update(engine, prompts, adapters, new_weights: Path, *, repeat
 async def main(args: argparse.Namespace) -> None:
     from actors import ActorSystem, Supervision
     from clora.config import EngineConfig, ModelConfig
-    from clora.engine import Engine
+    from clora.sampler.engine import Engine
     from clora.messages import RegisterAdapter
     from clora.models import random_lora_adapter, resolve_model
-    from clora.sampler import SamplerActor
+    from clora.sampler.actor import SamplerActor
 
     model_cfg = ModelConfig(source=args.model, dtype=args.dtype)
     engine_cfg = EngineConfig(max_loras=4, max_lora_rank=8, max_num_seqs=64, kv_cache_gib=args.kv_cache_gib)

@@ -16,7 +16,7 @@ import argparse
 import actors
 import clora
 from clora.config import EngineConfig, LoraConfig, LossConfig, ModelConfig, OptimConfig, RuntimeConfig
-from clora.rollout import completion_datum
+from clora.rl.rollout import completion_datum
 
 PROMPT = "Which city is the capital of France? Answer in one sentence."
 

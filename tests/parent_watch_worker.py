@@ -2,7 +2,7 @@
 
 import time
 
-from clora.vllm_parent_watch import register
+from clora.sampler.parent_watch import register
 
 
 def run() -> None:

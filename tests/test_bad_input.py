@@ -30,7 +30,7 @@ from clora.config import (
     load_toml,
     validate_tenant_name,
 )
-from clora.engine import check_model_len
+from clora.sampler.engine import check_model_len
 from clora.envs import make_env
 from clora.errors import (
     AdapterMismatchError,
@@ -38,8 +38,8 @@ from clora.errors import (
     DuplicateTenantError,
     PromptTooLongError,
 )
-from clora.lora import TrainerCore, lora_layers, resolve_device
-from clora.lora.fused import FusedRequest
+from clora.trainer import TrainerCore, lora_layers, resolve_device
+from clora.trainer.fused import FusedRequest
 from clora.messages import Datum
 from clora.runtime import Runtime
 

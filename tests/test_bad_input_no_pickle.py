@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clora.engine import check_adapter
+from clora.sampler.engine import check_adapter
 from clora.errors import AdapterMismatchError, ModelNotFoundError
 from clora.models import check_model_dir
 

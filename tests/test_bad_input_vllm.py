@@ -29,7 +29,7 @@ from clora.errors import (
     UnknownTenantError,
 )
 from clora.messages import Datum, SampleRequest, Snapshot
-from clora.sampler import SamplerActor
+from clora.sampler.actor import SamplerActor
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 

@@ -12,7 +12,7 @@ import re
 import pytest
 import structlog
 
-from clora.cli import EXIT_OK, main
+from clora.cli.main import EXIT_OK, main
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 

@@ -9,8 +9,8 @@ import pytest
 
 from clora.bench.metrics import aggregate, ratios, reward_curve, safe_ratio, serial_prefix_rows
 from clora.bench.report import rows_with_ratios, write_json
-from clora.bench_concurrency import QUICK, experiments, runtime_config, settings_from_args, build_parser
-from clora.tenant import ExperimentResult, StepRecord
+from clora.bench.concurrency import QUICK, experiments, runtime_config, settings_from_args, build_parser
+from clora.tenant.actor import ExperimentResult, StepRecord
 
 
 def _step(i: int, reward: float, rollout: float, train: float, sync: float, trained: bool = True) -> StepRecord:

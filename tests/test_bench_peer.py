@@ -7,11 +7,11 @@ import asyncio
 import pytest
 import torch
 
-from clora.bench_concurrency import QUICK, experiments
+from clora.bench.concurrency import QUICK, experiments
 from clora.config import ModelConfig
 from clora.messages import Datum, SamplingSpec
 from clora.models import resolve_model
-from clora.peer_baseline import PeerLoop
+from clora.bench.peer import PeerLoop
 
 pytestmark = pytest.mark.timeout(300)
 

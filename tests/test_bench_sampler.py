@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clora.bench_sampler import SamplerBenchRow, format_rows, main
+from clora.bench.sampler import SamplerBenchRow, format_rows, main
 
 
 def test_ratio_is_vllm_time_over_this_time():

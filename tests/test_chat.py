@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clora.chat import ChatRenderer
+from clora.rl.chat import ChatRenderer
 from clora.envs import TOOL_SYSTEM_PROMPT
 from clora.errors import ConfigError
 

@@ -1,4 +1,4 @@
-"""clora.checkpoint on its own (no vLLM, no model): round trip, atomic commit, corruption, mismatches."""
+"""clora.checkpoint.format on its own (no vLLM, no model): round trip, atomic commit, corruption, mismatches."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import msgspec
 import pytest
 import torch
 
-from clora.checkpoint import (
+from clora.checkpoint.format import (
     MANIFEST_FILE,
     BaseModelIdentity,
     TenantProgress,
@@ -25,10 +25,10 @@ from clora.checkpoint import (
     state_digest,
     write_checkpoint,
 )
-from clora.checkpoint_compat import check_compatible
+from clora.checkpoint.compat import check_compatible
 from clora.config import LoraConfig, OptimConfig
 from clora.errors import AdapterMismatchError, CheckpointError
-from clora.lora.store import AdapterStore
+from clora.trainer.store import AdapterStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -112,7 +112,7 @@ def test_a_new_checkpoint_replaces_the_old_one_and_leaves_no_temp_files(tmp_path
 
 
 def test_a_crash_before_the_manifest_commit_keeps_the_previous_checkpoint(tmp_path, base, monkeypatch):
-    import clora.checkpoint as ck
+    import clora.checkpoint.format as ck
 
     folder = tmp_path / "ck"
     write_checkpoint(folder, _trained_store(1).export_state(), _progress(1), base)

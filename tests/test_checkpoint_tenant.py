@@ -19,8 +19,8 @@ from structlog.testing import capture_logs
 
 from actors import Actor, ActorSystem, Supervision, handler
 from clora import events
-from clora.chat import ChatRenderer
-from clora.checkpoint import base_model_identity, has_checkpoint, read_checkpoint, read_manifest
+from clora.rl.chat import ChatRenderer
+from clora.checkpoint.format import base_model_identity, has_checkpoint, read_checkpoint, read_manifest
 from clora.config import EnvConfig, ExperimentConfig, LoraConfig, OptimConfig, TrainerConfig
 from clora.envs import Outcome, Problem
 from clora.errors import AdapterMismatchError, CheckpointError
@@ -35,9 +35,9 @@ from clora.messages import (
     SampleResult,
     StoreState,
 )
-from clora.sync import SyncActor
-from clora.tenant import RunExperiment, TenantActor
-from clora.trainer import TrainerActor
+from clora.sampler.sync import SyncActor
+from clora.tenant.actor import RunExperiment, TenantActor
+from clora.trainer.actor import TrainerActor
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -250,7 +250,7 @@ async def test_a_failing_checkpoint_write_fails_the_tenant_and_keeps_the_previou
 ):
     import errno
 
-    import clora.tenant_checkpoints as tenant_module
+    import clora.tenant.checkpoints as tenant_module
 
     real = tenant_module.write_checkpoint
 

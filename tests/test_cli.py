@@ -15,7 +15,7 @@ import msgspec
 import pytest
 import structlog
 
-from clora.cli import BENCHES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from clora.cli.main import BENCHES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from observe_fixtures import RUN, write_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ class Runtime:
 module = types.ModuleType("clora.runtime")
 module.Runtime = Runtime
 sys.modules["clora.runtime"] = module
-from clora.cli import main
+from clora.cli.main import main
 sys.exit(main(["run", config]))
 """
 
@@ -49,7 +49,7 @@ def _env() -> dict[str, str]:
 
 
 def test_help_in_a_fresh_process_is_fast_and_imports_no_ml_stack():
-    code = "import sys; from clora.cli import main; rc = main(['--help']); " \
+    code = "import sys; from clora.cli.main import main; rc = main(['--help']); " \
            "print('HEAVY' if {'torch', 'vllm', 'matplotlib'} & set(sys.modules) else 'LIGHT'); sys.exit(rc)"
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
@@ -59,7 +59,7 @@ def test_help_in_a_fresh_process_is_fast_and_imports_no_ml_stack():
 
 
 def test_python_dash_m_and_the_console_script_agree():
-    proc = subprocess.run([sys.executable, "-m", "clora.cli", "bench", "nope"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "clora.cli.main", "bench", "nope"], capture_output=True, text=True,
                           env=_env(), timeout=60)
     assert proc.returncode == 2 and "unknown benchmark 'nope'" in proc.stderr
     script = shutil.which("clora", path=str(Path(sys.executable).parent))

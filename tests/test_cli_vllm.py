@@ -10,7 +10,7 @@ import json
 import pytest
 import structlog
 
-from clora.cli import EXIT_OK, main
+from clora.cli.main import EXIT_OK, main
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from clora.config import EngineConfig
-from clora.engine import Engine, _cpu_list, check_adapter, engine_env, write_zero_adapter
+from clora.sampler.engine import Engine, _cpu_list, check_adapter, engine_env, write_zero_adapter
 from clora.errors import AdapterMismatchError, EngineDeadError, PromptTooLongError
 from clora.messages import SamplingSpec
 

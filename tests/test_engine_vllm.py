@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from clora.engine import BASE_ADAPTER_ID, Engine
+from clora.sampler.engine import BASE_ADAPTER_ID, Engine
 from clora.errors import AdapterMismatchError, PromptTooLongError
 from clora.messages import SamplingSpec
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from clora.env_steps import EnvStepper, EnvStepTimeout
+from clora.envs.stepping import EnvStepper, EnvStepTimeout
 
 pytestmark = pytest.mark.timeout(30)
 

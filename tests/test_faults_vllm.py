@@ -18,7 +18,7 @@ import random
 import pytest
 
 import clora
-import clora.sync
+import clora.sampler.sync
 from clora import events
 from clora.config import (
     EngineConfig,
@@ -31,7 +31,7 @@ from clora.config import (
 )
 from clora.envs import Outcome, Problem
 from clora.errors import EnvError, PublishError
-from clora.trainer import TRAINER_STEP_REJECTED, TRAINER_TENANT_REMOVED
+from clora.trainer.actor import TRAINER_STEP_REJECTED, TRAINER_TENANT_REMOVED
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -120,7 +120,7 @@ def _corrupt_later_versions(write):
 
 async def test_each_fault_stays_with_its_tenant_on_the_real_engine(runtime, monkeypatch):
     rt = runtime
-    monkeypatch.setattr(clora.sync, "_write_atomically", _corrupt_later_versions(clora.sync._write_atomically))
+    monkeypatch.setattr(clora.sampler.sync, "_write_atomically", _corrupt_later_versions(clora.sampler.sync._write_atomically))
     healthy = {"h1": None, "h2": None}
     faulty = {"env_step": "env_step", "env_reset": "env_reset", "reward_nan": "reward_nan",
               "reward_str": "reward_str", "nonfinite": "nonfinite", CORRUPT_TENANT: None}

@@ -10,7 +10,7 @@ from torch import nn
 
 from clora.config import LoraConfig, LossConfig, ModelConfig, OptimConfig, TrainerConfig
 from clora.errors import ConfigError, NonFiniteError, UnknownTenantError
-from clora.lora import FusedRequest, LoRALinear, SlotRouting, TrainerCore
+from clora.trainer import FusedRequest, LoRALinear, SlotRouting, TrainerCore
 
 from test_trainer import _poison, assert_same_state, make_data, store_state  # noqa: E402
 
@@ -151,7 +151,7 @@ def test_row_modes_give_the_same_output_and_gradients(mode):
 
 
 def test_bench_fused_reports_swapped_and_fused_rows(tiny_model_dir):
-    from clora.bench_fused import bench_fused, format_rows
+    from clora.bench.fused import bench_fused, format_rows
 
     rows = bench_fused(ModelConfig(source=str(tiny_model_dir)), tenant_counts=(1, 3), sequences=2, seq_len=12, steps=1, warmup=0,
                        row_modes=("grouped", "gathered"))

@@ -11,10 +11,10 @@ from structlog.testing import capture_logs
 from actors import ActorSystem
 from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.errors import ConfigError, NonFiniteError
-from clora.lora import TrainerCore
+from clora.trainer import TrainerCore
 from clora.messages import AddTenant, Snapshot, StepMetrics, TrainStep
-from clora.trainer import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor
-from clora.trainer_fused import FusedTrainerActor
+from clora.trainer.actor import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor
+from clora.trainer.fused_actor import FusedTrainerActor
 
 from test_trainer import _poison, make_data  # noqa: E402
 

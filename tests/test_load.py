@@ -15,9 +15,9 @@ import pytest
 
 from actors import ActorSystem
 from clora.config import EngineConfig, ModelConfig
-from clora.engine import GenerationOutput
+from clora.sampler.engine import GenerationOutput
 from clora.messages import Completion, RegisterAdapter, SampleRequest, SamplingSpec
-from clora.sampler import SamplerActor
+from clora.sampler.actor import SamplerActor
 
 from aio_helpers import until
 

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from clora.config import LoraConfig, OptimConfig
 from clora.errors import AdapterMismatchError, ModelNotFoundError
-from clora.lora import (
+from clora.trainer import (
     AdapterStore,
     LoRALinear,
     SlotRouting,

@@ -9,14 +9,15 @@ import pytest
 
 from clora import config as config_module
 from clora import events as runtime_events
-from clora.observe import docgen, names
-from clora.observe.ref_code import event_catalog, message_catalog, source_root
-from clora.observe.ref_config import config_catalog
+from clora.observe import names
+from tools import docgen
+from tools.ref_code import event_catalog, message_catalog, source_root
+from tools.ref_config import config_catalog
 
 
 def test_docs_are_up_to_date_with_the_code(capsys):
     code = docgen.main(["--check"])
-    assert code == 0, capsys.readouterr().err  # fix: python -m clora.observe.docgen
+    assert code == 0, capsys.readouterr().err  # fix: python -m tools.docgen
 
 
 def test_every_runtime_event_constant_is_documented_with_its_docstring_and_fields():
@@ -30,16 +31,16 @@ def test_every_runtime_event_constant_is_documented_with_its_docstring_and_field
     for field in ("tenant", "step", "adapter_version", "duration_s", "queue_depth", "reward/mean", "time/rollout",
                   "time/train", "time/sync", "train/*"):
         assert field in step.fields, field
-    assert step.emitters == {"clora.tenant"} and step.levels == {"info"}
+    assert step.emitters == {"clora.tenant.actor"} and step.levels == {"info"}
 
 
 def test_names_the_observe_tools_read_are_the_ones_the_code_defines():
     defined = {(e.module, e.constant): e.name for e in event_catalog()}
-    assert defined[("clora.trainer", "TRAINER_STEP")] == names.TRAINER_STEP
-    assert defined[("clora.trainer", "TRAINER_FORWARD_BACKWARD")] == names.TRAINER_FORWARD_BACKWARD
-    assert defined[("clora.trainer", "TRAINER_STEP_REJECTED")] == names.TRAINER_STEP_REJECTED
-    assert defined[("clora.trainer", "TRAINER_EXPORTED")] == names.TRAINER_EXPORTED
-    assert defined[("clora.sampler", "SAMPLE_DONE")] == names.SAMPLE_DONE
+    assert defined[("clora.trainer.actor", "TRAINER_STEP")] == names.TRAINER_STEP
+    assert defined[("clora.trainer.actor", "TRAINER_FORWARD_BACKWARD")] == names.TRAINER_FORWARD_BACKWARD
+    assert defined[("clora.trainer.actor", "TRAINER_STEP_REJECTED")] == names.TRAINER_STEP_REJECTED
+    assert defined[("clora.trainer.actor", "TRAINER_EXPORTED")] == names.TRAINER_EXPORTED
+    assert defined[("clora.sampler.actor", "SAMPLE_DONE")] == names.SAMPLE_DONE
 
 
 def test_fields_the_timeline_needs_are_logged():
@@ -84,7 +85,7 @@ def test_messages_know_their_handlers_and_replies():
     assert ("SamplerActor", "SampleResult", True) in catalog["SampleRequest"].handlers
     assert ("SyncActor", "Published", True) in catalog["Publish"].handlers
     assert catalog["SampleResult"].handlers == []  # a reply, handled by nobody
-    assert catalog["RunExperiment"].handlers == [("TenantActor", "ExperimentResult", False)]  # from clora/tenant.py
+    assert catalog["RunExperiment"].handlers == [("TenantActor", "ExperimentResult", False)]  # from clora/tenant/actor.py
     assert ("tenant", "str | None") in catalog["SampleRequest"].fields
 
 

@@ -1,6 +1,6 @@
 """SIGKILL of the runtime process alone (not its group): vLLM's engine processes exit by themselves.
 
-Before clora/vllm_parent_watch.py they lived on as orphans, holding the model and both cores.
+Before clora/sampler/parent_watch.py they lived on as orphans, holding the model and both cores.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""vLLM processes started by clora exit when their parent dies (clora/vllm_parent_watch.py), no vLLM needed.
+"""vLLM processes started by clora exit when their parent dies (clora/sampler/parent_watch.py), no vLLM needed.
 
 A chain like the engine's: this test starts a "runtime" process, which starts a "worker" that
 loads the plugin the way vLLM does; SIGKILL of the runtime alone must end the worker.
@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from clora import vllm_parent_watch
+from clora.sampler import parent_watch as vllm_parent_watch
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -36,7 +36,7 @@ from clora.config import (
     dump_toml,
 )
 from clora.errors import ConfigError
-from clora.lora import (
+from clora.trainer import (
     AdapterStore,
     TrainerCore,
     lora_key,
@@ -44,7 +44,7 @@ from clora.lora import (
     swap_in,
     write_back,
 )
-from clora.lora.peft_io import peft_state_dict, store_key
+from clora.trainer.peft_io import peft_state_dict, store_key
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

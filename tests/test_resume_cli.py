@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from clora import events
-from clora.checkpoint import read_checkpoint
+from clora.checkpoint.format import read_checkpoint
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -57,7 +57,7 @@ def _env() -> dict[str, str]:
 
 
 def _clora(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "clora.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "clora.cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-import clora.cli_run as cli_run
-from clora.checkpoint import TenantProgress, base_model_identity, rng_state, write_checkpoint
-from clora.cli import EXIT_OK, EXIT_USAGE, main
+import clora.cli.run as cli_run
+from clora.checkpoint.format import TenantProgress, base_model_identity, rng_state, write_checkpoint
+from clora.cli.main import EXIT_OK, EXIT_USAGE, main
 from clora.config import LoraConfig, OptimConfig
-from clora.lora.store import AdapterStore
+from clora.trainer.store import AdapterStore
 
 pytestmark = pytest.mark.timeout(60)
 

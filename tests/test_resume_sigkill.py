@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from actors.events import SYSTEM_STARTED
 from clora import events
-from clora.checkpoint import read_checkpoint, read_manifest
+from clora.checkpoint.format import read_checkpoint, read_manifest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from clora.chat import ChatRenderer
+from clora.rl.chat import ChatRenderer
 from clora.envs import ArithmeticEnv, Env, Episode, Outcome, Problem, ToolUseEpisode
 from clora.errors import EnvError, NonFiniteError
 from clora.messages import Completion, SamplingSpec
-from clora.rollout import (
+from clora.rl.rollout import (
     FINISH_CONTEXT_FULL,
     FINISH_DONE,
     FINISH_MAX_TURNS,
@@ -302,7 +302,7 @@ async def test_the_documented_user_env_runs_through_run_group(tokenizer, rendere
 
 def test_completion_datum_masks_the_prompt_and_aligns_logprobs():
     from clora.messages import Completion
-    from clora.rollout import completion_datum
+    from clora.rl.rollout import completion_datum
 
     c = Completion(token_ids=[7, 8], logprobs=[-0.5, -1.5], text="xy", finish_reason="stop")
     d = completion_datum([1, 2, 3], c, advantage=-2.0)

@@ -9,10 +9,10 @@ import pytest
 
 from actors import ActorCrashed, ActorSystem, Supervision
 from clora.config import EngineConfig, ModelConfig
-from clora.engine import GenerationOutput
+from clora.sampler.engine import GenerationOutput
 from clora.errors import DuplicateTenantError, EngineDeadError, PromptTooLongError, UnknownTenantError
 from clora.messages import Completion, LoadAdapter, RegisterAdapter, SampleRequest, SamplingSpec
-from clora.sampler import SamplerActor
+from clora.sampler.actor import SamplerActor
 
 
 class ScriptedEngine:

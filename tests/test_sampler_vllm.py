@@ -10,7 +10,7 @@ import pytest
 from actors import ActorSystem, Supervision
 from clora.errors import AdapterMismatchError, PromptTooLongError, UnknownTenantError
 from clora.messages import LoadAdapter, RegisterAdapter, RemoveAdapter, SampleRequest, SamplingSpec
-from clora.sampler import BASE_VERSION, SamplerActor
+from clora.sampler.actor import BASE_VERSION, SamplerActor
 
 pytestmark = pytest.mark.vllm
 

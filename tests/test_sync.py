@@ -18,7 +18,7 @@ from clora.messages import (
     RemoveAdapter,
     Snapshot,
 )
-from clora.sync import SyncActor
+from clora.sampler.sync import SyncActor
 
 pytestmark = pytest.mark.timeout(30)
 

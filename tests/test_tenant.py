@@ -8,7 +8,7 @@ from actors import Actor, ActorSystem, Supervision, handler
 from clora.config import ExperimentConfig
 from clora.errors import PublishError
 from clora.messages import AddTenant, Publish, Published, RemoveAdapter, RemoveTenant
-from clora.tenant import TenantActor
+from clora.tenant.actor import TenantActor
 
 pytestmark = pytest.mark.timeout(30)
 

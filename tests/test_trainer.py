@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.errors import AdapterMismatchError, ConfigError, DuplicateTenantError, NonFiniteError, UnknownTenantError
-from clora.lora import AdapterStore, TrainerCore
+from clora.trainer import AdapterStore, TrainerCore
 from clora.messages import Datum
 from clora.rl import collate, loss_denominator, loss_numerator, token_logprobs, token_loss
 

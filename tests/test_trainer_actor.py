@@ -28,7 +28,7 @@ from clora.messages import (
     StepMetrics,
     TrainStep,
 )
-from clora.trainer import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor
+from clora.trainer.actor import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor
 
 from test_trainer import make_data  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -157,8 +157,8 @@ async def test_missing_model_fails_start_with_a_clear_error(tmp_path):
 async def test_every_device_job_gives_freed_heap_memory_back(tiny_model_dir, monkeypatch):
     import threading
 
-    import clora.trainer as trainer_module
-    from clora.memory import release_free_memory
+    import clora.trainer.actor as trainer_module
+    from clora.trainer.memory import release_free_memory
 
     assert release_free_memory()  # glibc here: malloc_trim is found and called
     threads: list[str] = []

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
-from clora.lora import TrainerCore
+from clora.trainer import TrainerCore
 from clora.messages import Datum, SamplingSpec
 
 from test_trainer import make_data  # noqa: E402  (tests/ is on sys.path under pytest)

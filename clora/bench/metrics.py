@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from clora.tenant import ExperimentResult
+from clora.tenant.actor import ExperimentResult
 
 __all__ = ["ModeRow", "aggregate", "serial_prefix_rows", "ratios", "safe_ratio", "reward_curve"]
 

@@ -1,7 +1,7 @@
 """Read a run's events: per-tenant summaries, a timeline of where time goes, learning curves.
 
 Pure functions on event lists (``clora.events.read_events``); no runtime, torch or vLLM needed.
-``python -m clora.observe.docgen`` regenerates the event and configuration reference in docs/.
+``python -m tools.docgen`` regenerates the event and configuration reference in docs/.
 """
 
 from __future__ import annotations

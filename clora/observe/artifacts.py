@@ -27,8 +27,8 @@ __all__ = [
     "export_tenant_adapter",
 ]
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"  # clora.lora.peft_io.CONFIG_FILE
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # clora.lora.peft_io.WEIGHTS_FILE
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # clora.trainer.peft_io.CONFIG_FILE
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # clora.trainer.peft_io.WEIGHTS_FILE
 
 
 class ArtifactError(CloraError, OSError):

@@ -1,7 +1,7 @@
 """Event names the observe tools read, in one place.
 
 The runtime's names come from ``clora.events``. The trainer's and the sampler's are repeated here
-as plain strings because importing ``clora.trainer`` or ``clora.sampler`` pulls in torch and vLLM,
+as plain strings because importing ``clora.trainer.actor`` or ``clora.sampler.actor`` pulls in torch and vLLM,
 and ``clora events`` must stay fast; ``tests/test_observe_names.py`` checks they are the same.
 """
 
@@ -39,11 +39,11 @@ __all__ = [
     "TRAINER_WORK",
 ]
 
-TRAINER_STEP: Final = "trainer.step"  # clora.trainer.TRAINER_STEP
-TRAINER_FORWARD_BACKWARD: Final = "trainer.forward_backward"  # clora.trainer.TRAINER_FORWARD_BACKWARD
-TRAINER_STEP_REJECTED: Final = "trainer.step_rejected"  # clora.trainer.TRAINER_STEP_REJECTED
-TRAINER_EXPORTED: Final = "trainer.exported"  # clora.trainer.TRAINER_EXPORTED
-SAMPLE_DONE: Final = "sampler.sample_done"  # clora.sampler.SAMPLE_DONE
+TRAINER_STEP: Final = "trainer.step"  # clora.trainer.actor.TRAINER_STEP
+TRAINER_FORWARD_BACKWARD: Final = "trainer.forward_backward"  # clora.trainer.actor.TRAINER_FORWARD_BACKWARD
+TRAINER_STEP_REJECTED: Final = "trainer.step_rejected"  # clora.trainer.actor.TRAINER_STEP_REJECTED
+TRAINER_EXPORTED: Final = "trainer.exported"  # clora.trainer.actor.TRAINER_EXPORTED
+SAMPLE_DONE: Final = "sampler.sample_done"  # clora.sampler.actor.SAMPLE_DONE
 
 TRAINER_WORK: Final = (TRAINER_STEP, TRAINER_FORWARD_BACKWARD, TRAINER_EXPORTED)
 """Trainer events whose ``duration_s`` is time the device was busy for one tenant."""

@@ -1,0 +1,372 @@
+"""``clora bench concurrency``: N RL experiments at once on one warm runtime vs one after another.
+
+Modes, all in one run of the command, on the same experiment list (experiment i is the same
+config in every mode; the tenants differ in seed and learning rate, as in a sweep):
+
+* ``serial_cold``: each experiment starts its own Runtime (engine start, model load), trains,
+  shuts down; the next follows. The single-tenant baseline every ratio is taken against.
+* ``serial_warm``: the experiments one after another on one runtime (the cold-start saving alone).
+* ``concurrent``: N experiments at once on one runtime, for each N in ``--n``.
+* ``peer`` (``--peer``): a single-tenant loop from HF transformers + peft (clora.bench.peer).
+
+``--modes`` runs a subset of the first three (e.g. ``--modes concurrent --n 8`` to measure one
+change quickly); rows without a ``serial_cold`` row of the same N in the same run get no ratios.
+
+Every time is seconds from the start of its mode, and each mode's clock includes its runtime
+start(s). Serial rows for N are the first N experiments of one serial run of max(N).
+With ``--reuse-runtime`` (the ``--quick`` default) the warm and concurrent modes share one
+runtime: its measured start time is added to each of those modes' clocks instead of a real start.
+Writes ``results.json``, ``results.md`` (markdown table) and ``concurrency.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import msgspec
+import structlog
+
+from clora.bench.metrics import ModeRow, aggregate, safe_ratio, serial_prefix_rows
+from clora.bench.report import markdown_table, plot, results_table, rows_with_ratios, write_json
+from clora.bench.rss import PeakRss
+from clora.config import (
+    EngineConfig,
+    EnvConfig,
+    ExperimentConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    RuntimeConfig,
+    TrainerConfig,
+)
+from clora.tenant.actor import ExperimentResult, StepRecord
+
+__all__ = ["BenchSettings", "MODES", "QUICK", "FULL", "experiments", "runtime_config", "run_benchmark", "build_parser",
+           "main"]
+
+log = structlog.get_logger(__name__)
+
+BENCH_MODE_DONE = "bench.mode_done"
+"""One benchmark mode finished: mode, n, final_s."""
+
+LEARNING_RATES = (1e-3, 2e-3, 5e-4, 1e-3, 2e-3, 5e-4, 1e-3, 2e-3)
+
+MODES = ("serial_cold", "serial_warm", "concurrent")
+"""The clora modes ``--modes`` chooses from (ratios need serial_cold)."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    model: str = "smollm2"
+    ns: tuple[int, ...] = (1, 2, 4, 8)
+    steps: int = 10
+    prompts_per_step: int = 4
+    group_size: int = 4
+    max_tokens: int = 48
+    held_out_size: int = 32
+    difficulty: int = 0
+    rank: int = 8
+    max_model_len: int = 1024
+    kv_cache_gib: float = 2.0
+    autocast_bf16: bool = False
+    dtype: str = "float32"  # the engine's weights: "float32" or "bfloat16"
+    temperature: float = 0.7  # at 1.0 SmolLM2-135M almost never uses the tool format (no reward signal)
+    checkpoint_every: int = 0  # the runtime's own cost is measured; checkpoints are an I/O choice
+    fused_ns: tuple[int, ...] = ()  # extra "concurrent_fused" rows: N tenants with TrainerConfig.fuse_max = N
+    fuse_max: int = 1
+    reuse_runtime: bool = False
+    peer: bool = False
+    peer_experiments: int = 1
+    modes: tuple[str, ...] = MODES
+
+
+QUICK = BenchSettings(model="tiny", ns=(1, 2), steps=2, prompts_per_step=2, group_size=2, max_tokens=16,
+                      held_out_size=4, kv_cache_gib=1.0, reuse_runtime=True)
+FULL = BenchSettings(prompts_per_step=2, group_size=4, max_tokens=32, held_out_size=16, dtype="bfloat16",
+                     autocast_bf16=True)
+
+
+def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
+    """Experiment i: the same task and budget for every i; seed i and a learning rate from a sweep."""
+    return [
+        ExperimentConfig(
+            name=f"exp{i}",
+            lora=LoraConfig(rank=s.rank, alpha=2.0 * s.rank),
+            optim=OptimConfig(lr=LEARNING_RATES[i % len(LEARNING_RATES)]),
+            env=EnvConfig(kind="arithmetic", difficulty=s.difficulty, held_out_size=s.held_out_size, seed=7),
+            steps=s.steps,
+            prompts_per_step=s.prompts_per_step,
+            group_size=s.group_size,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            checkpoint_every=s.checkpoint_every,
+            seed=i,
+        )
+        for i in range(count)
+    ]
+
+
+def runtime_config(s: BenchSettings, max_loras: int) -> RuntimeConfig:
+    trainer = {"autocast_bf16": s.autocast_bf16}
+    if "fuse_max" in TrainerConfig.__struct_fields__:
+        trainer["fuse_max"] = s.fuse_max
+    return RuntimeConfig(
+        model=ModelConfig(source=s.model, dtype=s.dtype, max_model_len=s.max_model_len),
+        engine=EngineConfig(max_loras=max(1, max_loras), max_lora_rank=max(8, s.rank), kv_cache_gib=s.kv_cache_gib),
+        trainer=TrainerConfig(**trainer),
+    )
+
+
+class _Progress:
+    def __init__(self, console: Any, mode: str) -> None:
+        self.console, self.mode = console, mode
+
+    def __call__(self, tenant: str, record: StepRecord) -> None:
+        self.console.log(f"{self.mode} {tenant} step {record.step} reward {record.reward_mean:.2f} "
+                         f"rollout {record.time_rollout_s:.1f}s train {record.time_train_s:.1f}s")
+
+
+def _checked(outcomes: dict[str, ExperimentResult | BaseException], mode: str) -> list[ExperimentResult]:
+    for name, outcome in outcomes.items():
+        if isinstance(outcome, BaseException):
+            raise RuntimeError(f"{mode}: experiment {name} failed: {type(outcome).__name__}: {outcome}") from outcome
+    return list(outcomes.values())
+
+
+async def _serial_cold(s: BenchSettings, exps: list[ExperimentConfig], out: Path, console: Any) -> list[ModeRow]:
+    import clora
+
+    starts: list[float] = []
+    results: list[ExperimentResult] = []
+    with PeakRss() as peak:
+        t0 = time.time()
+        for exp in exps:
+            began = time.time()
+            async with clora.Runtime(runtime_config(s, 1), run_dir=out / "runs" / f"serial_cold_{exp.name}",
+                                     console_level="warning") as rt:
+                starts.append(time.time() - began)
+                results.append(await rt.run(exp, on_step=_Progress(console, "serial_cold")))
+    return serial_prefix_rows("serial_cold", results, t0, s.ns, peak_rss_bytes=peak.bytes, runtime_starts_s=starts)
+
+
+async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path, console: Any) -> list[ModeRow]:
+    """serial_warm then concurrent for each N; one runtime per mode, or one for all with ``reuse_runtime``."""
+    import clora
+
+    rows: list[ModeRow] = []
+    async with contextlib.AsyncExitStack() as stack:
+        shared, shared_start = None, 0.0
+        if s.reuse_runtime:
+            began = time.time()
+            shared = await stack.enter_async_context(clora.Runtime(
+                runtime_config(s, max(s.ns)), run_dir=out / "runs" / "shared", console_level="warning"))
+            shared_start = time.time() - began
+
+        async def mode(name: str, n: int, run: Any, settings: BenchSettings = s,
+                       ) -> tuple[list[ExperimentResult], float, float, int]:
+            with PeakRss() as peak:
+                t0 = time.time()
+                if shared is not None and settings is s:
+                    results = await run(shared)
+                    return results, t0 - shared_start, shared_start, peak.bytes
+                async with clora.Runtime(runtime_config(settings, n), run_dir=out / "runs" / f"{name}_{n}",
+                                         console_level="warning") as rt:
+                    start_s = time.time() - t0
+                    results = await run(rt)
+            return results, t0, start_s, peak.bytes
+
+        async def serial(rt: Any) -> list[ExperimentResult]:
+            progress = _Progress(console, "serial_warm")
+            return [await rt.run(msgspec.structs.replace(e, name=f"w{e.name}"), on_step=progress) for e in exps]
+
+        if "serial_warm" in s.modes:
+            results, t0, start_s, peak = await mode("serial_warm", max(s.ns), serial)
+            rows += serial_prefix_rows("serial_warm", results, t0, s.ns, peak_rss_bytes=peak,
+                                       runtime_starts_s=[start_s])
+        for n in s.ns if "concurrent" in s.modes else ():
+            async def concurrent(rt: Any, n: int = n) -> list[ExperimentResult]:
+                batch = [msgspec.structs.replace(e, name=f"c{n}{e.name}") for e in exps[:n]]
+                return _checked(await rt.run_many(batch, on_step=_Progress(console, f"concurrent N={n}")), "concurrent")
+
+            results, t0, start_s, peak = await mode("concurrent", n, concurrent)
+            rows.append(aggregate("concurrent", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s))
+            log.info(BENCH_MODE_DONE, mode="concurrent", n=n, final_s=round(rows[-1].final_s, 1))
+        for n in s.fused_ns:  # the same N tenants, their train steps fused up to N at a time (its own runtime)
+            async def fused(rt: Any, n: int = n) -> list[ExperimentResult]:
+                batch = [msgspec.structs.replace(e, name=f"f{n}{e.name}") for e in exps[:n]]
+                return _checked(await rt.run_many(batch, on_step=_Progress(console, f"fused N={n}")), "fused")
+
+            results, t0, start_s, peak = await mode("concurrent_fused", n, fused, replace(s, fuse_max=n))
+            rows.append(aggregate("concurrent_fused", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s))
+            log.info(BENCH_MODE_DONE, mode="concurrent_fused", n=n, final_s=round(rows[-1].final_s, 1))
+    return rows
+
+
+async def _peer(s: BenchSettings, exps: list[ExperimentConfig], console: Any) -> list[ModeRow]:
+    from clora.bench.peer import run_peer_experiment
+
+    count = min(s.peer_experiments, len(exps))
+    results = []
+    with PeakRss() as peak:
+        t0 = time.time()
+        for exp in exps[:count]:
+            results.append(await run_peer_experiment(
+                exp, ModelConfig(source=s.model, max_model_len=s.max_model_len), on_step=_Progress(console, "peer")))
+    ns = [n for n in s.ns if n <= count] or [count]
+    return serial_prefix_rows("peer", results, t0, ns, peak_rss_bytes=peak.bytes)
+
+
+async def run_benchmark(s: BenchSettings, out: Path, console: Any) -> dict[str, Any]:
+    """Every mode, then the JSON document, the markdown table and the plot in ``out``.
+
+    ``results.json`` is rewritten after each mode (``"complete": false`` until the last), so an
+    interrupted run keeps the modes it finished.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    exps = experiments(s, max(s.ns))
+    load_before = os.getloadavg()
+    started = time.time()
+    rows: list[ModeRow] = []
+
+    def save(complete: bool) -> dict[str, Any]:
+        items = rows_with_ratios(rows)
+        document = {
+            "complete": complete,
+            "settings": {**s.__dict__, "ns": list(s.ns)},
+            "machine": {
+                "platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_before": list(load_before),
+                "loadavg_after": list(os.getloadavg()), "total_s": time.time() - started,
+            },
+            "measured": ("seconds from the start of each mode; each mode's clock includes its runtime start(s); "
+                         "serial rows for N are the first N experiments of one serial run; tokens/s = tokens "
+                         "sampled (rollouts and evals) / final time; peak RSS = largest sum of RSS over this "
+                         "process and its children during the mode"),
+            "rows": items,
+            "peer_comparison": _peer_comparison(items),
+        }
+        write_json(out / "results.json", document)
+        return document
+
+    if "serial_cold" in s.modes:
+        rows += await _serial_cold(s, exps, out, console)
+        save(complete=False)
+    rows += await _warm_modes(s, exps, out, console)
+    save(complete=False)
+    if s.peer:
+        rows += await _peer(s, exps, console)
+    document = save(complete=True)
+    (out / "results.md").write_text(markdown_table(document["rows"]))
+    plot(document["rows"], out / "concurrency.png", _title(s))
+    return document
+
+
+def _peer_comparison(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Peer loop vs clora at the same N: final-time speedups of clora's serial cold and concurrent modes."""
+    by_key = {(i["mode"], i["n"]): i for i in items}
+    out = []
+    for item in items:
+        if item["mode"] != "peer":
+            continue
+        n = item["n"]
+        entry = {"n": n, "peer_final_s": item["final_s"], "peer_mean_s": item["mean_s"]}
+        for mode in ("serial_cold", "serial_warm", "concurrent"):
+            other = by_key.get((mode, n))
+            if other is not None:
+                entry[f"{mode}_final_s"] = other["final_s"]
+                entry[f"{mode}_speedup_vs_peer"] = safe_ratio(item["final_s"], other["final_s"])
+        out.append(entry)
+    return out
+
+
+def _title(s: BenchSettings) -> str:
+    return (f"clora concurrency on {s.model} ({s.dtype}): {s.steps} steps x {s.prompts_per_step} prompts x "
+            f"{s.group_size} samples at T={s.temperature:g}, max_tokens {s.max_tokens}, held-out {s.held_out_size}, "
+            f"trainer bf16 {s.autocast_bf16}, fuse_max {s.fuse_max}, {os.cpu_count()} CPUs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clora bench concurrency", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI size: tiny model, N=1,2, 2 steps (minutes)")
+    p.add_argument("--model", help="'smollm2', 'tiny' or a HF model directory")
+    p.add_argument("--n", help="comma-separated N list, e.g. 1,2,4,8")
+    for name in ("steps", "prompts-per-step", "group-size", "max-tokens", "held-out-size", "fuse-max",
+                 "peer-experiments"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--bf16", action="store_true", help="trainer bf16 autocast")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="the engine's weights")
+    p.add_argument("--temperature", type=float, help="rollout temperature")
+    p.add_argument("--checkpoint-every", type=int, help="tenant checkpoints every K steps (default 0: none)")
+    p.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (default: all; ratios need "
+                                   "serial_cold)")
+    p.add_argument("--fused-n", help="comma-separated N list for extra concurrent_fused rows (fuse_max = N)")
+    p.add_argument("--reuse-runtime", action=argparse.BooleanOptionalAction, default=None,
+                   help="warm and concurrent modes share one runtime (default with --quick)")
+    p.add_argument("--peer", action="store_true", help="also run the HF transformers + peft single-tenant loop")
+    p.add_argument("--out", default="runs/bench_concurrency", help="output folder (results.json, concurrency.png)")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    s = QUICK if args.quick else FULL
+    changes: dict[str, Any] = {}
+    for field in ("model", "steps", "prompts_per_step", "group_size", "max_tokens", "held_out_size", "fuse_max",
+                  "peer_experiments", "reuse_runtime", "dtype", "temperature", "checkpoint_every"):
+        value = getattr(args, field)
+        if value is not None:
+            changes[field] = value
+    if args.n:
+        ns = tuple(sorted({int(x) for x in args.n.split(",") if x.strip()}))
+        if not ns or min(ns) < 1:
+            raise SystemExit(f"--n: give positive integers, got {args.n!r}")
+        changes["ns"] = ns
+    if args.fused_n:
+        fused = tuple(sorted({int(x) for x in args.fused_n.split(",") if x.strip()}))
+        if not fused or min(fused) < 1 or max(fused) > max(changes.get("ns", s.ns)):
+            raise SystemExit(f"--fused-n: give positive integers up to the largest --n, got {args.fused_n!r}")
+        changes["fused_ns"] = fused
+    if args.modes is not None:
+        modes = tuple(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))
+        unknown = [m for m in modes if m not in MODES]
+        if not modes or unknown:
+            raise SystemExit(f"--modes: choose from {', '.join(MODES)}, got {args.modes!r}")
+        changes["modes"] = modes
+    if args.bf16:
+        changes["autocast_bf16"] = True
+    if args.peer:
+        changes["peer"] = True
+    return replace(s, **changes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    from rich.console import Console
+
+    import actors
+
+    console = Console()
+    if not console.is_terminal:  # a log file or CI: wide enough for the whole table on one line per row
+        console = Console(width=180)
+    out = Path(args.out)
+    console.print(f"[bold]clora bench concurrency[/]: {_title(settings)}; N = {list(settings.ns)}; "
+                  f"output in {out}; load average {os.getloadavg()[0]:.2f}")
+    document = actors.run(lambda: run_benchmark(settings, out, console))
+    console.print(results_table(document["rows"], _title(settings)))
+    for entry in document["peer_comparison"]:
+        parts = [f"{m} {entry[f'{m}_final_s']:.1f} s ({entry[f'{m}_speedup_vs_peer']:.2f}x)"
+                 for m in ("serial_cold", "serial_warm", "concurrent") if f"{m}_speedup_vs_peer" in entry]
+        console.print(f"peer loop (transformers + peft) N={entry['n']}: final {entry['peer_final_s']:.1f} s; "
+                      "clora final (peer time / clora time): " + ", ".join(parts))
+    console.print(f"results: {out / 'results.json'}, plot: {out / 'concurrency.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Trainer step benchmark: time split of one LoRA train step (swap-in, fwd/bwd, optim, swap-out).
+
+``bench_trainer()`` runs TrainerCore on a base model (default: the real SmolLM2-135M) with
+random token sequences, on-policy sampler log-probs (computed once) and a PPO loss, in fp32
+and with bf16 autocast, and returns one ``TrainerBenchResult`` per precision.
+``python -m clora.bench.trainer`` prints the table (the CLI wires it as ``clora bench trainer``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from clora.config import LoraConfig, LossConfig, ModelConfig, OptimConfig, TrainerConfig
+from clora.messages import Datum
+
+__all__ = ["TrainerBenchResult", "bench_trainer", "format_results", "main"]
+
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainerBenchResult:
+    precision: str
+    rank: int
+    sequences: int
+    seq_len: int
+    steps: int  # measured steps (after warmup)
+    step_s: float  # mean wall time of one TrainStep
+    swap_in_s: float
+    fwd_bwd_s: float
+    optim_s: float
+    swap_out_s: float
+    swap_share: float  # (swap_in + swap_out) / step
+    tokens_per_s: float
+    adapter_params: int
+    torch_threads: int
+    max_rss_gb: float
+
+
+def _random_data(vocab: int, sequences: int, seq_len: int, seed: int) -> list[Datum]:
+    rng = random.Random(seed)
+    data = []
+    for i in range(sequences):
+        adv = 1.0 if i % 2 == 0 else -1.0
+        data.append(Datum(
+            tokens=[rng.randrange(vocab) for _ in range(seq_len)],
+            loss_mask=[0.0] + [1.0] * (seq_len - 1),
+            advantages=[adv] * seq_len,
+            sampler_logprobs=[0.0] * seq_len,
+        ))
+    return data
+
+
+def _on_policy(data: list[Datum], logprobs: list[list[float]]) -> list[Datum]:
+    """Use the trainer's own log-probs as the sampler's (ratio 1 at the first step, as in on-policy RL)."""
+    return [
+        Datum(tokens=d.tokens, loss_mask=d.loss_mask, advantages=d.advantages, sampler_logprobs=lp)
+        for d, lp in zip(data, logprobs, strict=True)
+    ]
+
+
+def bench_trainer(
+    model: ModelConfig = ModelConfig(),
+    *,
+    precisions: tuple[Precision, ...] = ("fp32", "bf16"),
+    rank: int = 8,
+    sequences: int = 8,
+    seq_len: int = 256,
+    steps: int = 3,
+    warmup: int = 1,
+    num_threads: int | None = None,
+    seed: int = 0,
+) -> list[TrainerBenchResult]:
+    """Mean time split of ``steps`` TrainSteps (after ``warmup``) for each precision."""
+    import torch
+
+    from clora.trainer import TrainerCore
+    from clora.models import resolve_model
+
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    core = TrainerCore.from_model_dir(resolve_model(model), TrainerConfig(micro_batch_size=sequences))
+    vocab = core.model.config.vocab_size
+    lora = LoraConfig(rank=rank, alpha=2.0 * rank)
+    results = []
+    for precision in precisions:
+        core.autocast_bf16 = precision == "bf16"
+        tenant = f"bench-{precision}"
+        store = core.add_tenant(tenant, lora, OptimConfig(lr=1e-5))
+        raw = _random_data(vocab, sequences, seq_len, seed)
+        data = _on_policy(raw, core.compute_logprobs(tenant, raw))
+        runs = []
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            values = core.train_step(tenant, data, LossConfig(kind="ppo"))
+            if i >= warmup:
+                runs.append((time.perf_counter() - start, values))
+        mean = lambda key: statistics.fmean(v[key] for _, v in runs)  # noqa: E731
+        step_s = statistics.fmean(t for t, _ in runs)
+        results.append(TrainerBenchResult(
+            precision=precision, rank=rank, sequences=sequences, seq_len=seq_len, steps=steps,
+            step_s=step_s, swap_in_s=mean("time/swap_in"), fwd_bwd_s=mean("time/fwd_bwd"),
+            optim_s=mean("time/optim"), swap_out_s=mean("time/swap_out"),
+            swap_share=(mean("time/swap_in") + mean("time/swap_out")) / step_s,
+            tokens_per_s=sequences * seq_len / step_s, adapter_params=store.num_params(),
+            torch_threads=torch.get_num_threads(),
+            max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        ))
+        core.remove_tenant(tenant)
+    return results
+
+
+def format_results(results: list[TrainerBenchResult]) -> str:
+    header = (f"{'precision':<9} {'step s':>7} {'swap_in ms':>10} {'fwd_bwd s':>9} {'optim ms':>8} "
+              f"{'swap_out ms':>11} {'swap %':>7} {'tok/s':>7} {'RSS GB':>6}")
+    lines = [header]
+    for r in results:
+        lines.append(
+            f"{r.precision:<9} {r.step_s:>7.2f} {r.swap_in_s * 1e3:>10.2f} {r.fwd_bwd_s:>9.2f} "
+            f"{r.optim_s * 1e3:>8.2f} {r.swap_out_s * 1e3:>11.2f} {r.swap_share * 100:>6.3f}% "
+            f"{r.tokens_per_s:>7.0f} {r.max_rss_gb:>6.2f}"
+        )
+    if results:
+        r = results[0]
+        lines.append(f"rank {r.rank}, {r.sequences} x {r.seq_len} tokens, {r.adapter_params} adapter params, "
+                     f"{r.steps} measured steps, {r.torch_threads} torch threads")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a HF model directory")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--sequences", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per precision")
+    args = parser.parse_args(argv)
+    precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
+    results = bench_trainer(
+        ModelConfig(source=args.model), precisions=precisions, rank=args.rank, sequences=args.sequences,
+        seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, num_threads=args.threads,
+    )
+    if args.json:
+        import json
+
+        for r in results:
+            print(json.dumps(asdict(r)))
+    else:
+        print(format_results(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""SamplerActor: the vLLM engine as an actor. Tenants' requests decode in shared, mixed batches.
+
+Each registered tenant has one vLLM LoRA id for its whole life; a new version replaces the
+weights under that id in place. Every ``SampleResult`` names the adapter version that produced
+all of its tokens: while a tenant's adapter is being replaced, the tenant is gated (its new
+requests wait, its in-flight requests finish first), so no sequence mixes versions. Other
+tenants keep decoding throughout. Base-model requests (``tenant=None``) use the engine's
+reserved all-zero adapter (see ``clora.sampler.engine``).
+
+Errors: a bad request (unknown tenant, prompt too long) fails only that request; an adapter
+that does not fit fails its Register/Load; a dead engine is fatal and crashes the actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from actors import Actor, handler
+from clora.config import EngineConfig, ModelConfig
+from clora.sampler.engine import Engine
+from clora.errors import DuplicateTenantError, EngineDeadError, UnknownTenantError
+from clora.messages import AdapterLoaded, LoadAdapter, RegisterAdapter, RemoveAdapter, SampleRequest, SampleResult
+
+__all__ = [
+    "SamplerActor",
+    "BASE_VERSION",
+    "ENGINE_STARTED",
+    "ENGINE_STOPPED",
+    "ENGINE_DIED",
+    "ADAPTER_REGISTERED",
+    "ADAPTER_LOADED",
+    "ADAPTER_REMOVED",
+    "SAMPLE_DONE",
+]
+
+BASE_VERSION = -1  # SampleResult.adapter_version of base-model requests
+
+ENGINE_STARTED: Final = "sampler.engine_started"
+"""The vLLM engine is up: model, dtype, max_loras, max_lora_rank, duration_s."""
+ENGINE_STOPPED: Final = "sampler.engine_stopped"
+"""The sampler shut its engine down cleanly."""
+ENGINE_DIED: Final = "sampler.engine_died"
+"""The vLLM engine process died; the sampler crashes (fatal for the runtime)."""
+ADAPTER_REGISTERED: Final = "sampler.adapter_registered"
+"""A tenant's adapter serves for the first time: tenant, version, lora_id, duration_s."""
+ADAPTER_LOADED: Final = "sampler.adapter_loaded"
+"""A tenant's adapter was replaced in place: tenant, version, duration_s, gate_wait_s."""
+ADAPTER_REMOVED: Final = "sampler.adapter_removed"
+"""A tenant's adapter was unloaded from the engine."""
+SAMPLE_DONE: Final = "sampler.sample_done"
+"""One SampleRequest finished: tenant, adapter_version, n, prompt_tokens, completion_tokens, duration_s."""
+
+
+class _EngineDied(msgspec.Struct, frozen=True):
+    """Told to itself when the engine died, so the actor crashes (asks only fail their caller)."""
+
+    error: str
+
+
+@dataclass(eq=False)
+class _TenantSlot:
+    """One tenant's adapter in the engine and the gate that keeps versions unmixed."""
+
+    tenant: str
+    lora_id: int
+    version: int
+    path: Path
+    in_flight: int = 0
+    admission: asyncio.Future[bool] | None = None  # its hold on one of the engine's LoRA slots
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when in_flight == 0
+    open: asyncio.Event = field(default_factory=asyncio.Event)  # cleared while the adapter changes
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+        self.open.set()
+
+    @property
+    def adapter(self) -> tuple[str, int, Path]:
+        # The name carries the LoRA id and the version: vLLM's prefix cache keys on it, so KV blocks
+        # computed with an older version (or an earlier tenant of the same name) are never reused.
+        return (f"{self.tenant}#{self.lora_id}@v{self.version}", self.lora_id, self.path)
+
+
+class SamplerActor(Actor):
+    """Owns one vLLM engine (or borrows ``engine``, which it then neither starts nor shuts down)."""
+
+    mailbox_size = 256
+
+    def __init__(
+        self,
+        model_dir: Path,
+        model: ModelConfig,
+        engine: EngineConfig,
+        *,
+        work_dir: Path | None = None,
+        shared_engine: Engine | None = None,
+    ) -> None:
+        self._model_dir = Path(model_dir)
+        self._model_cfg = model
+        self._engine_cfg = engine
+        self._work_dir = Path(work_dir) if work_dir is not None else None
+        self._owns_work_dir = work_dir is None
+        self._engine: Engine | None = shared_engine
+        self._owns_engine = shared_engine is None
+        self._tenants: dict[str, _TenantSlot] = {}
+        self._admin_locks: dict[str, asyncio.Lock] = {}
+        # vLLM batches at most max_loras + 1 adapters, and the pinned zero adapter holds one of those
+        # slots for good, while vLLM's scheduler counts only requested adapters: a batch with more than
+        # max_loras tenant adapters kills the engine (KeyError in vLLM's LoRA mapping). So at most
+        # max_loras tenants have requests in the engine at once; the others wait here (FIFO).
+        self._lora_slots = asyncio.Semaphore(engine.max_loras)
+        self._dead = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the sampler's engine is not running")
+        return self._engine
+
+    async def on_start(self) -> None:
+        if not self._owns_engine:
+            return
+        if self._work_dir is None:
+            self._work_dir = Path(tempfile.mkdtemp(prefix="clora-sampler-"))
+        started = time.perf_counter()
+        try:
+            self._engine = await Engine.start(self._model_dir, self._model_cfg, self._engine_cfg,
+                                              work_dir=self._work_dir)
+        except BaseException:
+            self._shutdown()  # on_failure does not run for a failed start
+            raise
+        self.log.info(
+            ENGINE_STARTED, model=str(self._model_dir), dtype=self._model_cfg.dtype,
+            max_loras=self._engine_cfg.max_loras, max_lora_rank=self._engine_cfg.max_lora_rank,
+            duration_s=round(time.perf_counter() - started, 3),
+        )
+
+    async def on_stop(self) -> None:
+        if self._owns_engine:
+            self._shutdown()
+            self.log.info(ENGINE_STOPPED)
+        else:  # a borrowed engine outlives us: leave it without our adapters
+            for tenant in list(self._tenants):
+                slot = self._tenants.pop(tenant)
+                if not self.engine.is_dead:
+                    await self.engine.remove_adapter(slot.lora_id)
+
+    async def on_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, EngineDeadError) or isinstance(getattr(exc, "cause", None), EngineDeadError):
+            self.log.error(ENGINE_DIED, error=str(exc))
+        if self._owns_engine:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+        if self._owns_work_dir and self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ queries (sync, for tests and stats)
+
+    def serving_version(self, tenant: str) -> int | None:
+        slot = self._tenants.get(tenant)
+        return slot.version if slot else None
+
+    def in_flight(self, tenant: str) -> int:
+        slot = self._tenants.get(tenant)
+        return slot.in_flight if slot else 0
+
+    # ------------------------------------------------------------------ sampling
+
+    def _slot(self, tenant: str) -> _TenantSlot:
+        slot = self._tenants.get(tenant)
+        if slot is None:
+            known = sorted(self._tenants) or "none"
+            raise UnknownTenantError(f"tenant {tenant!r} has no adapter in the sampler (registered: {known})")
+        return slot
+
+    @handler(concurrent=True)
+    async def sample(self, msg: SampleRequest) -> SampleResult:
+        started = time.perf_counter()
+        self.engine.check_prompt(msg.prompt_token_ids, msg.sampling.max_tokens)
+        if msg.tenant is None:
+            output = await self._generate(msg, None)
+            version = BASE_VERSION
+        else:
+            slot = self._slot(msg.tenant)
+            while not slot.open.is_set():  # the adapter is being replaced: wait for the new version
+                await slot.open.wait()
+                slot = self._slot(msg.tenant)  # it may have been removed meanwhile
+            version = slot.version
+            slot.in_flight += 1
+            slot.idle.clear()
+            try:
+                await self._hold_lora_slot(slot)
+                output = await self._generate(msg, slot.adapter)
+            finally:
+                slot.in_flight -= 1
+                if slot.in_flight == 0:
+                    self._free_lora_slot(slot)
+                    slot.idle.set()
+        self.log.info(
+            SAMPLE_DONE, tenant=msg.tenant, adapter_version=version, n=msg.sampling.n,
+            prompt_tokens=len(msg.prompt_token_ids),
+            completion_tokens=sum(len(c.token_ids) for c in output.completions),
+            duration_s=round(time.perf_counter() - started, 4),
+        )
+        return SampleResult(
+            tenant=msg.tenant, adapter_version=version,
+            prompt_token_ids=output.prompt_token_ids, completions=output.completions,
+        )
+
+    async def _hold_lora_slot(self, slot: _TenantSlot) -> None:
+        """Wait until the tenant holds an engine LoRA slot (shared by all its in-flight requests)."""
+        if slot.admission is None:
+            slot.admission = asyncio.ensure_future(self._lora_slots.acquire())
+        await asyncio.shield(slot.admission)
+
+    def _free_lora_slot(self, slot: _TenantSlot) -> None:
+        """The tenant's last request left: give its slot back (or stop waiting for one)."""
+        admission, slot.admission = slot.admission, None
+        if admission is None:
+            return
+        admission.cancel()  # no effect once it acquired
+        admission.add_done_callback(lambda f: None if f.cancelled() else self._lora_slots.release())
+
+    def lora_slots_free(self) -> int:
+        """Engine LoRA slots no tenant holds now (tests, stats)."""
+        return self._lora_slots._value
+
+    async def _generate(self, msg: SampleRequest, adapter):
+        try:
+            return await self.engine.generate(msg.prompt_token_ids, msg.sampling, adapter)
+        except EngineDeadError as e:
+            await self._crash(e)
+            raise
+
+    async def _crash(self, exc: EngineDeadError) -> None:
+        """Engine death is fatal: crash the actor (an exception escaping a told handler does that)."""
+        if not self._dead:
+            self._dead = True
+            await self.ref.tell(_EngineDied(error=str(exc)))
+
+    @handler
+    async def _engine_died(self, msg: _EngineDied) -> None:
+        raise EngineDeadError(f"the vLLM engine died; the sampler stops: {msg.error}")
+
+    # ------------------------------------------------------------------ adapters
+
+    def _admin_lock(self, tenant: str) -> asyncio.Lock:
+        return self._admin_locks.setdefault(tenant, asyncio.Lock())
+
+    @handler(concurrent=True)
+    async def register(self, msg: RegisterAdapter) -> AdapterLoaded:
+        async with self._admin_lock(msg.tenant):
+            if msg.tenant in self._tenants:
+                raise DuplicateTenantError(f"tenant {msg.tenant!r} already has an adapter; use LoadAdapter to update it")
+            slot = _TenantSlot(tenant=msg.tenant, lora_id=self.engine.allocate_adapter_id(), version=msg.version,
+                               path=Path(msg.path))
+            duration = await self._engine_call(self.engine.add_adapter(*slot.adapter))
+            self._tenants[msg.tenant] = slot
+        self.log.info(ADAPTER_REGISTERED, tenant=msg.tenant, version=msg.version, lora_id=slot.lora_id,
+                      duration_s=round(duration, 4))
+        return AdapterLoaded(tenant=msg.tenant, version=msg.version, duration_s=duration)
+
+    @handler(concurrent=True)
+    async def load(self, msg: LoadAdapter) -> AdapterLoaded:
+        """Replace a tenant's weights in place; its requests sent after the reply use ``msg.version``."""
+        async with self._admin_lock(msg.tenant):
+            slot = self._slot(msg.tenant)
+            path = Path(msg.path)
+            self.engine.check_adapter(path)  # fail before gating anyone
+            started = time.perf_counter()
+            slot.open.clear()
+            try:
+                await slot.idle.wait()  # this tenant's in-flight sequences finish on the old version
+                gate_wait = time.perf_counter() - started
+                new = _TenantSlot(tenant=msg.tenant, lora_id=slot.lora_id, version=msg.version, path=path)
+                # Once sent, the engine load runs to its end even if we are cancelled: the record
+                # must match the weights the engine holds.
+                load = asyncio.ensure_future(self.engine.reload_adapter(*new.adapter))
+                try:
+                    duration = await self._engine_call(asyncio.shield(load))
+                except asyncio.CancelledError:
+                    await asyncio.wait([load])
+                    if not load.cancelled() and load.exception() is None:
+                        slot.version, slot.path = new.version, new.path
+                    raise
+                slot.version, slot.path = new.version, new.path
+            finally:
+                slot.open.set()
+        self.log.info(ADAPTER_LOADED, tenant=msg.tenant, version=msg.version, duration_s=round(duration, 4),
+                      gate_wait_s=round(gate_wait, 4))
+        return AdapterLoaded(tenant=msg.tenant, version=msg.version, duration_s=duration)
+
+    @handler(concurrent=True)
+    async def remove(self, msg: RemoveAdapter) -> None:
+        """Unload a tenant's adapter after its in-flight requests finish; waiting requests then fail."""
+        async with self._admin_lock(msg.tenant):
+            slot = self._slot(msg.tenant)
+            slot.open.clear()
+            try:
+                await slot.idle.wait()
+                await self._engine_call(self.engine.remove_adapter(slot.lora_id))
+                del self._tenants[msg.tenant]
+            finally:
+                slot.open.set()  # waiters wake up and find the tenant gone
+        self._admin_locks.pop(msg.tenant, None)
+        self.log.info(ADAPTER_REMOVED, tenant=msg.tenant, lora_id=slot.lora_id)
+
+    async def _engine_call(self, awaitable):
+        try:
+            return await awaitable
+        except EngineDeadError as e:
+            await self._crash(e)
+            raise

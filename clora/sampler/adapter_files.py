@@ -1,0 +1,96 @@
+"""A model folder and PEFT adapters on disk, checked before vLLM sees them (no vLLM import).
+
+- ``check_model_len``: ``model.max_model_len`` must fit the model's max_position_embeddings.
+- ``read_adapter_config`` / ``check_adapter``: an adapter the engine can serve (rank, target
+  modules, safetensors weights: never ``adapter_model.bin``, which is pickle).
+- ``write_zero_adapter``: the all-zero adapter that serves base-model rows (see clora.sampler.engine).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clora.errors import AdapterMismatchError, ConfigError
+
+__all__ = ["LLAMA_LORA_MODULES", "check_model_len", "read_adapter_config", "check_adapter", "write_zero_adapter"]
+
+# Linear modules vLLM can put a LoRA on in llama-family models (what an adapter may target).
+LLAMA_LORA_MODULES = frozenset(
+    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
+)
+
+
+def check_model_len(model_dir: Path, max_model_len: int) -> None:
+    """ConfigError when ``model.max_model_len`` exceeds the base model's max_position_embeddings
+    (checked before vLLM starts, which would fail later and less clearly)."""
+    config_file = Path(model_dir) / "config.json"
+    try:
+        limit = json.loads(config_file.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return  # no readable config.json: resolve_model / vLLM report that themselves
+    if isinstance(limit, int) and max_model_len > limit:
+        raise ConfigError(
+            f"model.max_model_len: {max_model_len} exceeds the base model's max_position_embeddings {limit} "
+            f"({config_file})"
+        )
+
+
+def read_adapter_config(path: Path) -> dict:
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        raise AdapterMismatchError(f"adapter {str(path)!r} has no adapter_config.json (expected a PEFT directory)")
+    try:
+        return json.loads(config.read_text())
+    except ValueError as e:
+        raise AdapterMismatchError(f"adapter {str(path)!r}: unreadable adapter_config.json ({e})") from None
+
+
+def check_adapter(path: Path, *, max_rank: int) -> None:
+    """Raise AdapterMismatchError when the PEFT adapter at ``path`` cannot be served."""
+    config = read_adapter_config(path)
+    rank = int(config.get("r", 0))
+    if rank > max_rank:
+        raise AdapterMismatchError(f"adapter {str(path)!r} has rank {rank} > engine.max_lora_rank {max_rank}")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    unknown = sorted(t.rsplit(".", 1)[-1] for t in targets if t.rsplit(".", 1)[-1] not in LLAMA_LORA_MODULES)
+    if unknown:
+        raise AdapterMismatchError(
+            f"adapter {str(path)!r} targets modules the base model does not have: {unknown}; "
+            f"supported: {sorted(LLAMA_LORA_MODULES)}"
+        )
+    if not (Path(path) / "adapter_model.safetensors").is_file():  # never adapter_model.bin: pickle
+        pickled = (Path(path) / "adapter_model.bin").is_file()
+        raise AdapterMismatchError(
+            f"adapter {str(path)!r} has no adapter_model.safetensors"
+            + (" (adapter_model.bin is pickle; clora never loads it)" if pickled else "")
+        )
+
+
+def write_zero_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """A rank-1 PEFT adapter whose weights are all zero: LoRA rows that equal the base model.
+
+    It targets layer 0's q_proj only; vLLM zeroes a slot's other modules, so every layer adds 0.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden = config["hidden_size"]
+    q_out = config["num_attention_heads"] * config.get("head_dim", hidden // config["num_attention_heads"])
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{prefix}.lora_A.weight": torch.zeros(1, hidden),  # [r, in]
+        f"{prefix}.lora_B.weight": torch.zeros(q_out, 1),  # [out, r]
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / "adapter_model.safetensors")
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0,
+        "target_modules": ["q_proj"], "bias": "none", "base_model_name_or_path": str(model_dir),
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    return out_dir

@@ -1,0 +1,1 @@
+"""One experiment per tenant: the TenantActor, its step records and its checkpoints."""

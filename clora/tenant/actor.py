@@ -1,0 +1,383 @@
+"""TenantActor: one RL experiment on one adapter.
+
+Per step: draw problems, sample a group of G episodes per problem through the sampler (multi-turn,
+tools run between turns), score them, compute group advantages, train one step, publish the new
+version, and log one canonical ``tenant.step`` event. Held-out accuracy (greedy, one episode per
+problem) is measured before the first step, every ``eval_every`` steps, and after the last.
+
+Env steps run in the tenant's own thread under ``env.step_timeout_s`` (clora.envs.stepping), so a
+hanging tool stalls only this tenant. A rollout or eval that fails with an env error (the env
+raising, a bad reward, a step past its deadline) and a failed publish are tried again up to
+``retries`` times (``tenant.retry`` events); after that the error ends this tenant only.
+
+Checkpoints (when given a ``checkpoint_dir``; clora.tenant.checkpoints): after the initial eval,
+every ``checkpoint_every`` steps, after the last step, and when the run stops early with a completed
+step not yet saved. With ``resume=True`` a tenant that finds one restores it into the trainer,
+publishes the restored version and goes on with the next step; with ``resume=False`` an old
+checkpoint is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import torch
+
+from actors import Actor, ActorRef, handler
+from clora import events
+from actors.gather import gather_first_error
+from clora.rl.chat import ChatRenderer
+from clora.checkpoint.format import BaseModelIdentity, TenantProgress, rng_state
+from clora.config import ExperimentConfig
+from clora.envs.stepping import EnvStepper
+from clora.envs import Env
+from clora.errors import CheckpointError, EnvError, NonFiniteError, PublishError
+from clora.messages import (
+    AddTenant,
+    Completion,
+    ExportAdapter,
+    Publish,
+    RemoveAdapter,
+    RemoveTenant,
+    SampleRequest,
+    SampleResult,
+    SamplingSpec,
+    StepMetrics,
+    StoreState,
+    TrainStep,
+)
+from clora.rl import group_advantages
+from clora.rl.rollout import Trajectory, run_episode, run_group, start_episode, to_datum
+from clora.tenant.checkpoints import TenantCheckpoints
+
+__all__ = ["ExperimentResult", "RunExperiment", "StepRecord", "TenantActor"]
+
+T = TypeVar("T")
+
+
+class RunExperiment(msgspec.Struct, frozen=True, tag=True):
+    """Run the tenant's experiment to the end (or until cancelled)."""
+
+
+class StepRecord(msgspec.Struct, frozen=True, kw_only=True):
+    step: int
+    adapter_version: int
+    reward_mean: float
+    time_rollout_s: float
+    time_train_s: float
+    time_sync_s: float
+    trained: bool
+    accuracy: float | None = None
+
+
+class ExperimentResult(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    steps: list[StepRecord]
+    accuracy_start: float
+    accuracy_end: float
+    started_at: float  # wall clock (time.time())
+    finished_at: float
+    tokens_sampled: int
+    resumed_from_step: int | None = None  # the checkpointed step this run continued from
+
+    @property
+    def duration_s(self) -> float:
+        return self.finished_at - self.started_at
+
+
+class TenantActor(Actor):
+    mailbox_size = 4
+
+    def __init__(
+        self,
+        experiment: ExperimentConfig,
+        *,
+        env: Env,
+        renderer: ChatRenderer,
+        sampler: ActorRef,
+        trainer: ActorRef,
+        sync: ActorRef,
+        max_model_len: int,
+        adapter_dir: Path | None = None,
+        on_step: Callable[[str, StepRecord], None] | None = None,
+        checkpoint_dir: Path | None = None,
+        base_model: BaseModelIdentity | None = None,
+        resume: bool = False,
+    ) -> None:
+        """``checkpoint_dir`` turns checkpoints on (``base_model`` is then required); ``resume``
+        restores the checkpoint found there instead of deleting it."""
+        super().__init__()
+        self.experiment = experiment
+        self.tenant = experiment.name
+        self._env = env
+        self._renderer = renderer
+        self._sampler = sampler
+        self._trainer = trainer
+        self._sync = sync
+        self._max_model_len = max_model_len
+        self._adapter_dir = adapter_dir
+        self._on_step = on_step
+        self._rng = random.Random(experiment.seed)
+        self._tokens_sampled = 0
+        self._version = 0
+        if checkpoint_dir is not None and base_model is None:
+            raise ValueError(f"tenant {self.tenant!r}: a checkpoint_dir needs the base_model identity")
+        self._resume = resume
+        self._resumed: TenantProgress | None = None  # the checkpoint's progress, when resumed
+        self._checkpoint_dir, self._base_model = checkpoint_dir, base_model
+        self._checkpoints: TenantCheckpoints | None = None  # made in on_start, where self.log is the system's
+        self._step_state: StoreState | None = None  # the store copy the last TrainStep replied with
+        self._env_steps = EnvStepper(self.tenant, experiment.env.step_timeout_s)
+
+    async def on_start(self) -> None:
+        exp = self.experiment
+        await self._trainer.ask(AddTenant(tenant=self.tenant, lora=exp.lora, optim=exp.optim))
+        try:
+            if self._checkpoint_dir is not None and self._base_model is not None:
+                self._checkpoints = TenantCheckpoints(
+                    self._checkpoint_dir, tenant=self.tenant, every=exp.checkpoint_every, last_step=exp.steps,
+                    base_model=self._base_model, lora=exp.lora, trainer=self._trainer, log=self.log,
+                )
+                restored = await self._checkpoints.start(resume=self._resume)
+                if restored is not None:
+                    self._take_over(restored.progress, restored.rng)
+            published = await self._sync.ask(Publish(tenant=self.tenant))
+        except BaseException:
+            # on_stop does not run after a failed start: undo the registration here.
+            await asyncio.shield(release_tenant(self.tenant, trainer=self._trainer, sync=self._sync, log=self.log))
+            raise
+        self._version = published.version
+        self.log.info(
+            events.TENANT_STARTED, tenant=self.tenant, steps=exp.steps, lr=exp.optim.lr, rank=exp.lora.rank,
+            group_size=exp.group_size, prompts_per_step=exp.prompts_per_step, env=exp.env.kind,
+        )
+
+    async def _sample(self, prompt_token_ids: list[int], spec: SamplingSpec) -> tuple[Completion, int]:
+        result: SampleResult = await self._sampler.ask(
+            SampleRequest(tenant=self.tenant, prompt_token_ids=prompt_token_ids, sampling=spec)
+        )
+        self._tokens_sampled += len(result.completions[0].token_ids)
+        return result.completions[0], result.adapter_version
+
+    @handler
+    async def run(self, msg: RunExperiment) -> ExperimentResult:
+        exp = self.experiment
+        resumed = self._resumed
+        try:
+            if resumed is None:
+                started = time.time()
+                accuracy_start = await self.evaluate(step=0)
+                records: list[StepRecord] = []
+                self._commit(0, started, accuracy_start, records)
+                await self._checkpoint_after(0)
+            else:
+                started, accuracy_start = resumed.started_at, resumed.accuracy_start
+                records = msgspec.convert(resumed.records, list[StepRecord])
+            for step in range(len(records) + 1, exp.steps + 1):
+                record = await self._step(step)
+                if exp.eval_every and step % exp.eval_every == 0 and step != exp.steps:
+                    record = msgspec.structs.replace(record, accuracy=await self.evaluate(step=step))
+                records.append(record)
+                self._commit(step, started, accuracy_start, records)
+                if self._on_step is not None:
+                    self._on_step(self.tenant, record)
+                await self._checkpoint_after(step)
+            await self._checkpoint_written()
+        except BaseException:
+            if self._checkpoints is not None:
+                await self._checkpoints.on_stop()
+            raise
+        accuracy_end = await self.evaluate(step=exp.steps)
+        if self._adapter_dir is not None:
+            await self._trainer.ask(ExportAdapter(tenant=self.tenant, out_dir=str(self._adapter_dir)))
+        result = ExperimentResult(
+            tenant=self.tenant, steps=records, accuracy_start=accuracy_start, accuracy_end=accuracy_end,
+            started_at=started, finished_at=time.time(), tokens_sampled=self._tokens_sampled,
+            resumed_from_step=None if resumed is None else resumed.step,
+        )
+        self.log.info(
+            events.TENANT_FINISHED, tenant=self.tenant, accuracy_start=accuracy_start, accuracy_end=accuracy_end,
+            steps=len(records), duration_s=round(result.duration_s, 3), adapter_version=self._version,
+        )
+        return result
+
+    async def evaluate(self, step: int) -> float:
+        """Held-out accuracy of the serving version: greedy, one episode per problem."""
+        started = time.perf_counter()
+        problems = self._env.held_out()
+        spec = self._spec(temperature=0.0, stop=tuple(getattr(self._env, "stop_sequences", ())))
+        trajectories = await self._retrying(step, "eval", lambda: gather_first_error(
+            run_episode(self._sample, self._renderer, start_episode(self._env, p), **self._episode_kw(spec))
+            for p in problems
+        ))
+        rewards = [t.reward for t in trajectories]
+        accuracy = sum(1.0 for r in rewards if r >= 1.0) / max(1, len(rewards))
+        self.log.info(
+            events.TENANT_EVAL, tenant=self.tenant, step=step, adapter_version=self._version, accuracy=accuracy,
+            problems=len(problems), duration_s=round(time.perf_counter() - started, 3),
+        )
+        return accuracy
+
+    async def _step(self, step: int) -> StepRecord:
+        exp = self.experiment
+        t0 = time.perf_counter()
+        problems = self._env.train_problems(self._rng, exp.prompts_per_step)
+        spec = self._spec(temperature=exp.temperature)
+        groups: list[list[Trajectory]] = await self._retrying(step, "rollout", lambda: gather_first_error(
+            run_group(self._sample, self._renderer, self._env, p, exp.group_size, **self._episode_kw(spec))
+            for p in problems
+        ))  # (prompts, group_size)
+        rewards = torch.tensor([[traj.reward for traj in group] for group in groups])  # (P, G)
+        advantages = group_advantages(rewards, kind=exp.advantage)  # (P, G)
+        if not torch.isfinite(advantages).all():  # finite rewards too large for float32 statistics
+            return self._skipped(
+                step, "non-finite", rewards.mean().item(), time.perf_counter() - t0, time_train_s=0.0,
+                error=f"non-finite advantages from rewards {rewards.tolist()}",
+            )
+        data = []
+        for problem, group, group_adv in zip(problems, groups, advantages.tolist()):
+            self.log.debug(
+                events.ROLLOUT_GROUP, tenant=self.tenant, step=step, problem=problem.id,
+                rewards=[traj.reward for traj in group],
+                versions=sorted({v for traj in group for v in traj.versions}),
+            )
+            data += [to_datum(traj, adv) for traj, adv in zip(group, group_adv) if adv != 0.0]
+        t_rollout = time.perf_counter() - t0
+        reward_mean = rewards.mean().item()
+        if not data:
+            return self._skipped(step, "no-signal", reward_mean, t_rollout, time_train_s=0.0)
+        await self._checkpoint_written()  # the last step's store copy is taken before this step changes the store
+        t1 = time.perf_counter()
+        try:
+            metrics: StepMetrics = await self._trainer.ask(TrainStep(
+                tenant=self.tenant, data=data, loss=exp.loss, copy_adapter=True,
+                copy_state=self._checkpoints is not None and self._checkpoints.enabled,
+            ))
+        except NonFiniteError as e:  # the trainer rejected the step and left the adapter as it was
+            return self._skipped(
+                step, "non-finite", reward_mean, t_rollout, time_train_s=time.perf_counter() - t1, error=str(e)
+            )
+        t2 = time.perf_counter()
+        self._step_state = metrics.state  # the checkpoint's store copy of this step, when asked for
+        published = await self._retrying(step, "publish", lambda: self._sync.ask(
+            Publish(tenant=self.tenant, adapter=metrics.adapter)
+        ))
+        t3 = time.perf_counter()
+        self._version = published.version
+        fields = {f"train/{k}": v for k, v in metrics.values.items()}
+        fields.update({
+            "reward/mean": reward_mean,
+            "time/rollout": round(t_rollout, 3),
+            "time/train": round(t2 - t1, 3),
+            "time/sync": round(t3 - t2, 3),
+            "train/sequences": len(data),
+        })
+        self.log.info(
+            events.TENANT_STEP, tenant=self.tenant, step=step, adapter_version=self._version,
+            duration_s=round(t3 - t0, 3), queue_depth=self._trainer.stats.depth, **fields,
+        )
+        return StepRecord(
+            step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
+            time_train_s=t2 - t1, time_sync_s=t3 - t2, trained=True,
+        )
+
+    def _skipped(
+        self, step: int, reason: str, reward_mean: float, t_rollout: float, *, time_train_s: float,
+        error: str | None = None,
+    ) -> StepRecord:
+        """Log and record a step that trained nothing: the adapter and its version stay as they were."""
+        fields = {
+            "tenant": self.tenant, "step": step, "adapter_version": self._version, "reason": reason,
+            "duration_s": round(t_rollout + time_train_s, 3), "reward/mean": reward_mean,
+            "time/rollout": round(t_rollout, 3),
+        }
+        if error is None:
+            self.log.info(events.TENANT_STEP_SKIPPED, **fields)
+        else:
+            self.log.warning(events.TENANT_STEP_SKIPPED, error=error, **fields)
+        return StepRecord(
+            step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
+            time_train_s=time_train_s, time_sync_s=0.0, trained=False,
+        )
+
+    async def _retrying(self, step: int, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()``, tried again up to ``retries`` times after an env or publish error, with
+        doubling backoff; the last error is raised. A rollout retry reuses the step's problems."""
+        exp = self.experiment
+        for tries in itertools.count(1):
+            try:
+                return await attempt()
+            except (EnvError, PublishError) as e:
+                if tries > exp.retries:
+                    raise
+                backoff = exp.retry_backoff_s * 2 ** (tries - 1)
+                self.log.warning(
+                    events.TENANT_RETRY, tenant=self.tenant, step=step, what=what, attempt=tries,
+                    retries=exp.retries, backoff_s=backoff, error=f"{type(e).__name__}: {e}",
+                )
+                await asyncio.sleep(backoff)
+        raise AssertionError("unreachable")
+
+    def _spec(self, temperature: float, stop: tuple[str, ...] = ()) -> SamplingSpec:
+        return SamplingSpec(n=1, max_tokens=self.experiment.max_tokens, temperature=temperature, stop=stop)
+
+    def _episode_kw(self, spec: SamplingSpec) -> dict[str, Any]:
+        return {
+            "max_turns": self.experiment.env.max_turns, "sampling": spec, "max_model_len": self._max_model_len,
+            "step_env": self._env_steps,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _commit(self, step: int, started: float, accuracy_start: float, records: list[StepRecord]) -> None:
+        """Step ``step`` is complete: what a checkpoint of it holds."""
+        state, self._step_state = self._step_state, None
+        if self._checkpoints is not None:
+            self._checkpoints.commit(TenantProgress(
+                step=step, rng=rng_state(self._rng), accuracy_start=accuracy_start, started_at=started,
+                tokens_sampled=self._tokens_sampled, records=msgspec.to_builtins(records),
+            ), self._version, state=state)
+
+    async def _checkpoint_after(self, step: int) -> None:
+        if self._checkpoints is not None:
+            await self._checkpoints.after_step(step)
+
+    async def _checkpoint_written(self) -> None:
+        if self._checkpoints is not None:
+            await self._checkpoints.before_train()
+
+    def _take_over(self, progress: TenantProgress, rng: random.Random) -> None:
+        """Continue from a restored checkpoint's progress."""
+        try:
+            msgspec.convert(progress.records, list[StepRecord])
+        except msgspec.ValidationError as e:
+            raise CheckpointError(f"checkpoint of tenant {self.tenant!r}: step records are invalid: {e}") from None
+        self._rng = rng
+        self._tokens_sampled = progress.tokens_sampled
+        self._resumed = progress
+
+    async def on_stop(self) -> None:
+        self._env_steps.close()
+        await release_tenant(self.tenant, trainer=self._trainer, sync=self._sync, log=self.log)
+
+    async def on_failure(self, exc: BaseException) -> None:
+        self._env_steps.close()
+        await release_tenant(self.tenant, trainer=self._trainer, sync=self._sync, log=self.log)
+
+
+async def release_tenant(tenant: str, *, trainer: ActorRef, sync: ActorRef, log: Any) -> None:
+    """Unload a tenant from the engine and drop its trainer state. Each part is attempted even if
+    the other fails; failures are logged (the tenant is going away either way)."""
+    for ref, msg in ((sync, RemoveAdapter(tenant=tenant)), (trainer, RemoveTenant(tenant=tenant))):
+        try:
+            await ref.ask(msg)
+        except Exception as e:  # already gone, or that actor stopped: nothing left to release there
+            log.info(events.TENANT_RELEASE_INCOMPLETE, tenant=tenant, step=type(msg).__name__, error=str(e))
+

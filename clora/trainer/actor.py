@@ -1,0 +1,321 @@
+"""TrainerActor: one actor owns the device and trains every tenant's LoRA on one base model.
+
+Each message runs its torch work in the actor's worker thread while holding the device lock,
+so the event loop (which also streams the sampler's results) never blocks. A step is never
+half-written: if the handler is cancelled, it waits for the worker to finish the step and its
+store write-back (or to leave the store untouched), then re-raises the cancellation.
+
+Replies: AddTenant -> 0 (the new version), RemoveTenant -> None, TrainStep / ForwardBackward /
+OptimStep -> StepMetrics (a TrainStep's carries the copies it asked for: see ``step_copies``),
+ComputeLogprobs -> list[list[float]], ExportAdapter -> the exported version (int), ImportAdapter
+-> the new version (int; weights replaced, optimizer state reset), Snapshot -> AdapterSnapshot, ExportStoreState -> StoreState (a checkpoint's content),
+ImportStoreState -> the restored version (int; the whole store replaced). A non-finite loss or
+gradient rejects only that step (NonFiniteError to the asker, store unchanged); the actor keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Final, TypeVar
+
+import msgspec
+import torch
+
+from actors import Actor, ActorRef, ActorSystem, Supervision, handler
+from clora.config import ModelConfig, TrainerConfig
+from clora.errors import NonFiniteError
+from clora.trainer.core import TrainerCore
+from clora.trainer.memory import release_free_memory
+from clora.messages import (
+    AdapterSnapshot,
+    AddTenant,
+    ComputeLogprobs,
+    ExportAdapter,
+    ExportStoreState,
+    ForwardBackward,
+    ImportAdapter,
+    ImportStoreState,
+    OptimStep,
+    RemoveTenant,
+    Snapshot,
+    StepMetrics,
+    StoreState,
+    TrainStep,
+)
+
+__all__ = [
+    "TRAINER_STARTED",
+    "TRAINER_STEP",
+    "TRAINER_FORWARD_BACKWARD",
+    "TRAINER_STEP_REJECTED",
+    "TRAINER_TENANT_ADDED",
+    "TRAINER_TENANT_REMOVED",
+    "TRAINER_EXPORTED",
+    "TRAINER_IMPORTED",
+    "TRAINER_STATE_RESTORED",
+    "TrainerActor",
+    "step_copies",
+]
+
+TRAINER_STARTED: Final = "trainer.started"
+"""The base model is loaded: model_dir, device, autocast_bf16, micro_batch_size, load_s."""
+TRAINER_STEP: Final = "trainer.step"
+"""Canonical line of one optimizer step (TrainStep or OptimStep): tenant, step, version, duration_s,
+queue_depth and the StepMetrics values (loss, grad_norm, clip_frac, kl, entropy, tokens, time/*)."""
+TRAINER_FORWARD_BACKWARD: Final = "trainer.forward_backward"
+"""One ForwardBackward accumulated gradients: tenant, version, duration_s, queue_depth, loss, tokens."""
+TRAINER_STEP_REJECTED: Final = "trainer.step_rejected"
+"""A step of one tenant was rejected (non-finite loss or gradient); its store is unchanged."""
+TRAINER_TENANT_ADDED: Final = "trainer.tenant_added"
+"""A tenant's AdapterStore exists at version 0: rank, alpha, targets, params, init_from."""
+TRAINER_TENANT_REMOVED: Final = "trainer.tenant_removed"
+"""A tenant's AdapterStore was dropped: its last version."""
+TRAINER_EXPORTED: Final = "trainer.exported"
+"""A tenant's adapter was written as a PEFT directory: version, out_dir, duration_s."""
+TRAINER_IMPORTED: Final = "trainer.imported"
+"""A tenant's weights were replaced from a PEFT directory (optimizer reset): version, path."""
+TRAINER_STATE_RESTORED: Final = "trainer.state_restored"
+"""A tenant's whole store (weights, Adam moments, counters) was replaced by a checkpoint's: version, adam_step."""
+
+T = TypeVar("T")
+
+
+def _then_release_memory(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, then give the heap memory its temporaries freed back to the OS (see clora.trainer.memory)."""
+    try:
+        return fn(*args)
+    finally:
+        release_free_memory()
+
+
+class TrainerActor(Actor):
+    """Owns the base model, the device lock and every tenant's AdapterStore.
+
+    ``model`` is a ModelConfig (resolved with clora.models.resolve_model on start) or a HF
+    model directory. Start it with ``TrainerActor.start_in(system, model, config)`` so the
+    mailbox is bounded by ``TrainerConfig.queue_size`` (or pass ``mailbox_size`` yourself).
+    """
+
+    mailbox_size = TrainerConfig().queue_size
+
+    def __init__(self, model: ModelConfig | str | Path, config: TrainerConfig = TrainerConfig()) -> None:
+        self.model = model
+        self.config = config
+        self.device_lock = asyncio.Lock()
+        self.core: TrainerCore | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @classmethod
+    async def start_in(
+        cls,
+        system: ActorSystem,
+        model: ModelConfig | str | Path,
+        config: TrainerConfig = TrainerConfig(),
+        *,
+        name: str = "trainer",
+        supervision: Supervision = Supervision.ESCALATE,
+    ) -> ActorRef[TrainerActor]:
+        """Start a trainer in ``system`` with its mailbox bounded by ``config.queue_size``: a
+        FusedTrainerActor when ``config.fuse_max`` > 1 (clora.trainer.fused_actor), else this class."""
+        actor_cls = cls
+        if config.fuse_max > 1 and cls is TrainerActor:
+            from clora.trainer.fused_actor import FusedTrainerActor
+
+            actor_cls = FusedTrainerActor
+        return await system.start(
+            actor_cls(model, config), name=name, supervision=supervision, mailbox_size=config.queue_size
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def on_start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-device")
+        start = time.perf_counter()
+        try:
+            self.core = await self._on_device(self._load)
+        except BaseException:
+            self._shutdown()  # on_stop / on_failure do not run when on_start fails
+            raise
+        self.log.info(
+            TRAINER_STARTED,
+            model_dir=self.core.base_model_name,
+            device=str(self.core.device),
+            autocast_bf16=self.config.autocast_bf16,
+            micro_batch_size=self.config.micro_batch_size,
+            load_s=round(time.perf_counter() - start, 3),
+        )
+
+    async def on_stop(self) -> None:
+        self._shutdown()
+
+    async def on_failure(self, exc: BaseException) -> None:
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _load(self) -> TrainerCore:
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)
+        from clora.models import check_model_dir, resolve_model
+
+        if isinstance(self.model, ModelConfig):
+            model_dir = resolve_model(self.model)
+        else:
+            model_dir = check_model_dir(Path(self.model))
+        return TrainerCore.from_model_dir(model_dir, self.config)
+
+    # ------------------------------------------------------------------ device work
+
+    async def _on_device(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in the worker thread under the device lock. If cancelled meanwhile,
+        wait until ``fn`` has finished (the store is then complete or untouched), then re-raise."""
+        async with self.device_lock:
+            return await self._finish(self._in_worker(fn, *args))
+
+    def _in_worker(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Submit ``fn(*args)`` to the worker thread (the caller holds the device lock)."""
+        assert self._executor is not None, "TrainerActor is not started"
+        call = functools.partial(contextvars.copy_context().run, _then_release_memory, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    @staticmethod
+    async def _finish(future: asyncio.Future[T]) -> T:
+        """Await a worker future; if cancelled, first wait until the worker is done, then re-raise."""
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            while not future.done():
+                try:
+                    await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    continue
+                except Exception:
+                    break
+            if not future.cancelled():
+                future.exception()  # retrieved: the cancellation is what the caller sees
+            raise
+
+    def _core(self) -> TrainerCore:
+        if self.core is None:
+            raise RuntimeError("TrainerActor has no model: on_start did not run")
+        return self.core
+
+    def _queue_depth(self) -> int:
+        return self.ref.stats.depth
+
+    async def _step(self, event: str, tenant: str, fn: Callable[..., dict[str, float]], *args: Any) -> StepMetrics:
+        start = time.perf_counter()
+        version_before = self._core().store(tenant).version
+        try:
+            values = await self._on_device(fn, tenant, *args)
+        except NonFiniteError as exc:
+            self.log.warning(
+                TRAINER_STEP_REJECTED, tenant=tenant, version=version_before, error=str(exc),
+                duration_s=round(time.perf_counter() - start, 4), queue_depth=self._queue_depth(),
+            )
+            raise
+        version = int(values["version"])
+        fields = {**values, "version": version, "step": version}
+        self.log.info(
+            event, tenant=tenant, duration_s=round(time.perf_counter() - start, 4),
+            queue_depth=self._queue_depth(), **fields,
+        )
+        return StepMetrics(tenant=tenant, version=version, values=values)
+
+    # ------------------------------------------------------------------ handlers
+
+    @handler
+    async def add_tenant(self, msg: AddTenant) -> int:
+        init_from = msg.init_from
+        core = self._core()
+        store = await self._on_device(core.add_tenant, msg.tenant, msg.lora, msg.optim, init_from)
+        self.log.info(
+            TRAINER_TENANT_ADDED, tenant=msg.tenant, rank=msg.lora.rank, alpha=msg.lora.alpha,
+            targets=list(msg.lora.target_modules), params=store.num_params(), init_from=init_from,
+        )
+        return store.version
+
+    @handler
+    async def remove_tenant(self, msg: RemoveTenant) -> None:
+        core = self._core()
+        version = core.store(msg.tenant).version
+        await self._on_device(core.remove_tenant, msg.tenant)
+        self.log.info(TRAINER_TENANT_REMOVED, tenant=msg.tenant, version=version)
+
+    @handler
+    async def train_step(self, msg: TrainStep) -> StepMetrics:
+        core = self._core()
+        copies: dict[str, Any] = {}
+
+        def step_then_copy(tenant: str, data: list, loss: Any) -> dict[str, float]:
+            values = core.train_step(tenant, data, loss)
+            copies.update(step_copies(core, msg, values))
+            return values
+
+        metrics = await self._step(TRAINER_STEP, msg.tenant, step_then_copy, msg.data, msg.loss)
+        return msgspec.structs.replace(metrics, **copies)
+
+    @handler
+    async def forward_backward(self, msg: ForwardBackward) -> StepMetrics:
+        return await self._step(TRAINER_FORWARD_BACKWARD, msg.tenant, self._core().forward_backward, msg.data, msg.loss)
+
+    @handler
+    async def optim_step(self, msg: OptimStep) -> StepMetrics:
+        return await self._step(TRAINER_STEP, msg.tenant, self._core().optim_step)
+
+    @handler
+    async def compute_logprobs(self, msg: ComputeLogprobs) -> list[list[float]]:
+        return await self._on_device(self._core().compute_logprobs, msg.tenant, msg.data)
+
+    @handler
+    async def export_adapter(self, msg: ExportAdapter) -> int:
+        start = time.perf_counter()
+        snap = await self._on_device(self._core().export_adapter, msg.tenant, msg.out_dir)
+        self.log.info(
+            TRAINER_EXPORTED, tenant=msg.tenant, version=snap.version, out_dir=msg.out_dir,
+            duration_s=round(time.perf_counter() - start, 4),
+        )
+        return snap.version
+
+    @handler
+    async def import_adapter(self, msg: ImportAdapter) -> int:
+        version = await self._on_device(self._core().import_adapter, msg.tenant, msg.path)
+        self.log.info(TRAINER_IMPORTED, tenant=msg.tenant, version=version, path=msg.path)
+        return version
+
+    @handler
+    async def snapshot(self, msg: Snapshot) -> AdapterSnapshot:
+        return await self._on_device(self._core().snapshot, msg.tenant)
+
+    @handler
+    async def export_store_state(self, msg: ExportStoreState) -> StoreState:
+        return await self._on_device(self._core().store(msg.tenant).export_state)
+
+    @handler
+    async def import_store_state(self, msg: ImportStoreState) -> int:
+        version = await self._on_device(self._core().store(msg.tenant).load_state, msg.state)
+        self.log.info(TRAINER_STATE_RESTORED, tenant=msg.tenant, version=version, adam_step=msg.state.adam_step)
+        return version
+
+
+def step_copies(core: TrainerCore, msg: TrainStep, values: dict[str, float]) -> dict[str, Any]:
+    """The copies ``msg`` asked for, of the tenant's version right after its step (StepMetrics
+    fields ``adapter`` / ``state``); their time goes into ``values["time/copy"]``. Runs in the
+    worker, in the same device job as the step."""
+    started = time.perf_counter()
+    copies: dict[str, Any] = {}
+    if msg.copy_adapter:
+        copies["adapter"] = core.snapshot(msg.tenant)
+    if msg.copy_state:
+        copies["state"] = core.store(msg.tenant).export_state()
+    if copies:
+        values["time/copy"] = time.perf_counter() - started
+    return copies

@@ -1,0 +1,388 @@
+"""Synchronous multi-tenant LoRA training on one frozen base model.
+
+``TrainerCore`` owns the model and every tenant's ``AdapterStore``. Each call swaps one
+tenant's state onto the device, binds it into LoRA slot 0 of every target layer, does its
+work, and writes results back into the store only after everything succeeded (see
+clora.trainer.store). It is not thread-safe: one call at a time (TrainerActor serialises calls
+under its device lock and runs them in a worker thread).
+
+Gradient accumulation: a ForwardBackward adds its normalised gradient into the store as a
+running mean weighted by the normalisation denominator (trained tokens, or sequences), and
+OptimStep applies that mean. So ForwardBackward(d1) + ForwardBackward(d2) + OptimStep equals
+TrainStep(d1 + d2) for both normalisations, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
+from clora.errors import ConfigError, DuplicateTenantError, NonFiniteError, PromptTooLongError, UnknownTenantError
+from clora.trainer.optimizer import adamw_step_, clip_grads_, global_grad_norm
+from clora.trainer.attach import attach_lora, check_lora_fits, layer_shapes, lora_layers
+from clora.trainer.fused import FusedRequest, fused_train_step
+from clora.trainer.lora_layer import SlotRouting
+from clora.trainer.peft_io import export_peft, import_peft, peft_config_dict, peft_state_dict
+from clora.trainer.store import AdapterStore, WorkingCopy, lora_key, swap_in, write_back
+from clora.messages import AdapterSnapshot, Datum
+from clora.rl import collate, loss_denominator, loss_numerator, micro_batches, token_entropy, token_logprobs, token_loss
+
+__all__ = ["TrainerCore", "resolve_device"]
+
+_SLOT = 0  # the single-tenant path binds its tenant here; fused steps use slots 0..K-1
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"trainer.device: {name!r} is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device: {name!r} but torch sees no CUDA device here; use 'auto' or 'cpu'")
+    return device
+
+
+class TrainerCore:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device | str = "cpu",
+        autocast_bf16: bool = False,
+        micro_batch_size: int = 8,
+        base_model_name: str | None = None,
+        pad_token_id: int = 0,
+        max_seq_len: int | None = None,
+    ) -> None:
+        """``max_seq_len``: the longest datum accepted; default the model's max_position_embeddings."""
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.model.requires_grad_(False)
+        self.model.eval()  # no dropout: train and eval forward are the same function
+        self.autocast_bf16 = autocast_bf16
+        self.micro_batch_size = micro_batch_size
+        self.base_model_name = base_model_name
+        self.pad_token_id = pad_token_id
+        self.max_seq_len = max_seq_len or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
+        self.routing = SlotRouting()
+        self.stores: dict[str, AdapterStore] = {}
+        self.pin_memory = torch.cuda.is_available()
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, config: TrainerConfig) -> TrainerCore:
+        """Load a HF causal LM directory in fp32 (bf16 compute comes from autocast, if enabled)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
+        hf_config = AutoConfig.from_pretrained(str(model_dir))
+        pad = hf_config.pad_token_id if isinstance(hf_config.pad_token_id, int) else 0
+        return cls(
+            model,
+            device=resolve_device(config.device),
+            autocast_bf16=config.autocast_bf16,
+            micro_batch_size=config.micro_batch_size,
+            base_model_name=str(model_dir),
+            pad_token_id=pad,
+        )
+
+    # ------------------------------------------------------------------ tenants
+
+    def add_tenant(
+        self, tenant: str, lora: LoraConfig, optim: OptimConfig, init_from: str | Path | None = None
+    ) -> AdapterStore:
+        """Create a version-0 store (seeded init, or the PEFT adapter at ``init_from``)."""
+        if tenant in self.stores:
+            raise DuplicateTenantError(f"tenant {tenant!r} already exists in the trainer")
+        targets = check_lora_fits(self.model, lora)
+        shapes = layer_shapes(targets)
+        initial = None if init_from is None else import_peft(init_from, lora, shapes, self.base_model_name)
+        store = AdapterStore.create(tenant, lora, optim, shapes, pin_memory=self.pin_memory, initial=initial)
+        attach_lora(self.model, lora.target_modules, self.routing)
+        self.stores[tenant] = store
+        return store
+
+    def remove_tenant(self, tenant: str) -> None:
+        self.store(tenant)
+        del self.stores[tenant]
+
+    def store(self, tenant: str) -> AdapterStore:
+        try:
+            return self.stores[tenant]
+        except KeyError:
+            raise UnknownTenantError(f"tenant {tenant!r} is not registered in the trainer") from None
+
+    # ------------------------------------------------------------------ training
+
+    def check_data(self, tenant: str, data: Sequence[Datum]) -> None:
+        """Refuse data the model cannot take, before any work: PromptTooLongError for a datum longer
+        than ``max_seq_len``, ConfigError for a token id outside the vocabulary."""
+        for index, datum in enumerate(data):
+            if self.max_seq_len is not None and len(datum.tokens) > self.max_seq_len:
+                raise PromptTooLongError(
+                    f"tenant {tenant!r}: datum {index} has {len(datum.tokens)} tokens; the trainer accepts "
+                    f"at most {self.max_seq_len} (the base model's max_position_embeddings)"
+                )
+            if self.vocab_size is not None and datum.tokens:
+                low, high = min(datum.tokens), max(datum.tokens)
+                if low < 0 or high >= self.vocab_size:
+                    bad = low if low < 0 else high
+                    raise ConfigError(
+                        f"tenant {tenant!r}: datum {index}: token id {bad} at position {datum.tokens.index(bad)} "
+                        f"is outside the vocabulary [0, {self.vocab_size})"
+                    )
+
+    def forward_backward(self, tenant: str, data: Sequence[Datum], loss: LossConfig) -> dict[str, float]:
+        """Accumulate the gradient of ``loss`` over ``data`` into the tenant's store."""
+        store = self.store(tenant)
+        self.check_data(tenant, data)
+        self._check_normalize(store, loss)
+        timer = _Timer()
+        with timer("time/swap_in"):
+            work = swap_in(store, self.device, trainable=True, grads=True)
+        with timer("time/fwd_bwd"):
+            metrics = self._accumulate(store, work, data, loss)
+        with timer("time/swap_out"):
+            write_back(store, work, params=False, optim_state=False, grads=True)
+        return {**metrics, **timer.values, "version": float(store.version)}
+
+    def optim_step(self, tenant: str) -> dict[str, float]:
+        """Apply the accumulated gradient; the version goes up by one."""
+        store = self.store(tenant)
+        if store.grad_normalize is None:
+            raise ConfigError(
+                f"tenant {tenant!r}: OptimStep without a ForwardBackward since version {store.version}"
+            )
+        timer = _Timer()
+        with timer("time/swap_in"):
+            work = swap_in(store, self.device, optim_state=True, grads=True)
+        with timer("time/optim"):
+            metrics = self._apply_optimizer(store, work)
+        with timer("time/swap_out"):
+            write_back(store, work, params=True, optim_state=True, grads=True)
+        return {**metrics, **timer.values, "version": float(store.version)}
+
+    def train_step(self, tenant: str, data: Sequence[Datum], loss: LossConfig) -> dict[str, float]:
+        """ForwardBackward then OptimStep with one swap; atomic: all or nothing reaches the store."""
+        store = self.store(tenant)
+        self.check_data(tenant, data)
+        self._check_normalize(store, loss)
+        timer = _Timer()
+        with timer("time/swap_in"):
+            work = swap_in(store, self.device, trainable=True, optim_state=True, grads=True)
+        with timer("time/fwd_bwd"):
+            metrics = self._accumulate(store, work, data, loss)
+        with timer("time/optim"):
+            metrics |= self._apply_optimizer(store, work)
+        with timer("time/swap_out"):
+            write_back(store, work, params=True, optim_state=True, grads=True)
+        return {**metrics, **timer.values, "version": float(store.version), "fused": 1.0}
+
+    def train_steps_fused(self, requests: Sequence[FusedRequest]) -> list[dict[str, float] | Exception]:
+        """Several tenants' TrainSteps in one forward/backward (see clora.trainer.fused); one outcome
+        per request, in order: its values, or the exception that rejected it (store unchanged)."""
+        return fused_train_step(self, requests)
+
+    def compute_logprobs(self, tenant: str, data: Sequence[Datum]) -> list[list[float]]:
+        """Trainer-policy log-prob of every token of each datum (index 0 is 0.0)."""
+        store = self.store(tenant)
+        self.check_data(tenant, data)
+        work = swap_in(store, self.device)
+        out: list[list[float]] = []
+        with torch.no_grad(), self._bound(store, work):
+            for chunk in micro_batches(data, self.micro_batch_size):
+                batch = collate(chunk, self.pad_token_id).to(self.device)
+                logp = token_logprobs(self._logits(batch.tokens, batch.attention_mask), batch.tokens)  # (B, T)
+                rows = logp.cpu().tolist()
+                out.extend(row[:n] for row, n in zip(rows, batch.lengths, strict=True))
+        return out
+
+    # ------------------------------------------------------------------ adapters
+
+    def peft_config(self, tenant: str) -> dict[str, Any]:
+        return peft_config_dict(self.store(tenant).lora, self.base_model_name)
+
+    def snapshot(self, tenant: str) -> AdapterSnapshot:
+        store = self.store(tenant)
+        return AdapterSnapshot(
+            tenant=tenant, version=store.version, tensors=peft_state_dict(store), peft_config=self.peft_config(tenant)
+        )
+
+    def export_adapter(self, tenant: str, out_dir: str | Path) -> AdapterSnapshot:
+        """Write the tenant's current adapter as a PEFT directory; returns what was written."""
+        snap = self.snapshot(tenant)
+        export_peft(snap.tensors, snap.peft_config, out_dir)
+        return snap
+
+    def import_adapter(self, tenant: str, path: str | Path) -> int:
+        """Replace the tenant's weights with the PEFT adapter at ``path`` (checked against the
+        tenant's LoraConfig and the base model); optimizer state is reset. Returns the new version."""
+        store = self.store(tenant)
+        tensors = import_peft(path, store.lora, store.shapes, self.base_model_name)
+        store.replace_weights(tensors)
+        return store.version
+
+    # ------------------------------------------------------------------ internals
+
+    @contextmanager
+    def _bound(self, store: AdapterStore, work: WorkingCopy) -> Iterator[None]:
+        """Route every row to slot 0 holding ``work``'s weights; unbind afterwards."""
+        with self._bound_slots([(store, work)]):
+            self.routing.use_slot(_SLOT)
+            yield
+
+    @contextmanager
+    def _bound_slots(self, bindings: Sequence[tuple[AdapterStore, WorkingCopy]]) -> Iterator[None]:
+        """Bind binding i's weights into slot i of every layer it targets (and clear slot i of the
+        others); the caller routes rows. Unbinds every slot and clears the routing afterwards."""
+        layers = lora_layers(self.model)
+        try:
+            for slot, (store, work) in enumerate(bindings):
+                for name, layer in layers.items():
+                    if name in store.shapes:
+                        a, b = work.params[lora_key(name, "A")], work.params[lora_key(name, "B")]
+                        layer.set_slot(slot, a, b, store.lora.scaling)
+                    else:
+                        layer.clear_slot(slot)
+            yield
+        finally:
+            self.routing.clear()
+            for layer in layers.values():
+                for slot in range(len(bindings)):
+                    layer.clear_slot(slot)
+
+    def _logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # tokens, attention_mask: (B, T)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            return self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
+
+    @staticmethod
+    def _check_normalize(store: AdapterStore, loss: LossConfig) -> None:
+        if store.grad_normalize not in (None, loss.normalize):
+            raise ConfigError(
+                f"tenant {store.tenant!r}: gradients accumulated with normalize={store.grad_normalize!r} "
+                f"cannot be mixed with normalize={loss.normalize!r} before the next OptimStep"
+            )
+
+    def _accumulate(
+        self, store: AdapterStore, work: WorkingCopy, data: Sequence[Datum], loss_cfg: LossConfig
+    ) -> dict[str, float]:
+        """Forward/backward over micro-batches; merge the mean gradient into ``work.grads``."""
+        assert work.grads is not None
+        if not data:
+            raise ConfigError(f"tenant {store.tenant!r}: a training call needs at least one datum")
+        batches = [collate(chunk, self.pad_token_id) for chunk in micro_batches(data, self.micro_batch_size)]
+        denominator = sum(loss_denominator(b.loss_mask, loss_cfg.normalize) for b in batches)
+        sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0}
+        tokens = 0.0
+        with self._bound(store, work):
+            for index, cpu_batch in enumerate(batches):
+                batch = cpu_batch.to(self.device)
+                mask = batch.loss_mask  # (B, T)
+                logits = self._logits(batch.tokens, batch.attention_mask)  # (B, T, V)
+                logp = token_logprobs(logits, batch.tokens)  # (B, T)
+                parts = token_loss(loss_cfg, logp, batch.sampler_logprobs, batch.advantages, mask)
+                numerator = loss_numerator(parts.per_token, mask, loss_cfg.normalize)  # ()
+                if not torch.isfinite(numerator):
+                    raise NonFiniteError(
+                        f"tenant {store.tenant!r}: non-finite loss in micro-batch {index}; "
+                        f"step rejected, adapter stays at version {store.version}"
+                    )
+                if denominator > 0:
+                    (numerator / denominator).backward()
+                with torch.no_grad():
+                    entropy = token_entropy(logits.detach())  # (B, T)
+                    sums["loss"] += float(numerator) / denominator if denominator > 0 else 0.0
+                    sums["kl"] += float((parts.kl * mask).sum())
+                    sums["entropy"] += float((entropy * mask).sum())
+                    sums["clip_frac"] += float((parts.clipped.float() * mask).sum())
+                    tokens += float(mask.sum())
+                del logits, logp, parts
+        self._merge_grads(store, work, denominator, loss_cfg.normalize)
+        per_token = lambda s: s / tokens if tokens > 0 else 0.0  # noqa: E731
+        return {
+            "loss": sums["loss"],
+            "kl": per_token(sums["kl"]),
+            "entropy": per_token(sums["entropy"]),
+            "clip_frac": per_token(sums["clip_frac"]),
+            "tokens": tokens,
+            "sequences": float(len(data)),
+        }
+
+    @staticmethod
+    def _merge_grads(store: AdapterStore, work: WorkingCopy, denominator: float, normalize: str) -> None:
+        """Check the fresh ``.grad`` of ``work.params`` and fold it into ``work.grads`` as a mean
+        weighted by the normalisation denominator; clears ``.grad``."""
+        assert work.grads is not None
+        new_grads = [
+            p.grad if p.grad is not None else torch.zeros_like(p) for p in (work.params[k] for k in work.grads)
+        ]
+        if not torch.isfinite(global_grad_norm(new_grads)):
+            raise NonFiniteError(
+                f"tenant {store.tenant!r}: non-finite gradient; step rejected, adapter stays at version {store.version}"
+            )
+        total = work.grad_weight + denominator
+        if total > 0:
+            for acc, new in zip(work.grads.values(), new_grads, strict=True):
+                acc.mul_(work.grad_weight / total).add_(new, alpha=denominator / total)
+        for p in work.params.values():
+            p.grad = None
+        work.grad_weight, work.grad_normalize = total, normalize
+
+    def _apply_optimizer(self, store: AdapterStore, work: WorkingCopy) -> dict[str, float]:
+        """Clip, check and apply AdamW to ``work``; reset its accumulated gradient."""
+        assert work.grads is not None and work.exp_avg is not None and work.exp_avg_sq is not None
+        keys = list(work.params)
+        grads = [work.grads[k] for k in keys]
+        grad_norm = global_grad_norm(grads)  # ()
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteError(
+                f"tenant {store.tenant!r}: non-finite gradient norm; step rejected, "
+                f"adapter stays at version {store.version}"
+            )
+        clipped = False
+        if store.optim.grad_clip > 0:  # 0 turns clipping off
+            clipped = clip_grads_(grads, store.optim.grad_clip, grad_norm)
+        with torch.no_grad():
+            params = [work.params[k].detach() for k in keys]
+            adamw_step_(
+                params, grads, [work.exp_avg[k] for k in keys], [work.exp_avg_sq[k] for k in keys],
+                work.adam_step + 1, store.optim,
+            )
+            if not all(torch.isfinite(p).all() for p in params):
+                raise NonFiniteError(
+                    f"tenant {store.tenant!r}: the update made weights non-finite; step rejected, "
+                    f"adapter stays at version {store.version}"
+                )
+            for g in grads:
+                g.zero_()
+        work.step += 1
+        work.adam_step += 1
+        work.grad_weight, work.grad_normalize = 0.0, None
+        return {"grad_norm": float(grad_norm), "grad_clipped": float(clipped), "lr": store.optim.lr}
+
+
+class _Timer:
+    """Wall time of named phases, in seconds."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.values[key] = self.values.get(key, 0.0) + time.perf_counter() - start

@@ -1,0 +1,176 @@
+"""PEFT-format adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The files are what ``peft.PeftModel.from_pretrained`` and vLLM's LoRARequest load unchanged:
+tensor names ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight``
+(out, r), fp32. Import reads safetensors only (never pickle) and checks the adapter against
+the tenant it is meant for; any difference is an ``AdapterMismatchError`` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clora.config import LoraConfig
+from clora.errors import AdapterMismatchError, ModelNotFoundError
+from clora.trainer.store import AdapterStore, check_adapter_layout, initial_lora_params
+
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "peft_key",
+    "store_key",
+    "peft_config_dict",
+    "peft_state_dict",
+    "export_peft",
+    "read_peft",
+    "check_peft_config",
+    "import_peft",
+]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_SUFFIX = ".weight"
+
+
+def peft_key(key: str) -> str:
+    """Store name -> PEFT name: ``m.lora_A`` -> ``base_model.model.m.lora_A.weight``."""
+    return f"{_PREFIX}{key}{_SUFFIX}"
+
+
+def store_key(name: str) -> str:
+    """PEFT name -> store name; AdapterMismatchError for names that are not LoRA A/B weights."""
+    if not (name.startswith(_PREFIX) and name.endswith(_SUFFIX)):
+        raise AdapterMismatchError(f"adapter tensor {name!r} is not a PEFT LoRA weight name")
+    key = name[len(_PREFIX) : -len(_SUFFIX)]
+    if not (key.endswith(".lora_A") or key.endswith(".lora_B")):
+        raise AdapterMismatchError(f"adapter tensor {name!r} is not a lora_A/lora_B weight (unsupported)")
+    return key
+
+
+def peft_config_dict(lora: LoraConfig, base_model_name: str | None) -> dict[str, Any]:
+    """The adapter_config.json content for a plain LoRA (no dropout, bias, DoRA or rsLoRA)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "target_modules": sorted(lora.target_modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def peft_state_dict(store: AdapterStore) -> dict[str, torch.Tensor]:
+    """PEFT-named CPU copies of the store's weights (safe to keep while training goes on)."""
+    return {peft_key(k): t.detach().to("cpu", copy=True).contiguous() for k, t in store.params.items()}
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_peft(
+    tensors: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], out_dir: str | Path
+) -> Path:
+    """Write PEFT-named ``tensors`` and ``peft_config`` into ``out_dir``; each file is replaced
+    atomically, weights first, so a reader never sees a half-written file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(dict(tensors), p, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(dict(peft_config), indent=2) + "\n"))
+    return out
+
+
+def read_peft(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """adapter_config dict and store-named tensors of a PEFT directory (safetensors only)."""
+    root = Path(path)
+    config_file, weights_file = root / CONFIG_FILE, root / WEIGHTS_FILE
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"adapter directory {str(root)!r} has no {CONFIG_FILE}")
+    if not weights_file.is_file():
+        pickled = (root / "adapter_model.bin").is_file()
+        raise ModelNotFoundError(
+            f"adapter directory {str(root)!r} has no {WEIGHTS_FILE}"
+            + (" (adapter_model.bin is pickle; only safetensors is read)" if pickled else "")
+        )
+    config = json.loads(config_file.read_text())
+    tensors = {store_key(name): t for name, t in load_file(str(weights_file)).items()}
+    return config, tensors
+
+
+def _same_model_name(a: str, b: str) -> bool:
+    norm = lambda s: Path(str(s).rstrip("/")).name.lower()  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def check_peft_config(config: Mapping[str, Any], lora: LoraConfig, base_model_name: str | None, where: str) -> None:
+    """AdapterMismatchError naming the first difference between an adapter_config and ``lora``."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterMismatchError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
+    for flag in ("use_dora", "use_rslora", "lora_bias"):
+        if config.get(flag):
+            raise AdapterMismatchError(f"{where}: {flag}=true is not supported")
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if config.get(pattern):
+            raise AdapterMismatchError(f"{where}: per-module {pattern} is not supported")
+    if config.get("r") != lora.rank:
+        raise AdapterMismatchError(f"{where}: rank mismatch: adapter r={config.get('r')}, tenant rank={lora.rank}")
+    if float(config.get("lora_alpha", -1)) != float(lora.alpha):
+        raise AdapterMismatchError(
+            f"{where}: alpha mismatch: adapter lora_alpha={config.get('lora_alpha')}, tenant alpha={lora.alpha}"
+        )
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or set(targets) != set(lora.target_modules):
+        raise AdapterMismatchError(
+            f"{where}: target modules mismatch: adapter {targets!r}, tenant {sorted(lora.target_modules)}"
+        )
+    theirs = config.get("base_model_name_or_path")
+    if theirs and base_model_name and not _same_model_name(theirs, base_model_name):
+        raise AdapterMismatchError(
+            f"{where}: base model mismatch: adapter was trained on {theirs!r}, this base is {base_model_name!r}"
+        )
+
+
+def import_peft(
+    path: str | Path,
+    lora: LoraConfig,
+    shapes: Mapping[str, tuple[int, int]],
+    base_model_name: str | None,
+) -> dict[str, torch.Tensor]:
+    """Store-named fp32 tensors of the PEFT adapter at ``path``, checked against the tenant's
+    ``lora`` config and target layer ``shapes`` (module -> (in, out))."""
+    config, tensors = read_peft(path)
+    where = f"adapter {str(path)!r}"
+    check_peft_config(config, lora, base_model_name, where)
+    expected = initial_lora_params(shapes, lora)  # names and shapes only
+    check_adapter_layout(expected, tensors, owner=where)
+    return {k: t.float() for k, t in tensors.items()}
