@@ -17,7 +17,29 @@ from typing import Any, Final, Iterator
 import msgspec
 import structlog
 
+# The actor kernel's events: defined in actors/ (which imports nothing from clora), listed here too.
+from actors.events import (
+    ACTOR_STARTED,
+    ACTOR_START_FAILED,
+    ACTOR_STOPPED,
+    ACTOR_FAILED,
+    ACTOR_RESTARTED,
+    ACTOR_HOOK_FAILED,
+    ACTOR_MAILBOX_STATS,
+    SYSTEM_STARTED,
+    SYSTEM_STOPPED,
+)
+
 __all__ = [
+    "ACTOR_STARTED",
+    "ACTOR_START_FAILED",
+    "ACTOR_STOPPED",
+    "ACTOR_FAILED",
+    "ACTOR_RESTARTED",
+    "ACTOR_HOOK_FAILED",
+    "ACTOR_MAILBOX_STATS",
+    "SYSTEM_STARTED",
+    "SYSTEM_STOPPED",
     "RUNTIME_STARTED",
     "RUNTIME_STOPPED",
     "TENANT_STARTED",
@@ -34,6 +56,24 @@ __all__ = [
     "CHECKPOINT_WRITTEN",
     "CHECKPOINT_RESUMED",
     "CHECKPOINT_FAILED",
+    "TRAINER_STARTED",
+    "TRAINER_STEP",
+    "TRAINER_FORWARD_BACKWARD",
+    "TRAINER_STEP_REJECTED",
+    "TRAINER_TENANT_ADDED",
+    "TRAINER_TENANT_REMOVED",
+    "TRAINER_EXPORTED",
+    "TRAINER_IMPORTED",
+    "TRAINER_STATE_RESTORED",
+    "ENGINE_STARTED",
+    "ENGINE_STOPPED",
+    "ENGINE_DIED",
+    "ADAPTER_REGISTERED",
+    "ADAPTER_LOADED",
+    "ADAPTER_REMOVED",
+    "SAMPLE_DONE",
+    "EPISODE_CONTEXT_FULL",
+    "BENCH_MODE_DONE",
     "JsonlSink",
     "DropBelow",
     "run_logger",
@@ -74,6 +114,46 @@ CHECKPOINT_RESUMED: Final = "tenant.resumed"
 """A tenant continues from its checkpoint: step (last completed), adapter_version, from_path, digest."""
 CHECKPOINT_FAILED: Final = "tenant.checkpoint_failed"
 """Writing the checkpoint on stop failed; the previous checkpoint stays (error says why)."""
+TRAINER_STARTED: Final = "trainer.started"
+"""The base model is loaded: model_dir, device, autocast_bf16, micro_batch_size, load_s."""
+TRAINER_STEP: Final = "trainer.step"
+"""Canonical line of one optimizer step (TrainStep or OptimStep): tenant, step, version, duration_s,
+queue_depth and the StepMetrics values (loss, grad_norm, clip_frac, kl, entropy, tokens, time/*)."""
+TRAINER_FORWARD_BACKWARD: Final = "trainer.forward_backward"
+"""One ForwardBackward accumulated gradients: tenant, version, duration_s, queue_depth, loss, tokens."""
+TRAINER_STEP_REJECTED: Final = "trainer.step_rejected"
+"""A step of one tenant was rejected (non-finite loss or gradient); its store is unchanged."""
+TRAINER_TENANT_ADDED: Final = "trainer.tenant_added"
+"""A tenant's AdapterStore exists at version 0: rank, alpha, targets, params, init_from."""
+TRAINER_TENANT_REMOVED: Final = "trainer.tenant_removed"
+"""A tenant's AdapterStore was dropped: its last version."""
+TRAINER_EXPORTED: Final = "trainer.exported"
+"""A tenant's adapter was written as a PEFT directory: version, out_dir, duration_s."""
+TRAINER_IMPORTED: Final = "trainer.imported"
+"""A tenant's weights were replaced from a PEFT directory (optimizer reset): version, path."""
+TRAINER_STATE_RESTORED: Final = "trainer.state_restored"
+"""A tenant's whole store (weights, Adam moments, counters) was replaced by a checkpoint's: version, adam_step."""
+
+ENGINE_STARTED: Final = "sampler.engine_started"
+"""The vLLM engine is up: model, dtype, max_loras, max_lora_rank, duration_s."""
+ENGINE_STOPPED: Final = "sampler.engine_stopped"
+"""The sampler shut its engine down cleanly."""
+ENGINE_DIED: Final = "sampler.engine_died"
+"""The vLLM engine process died; the sampler crashes (fatal for the runtime)."""
+ADAPTER_REGISTERED: Final = "sampler.adapter_registered"
+"""A tenant's adapter serves for the first time: tenant, version, lora_id, duration_s."""
+ADAPTER_LOADED: Final = "sampler.adapter_loaded"
+"""A tenant's adapter was replaced in place: tenant, version, duration_s, gate_wait_s."""
+ADAPTER_REMOVED: Final = "sampler.adapter_removed"
+"""A tenant's adapter was unloaded from the engine."""
+SAMPLE_DONE: Final = "sampler.sample_done"
+"""One SampleRequest finished: tenant, adapter_version, n, prompt_tokens, completion_tokens, duration_s."""
+
+EPISODE_CONTEXT_FULL: Final = "rollout.context_full"
+"""An episode stopped because no room was left in the model's context (reward 0)."""
+
+BENCH_MODE_DONE: Final = "bench.mode_done"
+"""One benchmark mode finished: mode, n, final_s."""
 
 
 def _to_jsonable(value: Any) -> Any:

@@ -28,7 +28,7 @@ from clora.config import (
 )
 from small_env import SmallEnv  # noqa: E402  (tests/ is on sys.path under pytest)
 from clora.messages import Datum, Snapshot
-from clora.trainer.actor import TRAINER_STEP, TRAINER_TENANT_REMOVED
+from clora.events import TRAINER_STEP, TRAINER_TENANT_REMOVED
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 

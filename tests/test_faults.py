@@ -54,7 +54,7 @@ from clora.messages import (
     SampleRequest,
     SampleResult,
 )
-from clora.trainer.actor import TRAINER_STEP_REJECTED, TRAINER_TENANT_REMOVED
+from clora.events import TRAINER_STEP_REJECTED, TRAINER_TENANT_REMOVED
 
 pytestmark = pytest.mark.timeout(180)
 

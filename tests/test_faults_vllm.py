@@ -31,7 +31,7 @@ from clora.config import (
 )
 from clora.envs import Outcome, Problem
 from clora.errors import EnvError, PublishError
-from clora.trainer.actor import TRAINER_STEP_REJECTED, TRAINER_TENANT_REMOVED
+from clora.events import TRAINER_STEP_REJECTED, TRAINER_TENANT_REMOVED
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 

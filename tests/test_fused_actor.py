@@ -13,7 +13,8 @@ from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.errors import ConfigError, NonFiniteError
 from clora.trainer import TrainerCore
 from clora.messages import AddTenant, Snapshot, StepMetrics, TrainStep
-from clora.trainer.actor import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor
+from clora.events import TRAINER_STEP, TRAINER_STEP_REJECTED
+from clora.trainer.actor import TrainerActor
 from clora.trainer.fused_actor import FusedTrainerActor
 
 from test_trainer import _poison, make_data  # noqa: E402

@@ -9,7 +9,6 @@ import pytest
 
 from clora import config as config_module
 from clora import events as runtime_events
-from clora.observe import names
 from tools import docgen
 from tools.ref_code import event_catalog, message_catalog, source_root
 from tools.ref_config import config_catalog
@@ -34,21 +33,40 @@ def test_every_runtime_event_constant_is_documented_with_its_docstring_and_field
     assert step.emitters == {"clora.tenant.actor"} and step.levels == {"info"}
 
 
-def test_names_the_observe_tools_read_are_the_ones_the_code_defines():
-    defined = {(e.module, e.constant): e.name for e in event_catalog()}
-    assert defined[("clora.trainer.actor", "TRAINER_STEP")] == names.TRAINER_STEP
-    assert defined[("clora.trainer.actor", "TRAINER_FORWARD_BACKWARD")] == names.TRAINER_FORWARD_BACKWARD
-    assert defined[("clora.trainer.actor", "TRAINER_STEP_REJECTED")] == names.TRAINER_STEP_REJECTED
-    assert defined[("clora.trainer.actor", "TRAINER_EXPORTED")] == names.TRAINER_EXPORTED
-    assert defined[("clora.sampler.actor", "SAMPLE_DONE")] == names.SAMPLE_DONE
+def test_every_event_name_is_defined_once_in_the_events_modules():
+    """clora/events.py (and the kernel's actors/events.py, which cannot import clora) define every
+    event name; no other module defines one, and every name in the catalog is unique."""
+    catalog = event_catalog()
+    assert {e.module for e in catalog} <= {"clora.events", "actors.events"}
+    names_seen = [e.name for e in catalog]
+    assert len(names_seen) == len(set(names_seen))
+    for constant in ("TRAINER_STEP", "TRAINER_FORWARD_BACKWARD", "TRAINER_STEP_REJECTED", "SAMPLE_DONE",
+                     "ACTOR_FAILED", "ACTOR_MAILBOX_STATS"):
+        assert constant in runtime_events.__all__, constant
+
+
+def test_no_log_call_names_its_event_with_a_string_literal():
+    """A log call's event is a constant from the events modules, never a re-typed string."""
+    import ast
+
+    from tools.ref_code import _is_log_call, iter_modules
+
+    offenders = []
+    for module, tree in iter_modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and _is_log_call(node) and node.args:
+                first = node.args[0]
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    offenders.append(f"{module}:{node.lineno} {first.value!r}")
+    assert offenders == []
 
 
 def test_fields_the_timeline_needs_are_logged():
     catalog = {e.name: e for e in event_catalog()}
-    assert {"tenant", "version", "duration_s"} <= set(catalog[names.TRAINER_STEP].fields)  # via _step(event, ...)
-    assert {"tenant", "adapter_version", "duration_s"} <= set(catalog[names.ADAPTER_PUBLISHED].fields) | {"version"}
-    assert {"tenant", "step", "accuracy", "duration_s"} <= set(catalog[names.TENANT_EVAL].fields)
-    assert {"n", "duration_s"} <= set(catalog[names.SAMPLE_DONE].fields)
+    assert {"tenant", "version", "duration_s"} <= set(catalog[runtime_events.TRAINER_STEP].fields)  # via _step(event, ...)
+    assert {"tenant", "adapter_version", "duration_s"} <= set(catalog[runtime_events.ADAPTER_PUBLISHED].fields) | {"version"}
+    assert {"tenant", "step", "accuracy", "duration_s"} <= set(catalog[runtime_events.TENANT_EVAL].fields)
+    assert {"n", "duration_s"} <= set(catalog[runtime_events.SAMPLE_DONE].fields)
 
 
 def test_event_extraction_rules_on_a_small_source_tree(tmp_path):

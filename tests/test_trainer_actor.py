@@ -28,7 +28,8 @@ from clora.messages import (
     StepMetrics,
     TrainStep,
 )
-from clora.trainer.actor import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor
+from clora.events import TRAINER_STEP, TRAINER_STEP_REJECTED
+from clora.trainer.actor import TrainerActor
 
 from test_trainer import make_data  # noqa: E402  (tests/ is on sys.path under pytest)
 

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import msgspec
 import structlog
 
+from clora import events
 from clora.bench.metrics import ModeRow, aggregate, safe_ratio, serial_prefix_rows
 from clora.bench.report import markdown_table, plot, results_table, rows_with_ratios, write_json
 from clora.bench.rss import PeakRss
@@ -53,8 +54,6 @@ __all__ = ["BenchSettings", "MODES", "QUICK", "FULL", "experiments", "runtime_co
 
 log = structlog.get_logger(__name__)
 
-BENCH_MODE_DONE = "bench.mode_done"
-"""One benchmark mode finished: mode, n, final_s."""
 
 LEARNING_RATES = (1e-3, 2e-3, 5e-4, 1e-3, 2e-3, 5e-4, 1e-3, 2e-3)
 
@@ -197,7 +196,7 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
 
             results, t0, start_s, peak = await mode("concurrent", n, concurrent)
             rows.append(aggregate("concurrent", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s))
-            log.info(BENCH_MODE_DONE, mode="concurrent", n=n, final_s=round(rows[-1].final_s, 1))
+            log.info(events.BENCH_MODE_DONE, mode="concurrent", n=n, final_s=round(rows[-1].final_s, 1))
         for n in s.fused_ns:  # the same N tenants, their train steps fused up to N at a time (its own runtime)
             async def fused(rt: Any, n: int = n) -> list[ExperimentResult]:
                 batch = [msgspec.structs.replace(e, name=f"f{n}{e.name}") for e in exps[:n]]
@@ -205,7 +204,7 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
 
             results, t0, start_s, peak = await mode("concurrent_fused", n, fused, replace(s, fuse_max=n))
             rows.append(aggregate("concurrent_fused", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s))
-            log.info(BENCH_MODE_DONE, mode="concurrent_fused", n=n, final_s=round(rows[-1].final_s, 1))
+            log.info(events.BENCH_MODE_DONE, mode="concurrent_fused", n=n, final_s=round(rows[-1].final_s, 1))
     return rows
 
 

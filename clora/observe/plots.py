@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from clora.observe import names
+from clora import events as names
 from clora.observe.spans import (
     EVALUATING,
     EXPORTING,

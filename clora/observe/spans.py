@@ -16,7 +16,7 @@ from typing import Any, Final
 import msgspec
 
 from clora.errors import ConfigError
-from clora.observe import names
+from clora import events as names
 
 __all__ = [
     "ROLLOUT",
@@ -53,6 +53,9 @@ KINDS: Final = (ROLLOUT, WAITING, TRAINING, PUBLISHING, EVALUATING, EXPORTING)
 
 TRAINER_ROW: Final = "trainer"
 SYNC_ROW: Final = "sync"
+
+TRAINER_WORK: Final = (names.TRAINER_STEP, names.TRAINER_FORWARD_BACKWARD, names.TRAINER_EXPORTED)
+"""Trainer events whose ``duration_s`` is time the device was busy for one tenant."""
 
 
 class Span(msgspec.Struct, frozen=True, kw_only=True):
@@ -183,7 +186,7 @@ def actor_spans(events: Iterable[Event]) -> list[Span]:
     spans = []
     for e in events:
         kind = e.get("event")
-        if kind in names.TRAINER_WORK or kind == names.ADAPTER_PUBLISHED:
+        if kind in TRAINER_WORK or kind == names.ADAPTER_PUBLISHED:
             ts = float(e["ts"])
             span_kind = {names.ADAPTER_PUBLISHED: PUBLISHING, names.TRAINER_EXPORTED: EXPORTING}.get(kind, TRAINING)
             row = SYNC_ROW if kind == names.ADAPTER_PUBLISHED else TRAINER_ROW

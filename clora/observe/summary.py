@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from clora.observe import names
+from clora import events as names
 from clora.observe.spans import (
     EVALUATING,
     PUBLISHING,

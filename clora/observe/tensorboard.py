@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from clora.errors import CloraError
-from clora.observe import names
+from clora import events as names
 from clora.observe.spans import Event
 
 __all__ = ["TensorBoardUnavailable", "summary_writer_class", "write_tensorboard"]

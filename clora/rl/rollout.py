@@ -20,6 +20,7 @@ import msgspec
 import structlog
 
 from actors.gather import gather_first_error
+from clora import events
 from clora.rl.chat import ChatRenderer
 from clora.envs.stepping import EnvStepTimeout, step_on_loop
 from clora.envs.base import Env, Episode, Outcome, Problem, check_reward
@@ -27,7 +28,6 @@ from clora.errors import EnvError, NonFiniteError
 from clora.messages import Completion, Datum, SamplingSpec
 
 __all__ = [
-    "EPISODE_CONTEXT_FULL",
     "FINISH_CONTEXT_FULL",
     "FINISH_DONE",
     "FINISH_MAX_TURNS",
@@ -53,8 +53,6 @@ FINISH_DONE = "done"
 FINISH_MAX_TURNS = "max_turns"
 FINISH_CONTEXT_FULL = "context_full"
 
-EPISODE_CONTEXT_FULL = "rollout.context_full"
-"""An episode stopped because no room was left in the model's context (reward 0)."""
 
 
 class Trajectory(msgspec.Struct, kw_only=True):
@@ -152,7 +150,7 @@ async def run_episode(
         if room < 1:
             finish, reward = FINISH_CONTEXT_FULL, 0.0
             info = {"error": f"context full: {len(tokens)} tokens leave no room in max_model_len {max_model_len}"}
-            log.info(EPISODE_CONTEXT_FULL, problem=pid, turn=turn, tokens=len(tokens), max_model_len=max_model_len)
+            log.info(events.EPISODE_CONTEXT_FULL, problem=pid, turn=turn, tokens=len(tokens), max_model_len=max_model_len)
             break
         spec = msgspec.structs.replace(
             sampling, n=1, max_tokens=min(sampling.max_tokens, room), seed=_turn_seed(sampling.seed, turn)
@@ -181,7 +179,7 @@ async def run_episode(
         if len(tokens) + len(continuation) >= max_model_len:
             finish, reward = FINISH_CONTEXT_FULL, 0.0
             info["error"] = f"context full: the next turn would not fit in max_model_len {max_model_len}"
-            log.info(EPISODE_CONTEXT_FULL, problem=pid, turn=turn + 1, tokens=len(tokens), max_model_len=max_model_len)
+            log.info(events.EPISODE_CONTEXT_FULL, problem=pid, turn=turn + 1, tokens=len(tokens), max_model_len=max_model_len)
             break
         tokens += continuation
         mask += [0.0] * len(continuation)

@@ -19,11 +19,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+
 
 import msgspec
 
 from actors import Actor, handler
+from clora import events
 from clora.config import EngineConfig, ModelConfig
 from clora.sampler.engine import Engine
 from clora.errors import DuplicateTenantError, EngineDeadError, UnknownTenantError
@@ -32,31 +33,10 @@ from clora.messages import AdapterLoaded, LoadAdapter, RegisterAdapter, RemoveAd
 __all__ = [
     "SamplerActor",
     "BASE_VERSION",
-    "ENGINE_STARTED",
-    "ENGINE_STOPPED",
-    "ENGINE_DIED",
-    "ADAPTER_REGISTERED",
-    "ADAPTER_LOADED",
-    "ADAPTER_REMOVED",
-    "SAMPLE_DONE",
 ]
 
 BASE_VERSION = -1  # SampleResult.adapter_version of base-model requests
 
-ENGINE_STARTED: Final = "sampler.engine_started"
-"""The vLLM engine is up: model, dtype, max_loras, max_lora_rank, duration_s."""
-ENGINE_STOPPED: Final = "sampler.engine_stopped"
-"""The sampler shut its engine down cleanly."""
-ENGINE_DIED: Final = "sampler.engine_died"
-"""The vLLM engine process died; the sampler crashes (fatal for the runtime)."""
-ADAPTER_REGISTERED: Final = "sampler.adapter_registered"
-"""A tenant's adapter serves for the first time: tenant, version, lora_id, duration_s."""
-ADAPTER_LOADED: Final = "sampler.adapter_loaded"
-"""A tenant's adapter was replaced in place: tenant, version, duration_s, gate_wait_s."""
-ADAPTER_REMOVED: Final = "sampler.adapter_removed"
-"""A tenant's adapter was unloaded from the engine."""
-SAMPLE_DONE: Final = "sampler.sample_done"
-"""One SampleRequest finished: tenant, adapter_version, n, prompt_tokens, completion_tokens, duration_s."""
 
 
 class _EngineDied(msgspec.Struct, frozen=True):
@@ -140,7 +120,7 @@ class SamplerActor(Actor):
             self._shutdown()  # on_failure does not run for a failed start
             raise
         self.log.info(
-            ENGINE_STARTED, model=str(self._model_dir), dtype=self._model_cfg.dtype,
+            events.ENGINE_STARTED, model=str(self._model_dir), dtype=self._model_cfg.dtype,
             max_loras=self._engine_cfg.max_loras, max_lora_rank=self._engine_cfg.max_lora_rank,
             duration_s=round(time.perf_counter() - started, 3),
         )
@@ -148,7 +128,7 @@ class SamplerActor(Actor):
     async def on_stop(self) -> None:
         if self._owns_engine:
             self._shutdown()
-            self.log.info(ENGINE_STOPPED)
+            self.log.info(events.ENGINE_STOPPED)
         else:  # a borrowed engine outlives us: leave it without our adapters
             for tenant in list(self._tenants):
                 slot = self._tenants.pop(tenant)
@@ -157,7 +137,7 @@ class SamplerActor(Actor):
 
     async def on_failure(self, exc: BaseException) -> None:
         if isinstance(exc, EngineDeadError) or isinstance(getattr(exc, "cause", None), EngineDeadError):
-            self.log.error(ENGINE_DIED, error=str(exc))
+            self.log.error(events.ENGINE_DIED, error=str(exc))
         if self._owns_engine:
             self._shutdown()
 
@@ -211,7 +191,7 @@ class SamplerActor(Actor):
                     self._free_lora_slot(slot)
                     slot.idle.set()
         self.log.info(
-            SAMPLE_DONE, tenant=msg.tenant, adapter_version=version, n=msg.sampling.n,
+            events.SAMPLE_DONE, tenant=msg.tenant, adapter_version=version, n=msg.sampling.n,
             prompt_tokens=len(msg.prompt_token_ids),
             completion_tokens=sum(len(c.token_ids) for c in output.completions),
             duration_s=round(time.perf_counter() - started, 4),
@@ -270,7 +250,7 @@ class SamplerActor(Actor):
                                path=Path(msg.path))
             duration = await self._engine_call(self.engine.add_adapter(*slot.adapter))
             self._tenants[msg.tenant] = slot
-        self.log.info(ADAPTER_REGISTERED, tenant=msg.tenant, version=msg.version, lora_id=slot.lora_id,
+        self.log.info(events.ADAPTER_REGISTERED, tenant=msg.tenant, version=msg.version, lora_id=slot.lora_id,
                       duration_s=round(duration, 4))
         return AdapterLoaded(tenant=msg.tenant, version=msg.version, duration_s=duration)
 
@@ -300,7 +280,7 @@ class SamplerActor(Actor):
                 slot.version, slot.path = new.version, new.path
             finally:
                 slot.open.set()
-        self.log.info(ADAPTER_LOADED, tenant=msg.tenant, version=msg.version, duration_s=round(duration, 4),
+        self.log.info(events.ADAPTER_LOADED, tenant=msg.tenant, version=msg.version, duration_s=round(duration, 4),
                       gate_wait_s=round(gate_wait, 4))
         return AdapterLoaded(tenant=msg.tenant, version=msg.version, duration_s=duration)
 
@@ -317,7 +297,7 @@ class SamplerActor(Actor):
             finally:
                 slot.open.set()  # waiters wake up and find the tenant gone
         self._admin_locks.pop(msg.tenant, None)
-        self.log.info(ADAPTER_REMOVED, tenant=msg.tenant, lora_id=slot.lora_id)
+        self.log.info(events.ADAPTER_REMOVED, tenant=msg.tenant, lora_id=slot.lora_id)
 
     async def _engine_call(self, awaitable):
         try:

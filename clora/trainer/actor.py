@@ -21,12 +21,13 @@ import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Final, TypeVar
+from typing import Any, Callable, TypeVar
 
 import msgspec
 import torch
 
 from actors import Actor, ActorRef, ActorSystem, Supervision, handler
+from clora import events
 from clora.config import ModelConfig, TrainerConfig
 from clora.errors import NonFiniteError
 from clora.trainer.core import TrainerCore
@@ -49,38 +50,10 @@ from clora.messages import (
 )
 
 __all__ = [
-    "TRAINER_STARTED",
-    "TRAINER_STEP",
-    "TRAINER_FORWARD_BACKWARD",
-    "TRAINER_STEP_REJECTED",
-    "TRAINER_TENANT_ADDED",
-    "TRAINER_TENANT_REMOVED",
-    "TRAINER_EXPORTED",
-    "TRAINER_IMPORTED",
-    "TRAINER_STATE_RESTORED",
     "TrainerActor",
     "step_copies",
 ]
 
-TRAINER_STARTED: Final = "trainer.started"
-"""The base model is loaded: model_dir, device, autocast_bf16, micro_batch_size, load_s."""
-TRAINER_STEP: Final = "trainer.step"
-"""Canonical line of one optimizer step (TrainStep or OptimStep): tenant, step, version, duration_s,
-queue_depth and the StepMetrics values (loss, grad_norm, clip_frac, kl, entropy, tokens, time/*)."""
-TRAINER_FORWARD_BACKWARD: Final = "trainer.forward_backward"
-"""One ForwardBackward accumulated gradients: tenant, version, duration_s, queue_depth, loss, tokens."""
-TRAINER_STEP_REJECTED: Final = "trainer.step_rejected"
-"""A step of one tenant was rejected (non-finite loss or gradient); its store is unchanged."""
-TRAINER_TENANT_ADDED: Final = "trainer.tenant_added"
-"""A tenant's AdapterStore exists at version 0: rank, alpha, targets, params, init_from."""
-TRAINER_TENANT_REMOVED: Final = "trainer.tenant_removed"
-"""A tenant's AdapterStore was dropped: its last version."""
-TRAINER_EXPORTED: Final = "trainer.exported"
-"""A tenant's adapter was written as a PEFT directory: version, out_dir, duration_s."""
-TRAINER_IMPORTED: Final = "trainer.imported"
-"""A tenant's weights were replaced from a PEFT directory (optimizer reset): version, path."""
-TRAINER_STATE_RESTORED: Final = "trainer.state_restored"
-"""A tenant's whole store (weights, Adam moments, counters) was replaced by a checkpoint's: version, adam_step."""
 
 T = TypeVar("T")
 
@@ -142,7 +115,7 @@ class TrainerActor(Actor):
             self._shutdown()  # on_stop / on_failure do not run when on_start fails
             raise
         self.log.info(
-            TRAINER_STARTED,
+            events.TRAINER_STARTED,
             model_dir=self.core.base_model_name,
             device=str(self.core.device),
             autocast_bf16=self.config.autocast_bf16,
@@ -218,7 +191,7 @@ class TrainerActor(Actor):
             values = await self._on_device(fn, tenant, *args)
         except NonFiniteError as exc:
             self.log.warning(
-                TRAINER_STEP_REJECTED, tenant=tenant, version=version_before, error=str(exc),
+                events.TRAINER_STEP_REJECTED, tenant=tenant, version=version_before, error=str(exc),
                 duration_s=round(time.perf_counter() - start, 4), queue_depth=self._queue_depth(),
             )
             raise
@@ -238,7 +211,7 @@ class TrainerActor(Actor):
         core = self._core()
         store = await self._on_device(core.add_tenant, msg.tenant, msg.lora, msg.optim, init_from)
         self.log.info(
-            TRAINER_TENANT_ADDED, tenant=msg.tenant, rank=msg.lora.rank, alpha=msg.lora.alpha,
+            events.TRAINER_TENANT_ADDED, tenant=msg.tenant, rank=msg.lora.rank, alpha=msg.lora.alpha,
             targets=list(msg.lora.target_modules), params=store.num_params(), init_from=init_from,
         )
         return store.version
@@ -248,7 +221,7 @@ class TrainerActor(Actor):
         core = self._core()
         version = core.store(msg.tenant).version
         await self._on_device(core.remove_tenant, msg.tenant)
-        self.log.info(TRAINER_TENANT_REMOVED, tenant=msg.tenant, version=version)
+        self.log.info(events.TRAINER_TENANT_REMOVED, tenant=msg.tenant, version=version)
 
     @handler
     async def train_step(self, msg: TrainStep) -> StepMetrics:
@@ -260,16 +233,16 @@ class TrainerActor(Actor):
             copies.update(step_copies(core, msg, values))
             return values
 
-        metrics = await self._step(TRAINER_STEP, msg.tenant, step_then_copy, msg.data, msg.loss)
+        metrics = await self._step(events.TRAINER_STEP, msg.tenant, step_then_copy, msg.data, msg.loss)
         return msgspec.structs.replace(metrics, **copies)
 
     @handler
     async def forward_backward(self, msg: ForwardBackward) -> StepMetrics:
-        return await self._step(TRAINER_FORWARD_BACKWARD, msg.tenant, self._core().forward_backward, msg.data, msg.loss)
+        return await self._step(events.TRAINER_FORWARD_BACKWARD, msg.tenant, self._core().forward_backward, msg.data, msg.loss)
 
     @handler
     async def optim_step(self, msg: OptimStep) -> StepMetrics:
-        return await self._step(TRAINER_STEP, msg.tenant, self._core().optim_step)
+        return await self._step(events.TRAINER_STEP, msg.tenant, self._core().optim_step)
 
     @handler
     async def compute_logprobs(self, msg: ComputeLogprobs) -> list[list[float]]:
@@ -280,7 +253,7 @@ class TrainerActor(Actor):
         start = time.perf_counter()
         snap = await self._on_device(self._core().export_adapter, msg.tenant, msg.out_dir)
         self.log.info(
-            TRAINER_EXPORTED, tenant=msg.tenant, version=snap.version, out_dir=msg.out_dir,
+            events.TRAINER_EXPORTED, tenant=msg.tenant, version=snap.version, out_dir=msg.out_dir,
             duration_s=round(time.perf_counter() - start, 4),
         )
         return snap.version
@@ -288,7 +261,7 @@ class TrainerActor(Actor):
     @handler
     async def import_adapter(self, msg: ImportAdapter) -> int:
         version = await self._on_device(self._core().import_adapter, msg.tenant, msg.path)
-        self.log.info(TRAINER_IMPORTED, tenant=msg.tenant, version=version, path=msg.path)
+        self.log.info(events.TRAINER_IMPORTED, tenant=msg.tenant, version=version, path=msg.path)
         return version
 
     @handler
@@ -302,7 +275,7 @@ class TrainerActor(Actor):
     @handler
     async def import_store_state(self, msg: ImportStoreState) -> int:
         version = await self._on_device(self._core().store(msg.tenant).load_state, msg.state)
-        self.log.info(TRAINER_STATE_RESTORED, tenant=msg.tenant, version=version, adam_step=msg.state.adam_step)
+        self.log.info(events.TRAINER_STATE_RESTORED, tenant=msg.tenant, version=version, adam_step=msg.state.adam_step)
         return version
 
 

@@ -40,7 +40,8 @@ from clora.config import ModelConfig, TrainerConfig
 from clora.errors import NonFiniteError
 from clora.trainer import FusedRequest, TrainerCore
 from clora.messages import StepMetrics, TrainStep
-from clora.trainer.actor import TRAINER_STEP, TRAINER_STEP_REJECTED, TrainerActor, step_copies
+from clora.events import TRAINER_STEP, TRAINER_STEP_REJECTED
+from clora.trainer.actor import TrainerActor, step_copies
 
 __all__ = ["FUSED_MAX_PENDING", "FusedTrainerActor"]
 
