@@ -15,6 +15,8 @@ from typing import Any, Union
 
 import msgspec
 
+from clora.config import LoraConfig, LossConfig, OptimConfig
+
 __all__ = [
     "SamplingSpec",
     "Completion",
@@ -40,6 +42,7 @@ __all__ = [
     "ImportStoreState",
     "StoreState",
     "StepMetrics",
+    "TrainStepResult",
     "TrainerMsg",
     "Publish",
     "Published",
@@ -130,23 +133,17 @@ class Datum(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StepMetrics(msgspec.Struct, frozen=True, kw_only=True):
-    """What the trainer measured; ``values`` uses slash keys like 'loss', 'grad_norm', 'time/fwd_bwd'.
-
-    ``adapter`` / ``state``: copies of the new version taken in the same device job as the step,
-    when the TrainStep asked for them (trainer-local hand-offs: they hold tensors).
-    """
+    """What the trainer measured; ``values`` uses slash keys like 'loss', 'grad_norm', 'time/fwd_bwd'."""
 
     tenant: str
     version: int
     values: dict[str, float]
-    adapter: Any = None  # AdapterSnapshot of ``version``, or None
-    state: Any = None  # StoreState of ``version``, or None
 
 
 class AddTenant(_Msg):
     tenant: str
-    lora: Any  # clora.config.LoraConfig
-    optim: Any  # clora.config.OptimConfig
+    lora: LoraConfig
+    optim: OptimConfig
     init_from: str | None = None  # a PEFT adapter directory to start from (checked against lora)
 
 
@@ -159,7 +156,7 @@ class ForwardBackward(_Msg):
 
     tenant: str
     data: list[Datum]
-    loss: Any  # clora.config.LossConfig
+    loss: LossConfig
 
 
 class OptimStep(_Msg):
@@ -178,7 +175,7 @@ class TrainStep(_Msg):
 
     tenant: str
     data: list[Datum]
-    loss: Any  # clora.config.LossConfig
+    loss: LossConfig
     copy_adapter: bool = False
     copy_state: bool = False
 
@@ -215,7 +212,7 @@ class AdapterSnapshot(msgspec.Struct, frozen=True, kw_only=True):
 
     tenant: str
     version: int
-    tensors: dict[str, Any]
+    tensors: dict[str, Any]  # torch.Tensor values
     peft_config: dict[str, Any]
 
 
@@ -229,23 +226,32 @@ class StoreState(msgspec.Struct, frozen=True, kw_only=True):
     """A tenant's whole AdapterStore as CPU fp32 tensor copies (store names). Trainer-local hand-off."""
 
     tenant: str
-    lora: Any  # clora.config.LoraConfig
-    optim: Any  # clora.config.OptimConfig
+    lora: LoraConfig
+    optim: OptimConfig
     version: int
     adam_step: int
     grad_weight: float
     grad_normalize: str | None
-    params: dict[str, Any]
+    params: dict[str, Any]  # torch.Tensor values, like the three below
     exp_avg: dict[str, Any]
     exp_avg_sq: dict[str, Any]
     grads: dict[str, Any]
+
+
+class TrainStepResult(msgspec.Struct, frozen=True, kw_only=True):
+    """A TrainStep's reply: its metrics, and the copies of the new version it asked for
+    (``copy_adapter`` -> ``adapter``, ``copy_state`` -> ``state``), taken in the same device job."""
+
+    metrics: StepMetrics
+    adapter: AdapterSnapshot | None = None
+    state: StoreState | None = None
 
 
 class ImportStoreState(_Msg):
     """Replace the tenant's whole store with a StoreState (a checkpoint); its version becomes state.version."""
 
     tenant: str
-    state: Any  # StoreState (trainer-local: holds tensors)
+    state: StoreState  # trainer-local: holds tensors
 
 
 TrainerMsg = Union[
@@ -262,7 +268,7 @@ class Publish(_Msg):
     AdapterSnapshot a TrainStep replied with: no second trip to the trainer)."""
 
     tenant: str
-    adapter: Any = None  # AdapterSnapshot, or None: ask the trainer for a snapshot
+    adapter: AdapterSnapshot | None = None  # None: ask the trainer for a snapshot
 
 
 class Published(_Msg):

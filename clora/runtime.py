@@ -250,7 +250,8 @@ class TenantHandle:
         return await self._rt.trainer.ask(OptimStep(tenant=self.name))
 
     async def train_step(self, data: list[Datum], loss: LossConfig | None = None) -> StepMetrics:
-        return await self._rt.trainer.ask(TrainStep(tenant=self.name, data=data, loss=loss or LossConfig()))
+        result = await self._rt.trainer.ask(TrainStep(tenant=self.name, data=data, loss=loss or LossConfig()))
+        return result.metrics
 
     async def logprobs(self, data: list[Datum]) -> list[list[float]]:
         return await self._rt.trainer.ask(ComputeLogprobs(tenant=self.name, data=data))

@@ -26,6 +26,7 @@ from clora.messages import (
     RemoveTenant,
     Snapshot,
     StepMetrics,
+    TrainStepResult,
     TrainStep,
 )
 from clora.events import TRAINER_STEP, TRAINER_STEP_REJECTED
@@ -44,7 +45,7 @@ async def test_trainer_actor_serves_every_message(tiny_model_dir, tmp_path):
             assert await ref.ask(AddTenant(tenant="a", lora=LORA, optim=OPTIM)) == 0
             with pytest.raises(DuplicateTenantError):
                 await ref.ask(AddTenant(tenant="a", lora=LORA, optim=OPTIM))
-            metrics = await ref.ask(TrainStep(tenant="a", data=make_data(4, seed=1), loss=LossConfig()))
+            metrics = (await ref.ask(TrainStep(tenant="a", data=make_data(4, seed=1), loss=LossConfig()))).metrics
             assert isinstance(metrics, StepMetrics) and metrics.version == 1 and metrics.tenant == "a"
             for key in ("loss", "grad_norm", "clip_frac", "kl", "entropy", "tokens", "time/swap_in",
                         "time/fwd_bwd", "time/optim", "time/swap_out", "version"):
@@ -94,7 +95,7 @@ async def test_non_finite_step_fails_only_that_tenant(tiny_model_dir):
             good_step = ref.ask(TrainStep(tenant="good", data=make_data(2, seed=4), loss=LossConfig()))
             results = await asyncio.gather(bad_step, good_step, return_exceptions=True)
             assert isinstance(results[0], NonFiniteError) and "adapter stays at version 0" in str(results[0])
-            assert isinstance(results[1], StepMetrics) and results[1].version == 1
+            assert isinstance(results[1], TrainStepResult) and results[1].metrics.version == 1
             after = await ref.ask(Snapshot(tenant="bad"))
             assert after.version == 0 and all(torch.equal(before[k], after.tensors[k]) for k in before)
             assert ref.alive
@@ -115,7 +116,7 @@ async def test_a_step_does_not_block_the_event_loop(tiny_model_dir):
             now = time.perf_counter()
             gaps.append(now - last)
             last = now
-        metrics = await step
+        metrics = (await step).metrics
         step_s = metrics.values["time/fwd_bwd"]
         assert step_s > 0.2, "the step is too short to show anything"
         assert len(gaps) > 10 and max(gaps) < step_s / 2, (max(gaps), step_s)
@@ -183,20 +184,20 @@ async def test_a_train_step_replies_with_the_copies_it_asked_for(tiny_model_dir,
         for tenant in ("a", "b"):
             await ref.ask(AddTenant(tenant=tenant, lora=LORA, optim=OPTIM))
         plain = await ref.ask(TrainStep(tenant="a", data=make_data(2, seed=1), loss=LossConfig()))
-        assert plain.adapter is None and plain.state is None and "time/copy" not in plain.values
+        assert plain.adapter is None and plain.state is None and "time/copy" not in plain.metrics.values
         asks = [ref.ask(TrainStep(tenant=t, data=make_data(2, seed=i), loss=LossConfig(),
                                   copy_adapter=True, copy_state=True)) for i, t in enumerate(("a", "b"))]
         replies = await asyncio.gather(*asks)
         for reply in replies:
-            snap = await ref.ask(Snapshot(tenant=reply.tenant))
-            state = await ref.ask(ExportStoreState(tenant=reply.tenant))
-            assert reply.adapter.version == reply.state.version == reply.version == snap.version
+            snap = await ref.ask(Snapshot(tenant=reply.metrics.tenant))
+            state = await ref.ask(ExportStoreState(tenant=reply.metrics.tenant))
+            assert reply.adapter.version == reply.state.version == reply.metrics.version == snap.version
             assert reply.adapter.peft_config == snap.peft_config
             assert all(torch.equal(reply.adapter.tensors[k], snap.tensors[k]) for k in snap.tensors)
             for field in ("params", "exp_avg", "exp_avg_sq"):
                 ours, theirs = getattr(reply.state, field), getattr(state, field)
                 assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-            assert reply.state.adam_step == state.adam_step and reply.values["time/copy"] >= 0
+            assert reply.state.adam_step == state.adam_step and reply.metrics.values["time/copy"] >= 0
         # the copies are copies: a later step does not change them
         kept = {k: v.clone() for k, v in replies[1].adapter.tensors.items()}
         await ref.ask(TrainStep(tenant="b", data=make_data(2, seed=5), loss=LossConfig()))

@@ -49,9 +49,9 @@ from clora.messages import (
     SampleRequest,
     SampleResult,
     SamplingSpec,
-    StepMetrics,
     StoreState,
     TrainStep,
+    TrainStepResult,
 )
 from clora.rl import group_advantages
 from clora.rl.rollout import Trajectory, run_episode, run_group, start_episode, to_datum
@@ -256,7 +256,7 @@ class TenantActor(Actor):
         await self._checkpoint_written()  # the last step's store copy is taken before this step changes the store
         t1 = time.perf_counter()
         try:
-            metrics: StepMetrics = await self._trainer.ask(TrainStep(
+            result: TrainStepResult = await self._trainer.ask(TrainStep(
                 tenant=self.tenant, data=data, loss=exp.loss, copy_adapter=True,
                 copy_state=self._checkpoints is not None and self._checkpoints.enabled,
             ))
@@ -265,13 +265,13 @@ class TenantActor(Actor):
                 step, "non-finite", reward_mean, t_rollout, time_train_s=time.perf_counter() - t1, error=str(e)
             )
         t2 = time.perf_counter()
-        self._step_state = metrics.state  # the checkpoint's store copy of this step, when asked for
+        self._step_state = result.state  # the checkpoint's store copy of this step, when asked for
         published = await self._retrying(step, "publish", lambda: self._sync.ask(
-            Publish(tenant=self.tenant, adapter=metrics.adapter)
+            Publish(tenant=self.tenant, adapter=result.adapter)
         ))
         t3 = time.perf_counter()
         self._version = published.version
-        fields = {f"train/{k}": v for k, v in metrics.values.items()}
+        fields = {f"train/{k}": v for k, v in result.metrics.values.items()}
         fields.update({
             "reward/mean": reward_mean,
             "time/rollout": round(t_rollout, 3),

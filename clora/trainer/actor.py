@@ -5,8 +5,16 @@ so the event loop (which also streams the sampler's results) never blocks. A ste
 half-written: if the handler is cancelled, it waits for the worker to finish the step and its
 store write-back (or to leave the store untouched), then re-raises the cancellation.
 
-Replies: AddTenant -> 0 (the new version), RemoveTenant -> None, TrainStep / ForwardBackward /
-OptimStep -> StepMetrics (a TrainStep's carries the copies it asked for: see ``step_copies``),
+TrainSteps wait in a step queue (clora.trainer.step_queue): whichever waiting handler gets the
+device lock runs the next group, up to ``TrainerConfig.fuse_max`` steps of different tenants in one
+fused forward/backward (1 = one step at a time, FIFO). Replies and errors stay per asker. Cancelling
+an ask whose step is still queued removes it; once its group runs, the group finishes for everyone.
+TrainSteps keep FIFO order among themselves (per tenant, strictly), but a later message of another
+type (Snapshot, ExportAdapter, ...) may run before a TrainStep that is still queued: await the
+TrainStep's reply before relying on its result (``ask`` does).
+
+Replies: AddTenant -> 0 (the new version), RemoveTenant -> None, TrainStep -> TrainStepResult
+(its StepMetrics and the copies it asked for), ForwardBackward / OptimStep -> StepMetrics,
 ComputeLogprobs -> list[list[float]], ExportAdapter -> the exported version (int), ImportAdapter
 -> the new version (int; weights replaced, optimizer state reset), Snapshot -> AdapterSnapshot, ExportStoreState -> StoreState (a checkpoint's content),
 ImportStoreState -> the restored version (int; the whole store replaced). A non-finite loss or
@@ -21,9 +29,8 @@ import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Final, TypeVar
 
-import msgspec
 import torch
 
 from actors import Actor, ActorRef, ActorSystem, Supervision, handler
@@ -32,6 +39,7 @@ from clora.config import ModelConfig, TrainerConfig
 from clora.errors import NonFiniteError
 from clora.trainer.core import TrainerCore
 from clora.trainer.memory import release_free_memory
+from clora.trainer.step_queue import GroupOutcome, PendingStep, StepQueue, train_group
 from clora.messages import (
     AdapterSnapshot,
     AddTenant,
@@ -47,12 +55,17 @@ from clora.messages import (
     StepMetrics,
     StoreState,
     TrainStep,
+    TrainStepResult,
 )
 
 __all__ = [
+    "MAX_QUEUED_STEPS",
     "TrainerActor",
-    "step_copies",
 ]
+
+MAX_QUEUED_STEPS: Final = 64
+"""Most TrainSteps queued at once (the concurrent handler's bound; the mailbox behind it is bounded
+by ``TrainerConfig.queue_size``)."""
 
 
 T = TypeVar("T")
@@ -82,6 +95,7 @@ class TrainerActor(Actor):
         self.device_lock = asyncio.Lock()
         self.core: TrainerCore | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._steps = StepQueue(config.fuse_max)
 
     @classmethod
     async def start_in(
@@ -93,16 +107,8 @@ class TrainerActor(Actor):
         name: str = "trainer",
         supervision: Supervision = Supervision.ESCALATE,
     ) -> ActorRef[TrainerActor]:
-        """Start a trainer in ``system`` with its mailbox bounded by ``config.queue_size``: a
-        FusedTrainerActor when ``config.fuse_max`` > 1 (clora.trainer.fused_actor), else this class."""
-        actor_cls = cls
-        if config.fuse_max > 1 and cls is TrainerActor:
-            from clora.trainer.fused_actor import FusedTrainerActor
-
-            actor_cls = FusedTrainerActor
-        return await system.start(
-            actor_cls(model, config), name=name, supervision=supervision, mailbox_size=config.queue_size
-        )
+        """Start a trainer in ``system`` with its mailbox bounded by ``config.queue_size``."""
+        return await system.start(cls(model, config), name=name, supervision=supervision, mailbox_size=config.queue_size)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -182,7 +188,8 @@ class TrainerActor(Actor):
         return self.core
 
     def _queue_depth(self) -> int:
-        return self.ref.stats.depth
+        """Messages waiting in the mailbox plus TrainSteps waiting for the device."""
+        return self.ref.stats.depth + len(self._steps)
 
     async def _step(self, event: str, tenant: str, fn: Callable[..., dict[str, float]], *args: Any) -> StepMetrics:
         start = time.perf_counter()
@@ -202,6 +209,63 @@ class TrainerActor(Actor):
             queue_depth=self._queue_depth(), **fields,
         )
         return StepMetrics(tenant=tenant, version=version, values=values)
+
+    async def _lock_unless_done(self, pending: PendingStep) -> bool:
+        """Acquire the device lock (True), or return False as soon as ``pending`` is resolved by
+        another handler's group, so its asker is answered without queueing behind the next step."""
+        acquire = asyncio.ensure_future(self.device_lock.acquire())
+        try:
+            await asyncio.wait({acquire, pending.future}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._drop_acquire(acquire)
+            raise
+        if pending.future.done():
+            self._drop_acquire(acquire)
+            return False
+        return True  # FIRST_COMPLETED: the lock is ours
+
+    def _drop_acquire(self, acquire: asyncio.Future[bool]) -> None:
+        """Give up a lock acquisition: cancel it, or release the lock if it got it anyway."""
+        acquire.cancel()  # no effect once it finished
+        acquire.add_done_callback(lambda f: None if f.cancelled() else self.device_lock.release())
+
+    async def _run_group(self, group: list[PendingStep]) -> None:
+        """One (fused) step for ``group`` in the worker; the caller holds the device lock. Every
+        step's future is resolved when the worker finishes, even if this task is cancelled."""
+        core = self._core()
+        start = time.perf_counter()
+        try:
+            future = self._in_worker(train_group, core, [p.msg for p in group])
+        except BaseException as exc:
+            self._resolve(group, [(exc, {})] * len(group), start)
+            raise
+        future.add_done_callback(lambda f: self._resolve(group, _group_outcomes(f, len(group)), start))
+        await self._finish(future)
+
+    def _resolve(self, group: list[PendingStep], outcomes: list[GroupOutcome], start: float) -> None:
+        """Log each step's canonical event and resolve its future (in the event loop thread)."""
+        duration = round(time.perf_counter() - start, 4)
+        depth = self._queue_depth()
+        for pending, (outcome, copies) in zip(group, outcomes, strict=True):
+            tenant = pending.msg.tenant
+            if isinstance(outcome, BaseException):
+                if isinstance(outcome, NonFiniteError):
+                    store = self.core.stores.get(tenant) if self.core is not None else None
+                    self.log.warning(
+                        events.TRAINER_STEP_REJECTED, tenant=tenant, version=store.version if store else None,
+                        error=str(outcome), duration_s=duration, queue_depth=depth, fused=len(group),
+                    )
+                if not pending.future.done():
+                    pending.future.set_exception(outcome)
+                continue
+            version = int(outcome["version"])
+            self.log.info(
+                events.TRAINER_STEP, tenant=tenant, duration_s=duration, queue_depth=depth,
+                wait_s=round(start - pending.enqueued, 4), **{**outcome, "version": version, "step": version},
+            )
+            if not pending.future.done():
+                metrics = StepMetrics(tenant=tenant, version=version, values=outcome)
+                pending.future.set_result(TrainStepResult(metrics=metrics, **copies))
 
     # ------------------------------------------------------------------ handlers
 
@@ -223,18 +287,24 @@ class TrainerActor(Actor):
         await self._on_device(core.remove_tenant, msg.tenant)
         self.log.info(events.TRAINER_TENANT_REMOVED, tenant=msg.tenant, version=version)
 
-    @handler
-    async def train_step(self, msg: TrainStep) -> StepMetrics:
-        core = self._core()
-        copies: dict[str, Any] = {}
-
-        def step_then_copy(tenant: str, data: list, loss: Any) -> dict[str, float]:
-            values = core.train_step(tenant, data, loss)
-            copies.update(step_copies(core, msg, values))
-            return values
-
-        metrics = await self._step(events.TRAINER_STEP, msg.tenant, step_then_copy, msg.data, msg.loss)
-        return msgspec.structs.replace(metrics, **copies)
+    @handler(concurrent=True, max_concurrency=MAX_QUEUED_STEPS)
+    async def train_step(self, msg: TrainStep) -> TrainStepResult:
+        pending = self._steps.push(msg)
+        try:
+            while not pending.future.done():
+                if not await self._lock_unless_done(pending):
+                    break  # another handler's group ran this step
+                try:
+                    if pending in self._steps:  # else a group that took it has finished: done
+                        await self._run_group(self._steps.take_group())
+                finally:
+                    self.device_lock.release()
+        except asyncio.CancelledError:
+            self._steps.discard(pending)
+            if pending.future.done() and not pending.future.cancelled():
+                pending.future.exception()  # retrieved: the cancellation is what the asker sees
+            raise
+        return pending.future.result()
 
     @handler
     async def forward_backward(self, msg: ForwardBackward) -> StepMetrics:
@@ -279,16 +349,9 @@ class TrainerActor(Actor):
         return version
 
 
-def step_copies(core: TrainerCore, msg: TrainStep, values: dict[str, float]) -> dict[str, Any]:
-    """The copies ``msg`` asked for, of the tenant's version right after its step (StepMetrics
-    fields ``adapter`` / ``state``); their time goes into ``values["time/copy"]``. Runs in the
-    worker, in the same device job as the step."""
-    started = time.perf_counter()
-    copies: dict[str, Any] = {}
-    if msg.copy_adapter:
-        copies["adapter"] = core.snapshot(msg.tenant)
-    if msg.copy_state:
-        copies["state"] = core.store(msg.tenant).export_state()
-    if copies:
-        values["time/copy"] = time.perf_counter() - started
-    return copies
+
+def _group_outcomes(future: asyncio.Future[list[GroupOutcome]], size: int) -> list[GroupOutcome]:
+    if future.cancelled():
+        return [(RuntimeError("the trainer's worker was shut down before the step ran"), {})] * size
+    exc = future.exception()
+    return [(exc, {})] * size if exc is not None else future.result()

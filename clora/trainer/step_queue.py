@@ -1,0 +1,124 @@
+"""Which pending TrainSteps run next, and together: the trainer's step queue.
+
+Every TrainStep the TrainerActor receives waits here until the device is free. The next group is
+up to ``fuse_max`` pending steps in arrival order, at most one per tenant (a tenant's later step
+waits for the next group, so each tenant's steps stay in order). With ``fuse_max`` = 1 that is
+plain FIFO, one step at a time; with more, steps that piled up while the device was busy share
+one fused forward/backward (``train_group``). So fusion happens exactly when steps pile up, and
+costs nothing when they do not.
+
+``train_group`` is the device job of one group (it runs in the trainer's worker thread): one
+request runs the single-adapter path, several the fused one, then each trained tenant gets the
+copies its TrainStep asked for. Outcomes are per request: a request's own error never touches the
+others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from clora.messages import AdapterSnapshot, StoreState, TrainStep, TrainStepResult
+from clora.trainer.core import TrainerCore
+from clora.trainer.fused import FusedRequest
+
+__all__ = ["GroupOutcome", "PendingStep", "StepQueue", "step_copies", "train_group"]
+
+GroupOutcome = tuple[dict[str, float] | BaseException, dict[str, Any]]
+"""One request's result in a group: its step values or its error, and the copies it asked for."""
+
+
+@dataclass(eq=False)
+class PendingStep:
+    """A TrainStep waiting for the device; its asker waits on ``future``."""
+
+    msg: TrainStep
+    future: asyncio.Future[TrainStepResult]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class StepQueue:
+    """TrainSteps waiting for the device, in arrival order."""
+
+    def __init__(self, fuse_max: int) -> None:
+        if fuse_max < 1:
+            raise ValueError(f"fuse_max must be >= 1, got {fuse_max}")
+        self.fuse_max = fuse_max
+        self._pending: deque[PendingStep] = deque()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, pending: PendingStep) -> bool:
+        return pending in self._pending
+
+    def __iter__(self) -> Iterator[PendingStep]:
+        return iter(self._pending)
+
+    def push(self, msg: TrainStep) -> PendingStep:
+        pending = PendingStep(msg, asyncio.get_running_loop().create_future())
+        self._pending.append(pending)
+        return pending
+
+    def discard(self, pending: PendingStep) -> None:
+        """Forget a step whose asker gave up (no effect once a group took it)."""
+        if pending in self._pending:
+            self._pending.remove(pending)
+
+    def take_group(self) -> list[PendingStep]:
+        """Remove and return the next group: up to ``fuse_max`` steps in arrival order, one per
+        tenant. Empty only when nothing is pending."""
+        group: list[PendingStep] = []
+        tenants: set[str] = set()
+        for pending in self._pending:
+            if len(group) == self.fuse_max:
+                break
+            if pending.msg.tenant not in tenants:
+                group.append(pending)
+                tenants.add(pending.msg.tenant)
+        for pending in group:
+            self._pending.remove(pending)
+        return group
+
+
+def step_copies(core: TrainerCore, msg: TrainStep, values: dict[str, float]) -> dict[str, Any]:
+    """The copies ``msg`` asked for, of the tenant's version right after its step
+    (TrainStepResult ``adapter`` / ``state``); their time goes into ``values["time/copy"]``."""
+    started = time.perf_counter()
+    copies: dict[str, AdapterSnapshot | StoreState] = {}
+    if msg.copy_adapter:
+        copies["adapter"] = core.snapshot(msg.tenant)
+    if msg.copy_state:
+        copies["state"] = core.store(msg.tenant).export_state()
+    if copies:
+        values["time/copy"] = time.perf_counter() - started
+    return copies
+
+
+def train_group(core: TrainerCore, msgs: list[TrainStep]) -> list[GroupOutcome]:
+    """One group's step (single-adapter path for one request, fused for several), then each trained
+    tenant's copies, all in one device job. Runs in the trainer's worker thread."""
+    requests = [FusedRequest(m.tenant, m.data, m.loss) for m in msgs]
+    if len(requests) == 1:
+        try:
+            outcomes: list[dict[str, float] | BaseException] = [
+                core.train_step(requests[0].tenant, requests[0].data, requests[0].loss)
+            ]
+        except Exception as exc:  # noqa: BLE001 - delivered to this request's asker
+            outcomes = [exc]
+    else:
+        outcomes = list(core.train_steps_fused(requests))
+    results: list[GroupOutcome] = []
+    for msg, outcome in zip(msgs, outcomes, strict=True):
+        copies: dict[str, Any] = {}
+        if not isinstance(outcome, BaseException):
+            try:
+                copies = step_copies(core, msg, outcome)
+            except Exception as exc:  # noqa: BLE001 - this tenant's asker sees it; the others go on
+                outcome = exc
+        results.append((outcome, copies))
+    return results
