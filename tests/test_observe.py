@@ -187,7 +187,7 @@ def test_tenant_progress_advances_only_the_reporting_tenant():
     from rich.console import Console
 
     from clora.config import ExperimentConfig
-    from clora.observe.console import TenantProgress
+    from clora.observe.console import ProgressBars
 
     class Record(msgspec.Struct):
         step: int
@@ -197,7 +197,7 @@ def test_tenant_progress_advances_only_the_reporting_tenant():
 
     console = Console(file=io.StringIO(), width=120)
     experiments = [ExperimentConfig(name="a", steps=2), ExperimentConfig(name="b", steps=3)]
-    with TenantProgress(console, experiments) as progress:
+    with ProgressBars(console, experiments) as progress:
         progress.on_step("a", Record(step=1, adapter_version=1, reward_mean=0.5, trained=True))
         progress.on_step("a", Record(step=2, adapter_version=1, reward_mean=0.0, trained=False))
     assert (progress.completed("a"), progress.completed("b")) == (2, 0)

@@ -23,14 +23,13 @@ from clora.envs import make_env
 from clora.messages import Completion, Datum, SamplingSpec
 from clora.rl import (
     collate,
-    group_advantages,
     loss_denominator,
     loss_numerator,
     micro_batches,
     token_logprobs,
     token_loss,
 )
-from clora.rl.rollout import run_episode, run_group, to_datum
+from clora.rl.step import EpisodeSettings, evaluate, sample_groups, to_training_data
 from clora.tenant.actor import ExperimentResult, StepRecord
 
 __all__ = ["HFBatchSampler", "PeerLoop", "run_peer_experiment"]
@@ -39,7 +38,7 @@ MICRO_BATCH = 8
 
 
 @dataclass
-class _Pending:
+class _GenerateRequest:
     prompt: list[int]
     spec: SamplingSpec
     future: asyncio.Future = field(repr=False)
@@ -57,11 +56,11 @@ class HFBatchSampler:
         self.eos_id = renderer.im_end_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.version = 0
-        self._pending: list[_Pending] = []
+        self._pending: list[_GenerateRequest] = []
         self._leading = False
 
     async def __call__(self, prompt: list[int], spec: SamplingSpec) -> tuple[Completion, int]:
-        item = _Pending(list(prompt), spec, asyncio.get_running_loop().create_future())
+        item = _GenerateRequest(list(prompt), spec, asyncio.get_running_loop().create_future())
         self._pending.append(item)
         if not self._leading:
             self._leading = True
@@ -75,8 +74,8 @@ class HFBatchSampler:
                 self._leading = False
         return await item.future, self.version
 
-    async def _generate_all(self, batch: list[_Pending]) -> None:
-        groups: dict[tuple, list[_Pending]] = {}
+    async def _generate_all(self, batch: list[_GenerateRequest]) -> None:
+        groups: dict[tuple, list[_GenerateRequest]] = {}
         for item in batch:
             groups.setdefault((item.spec.temperature, item.spec.max_tokens, item.spec.stop), []).append(item)
         for (temperature, max_tokens, stop), items in groups.items():
@@ -159,16 +158,15 @@ class PeerLoop:
         self.tokens_sampled += len(completion.token_ids)
         return completion, version
 
-    def _episode_kw(self, temperature: float, stop: tuple[str, ...] = ()) -> dict[str, Any]:
-        spec = SamplingSpec(max_tokens=self.experiment.max_tokens, temperature=temperature, stop=stop)
-        return {"max_turns": self.experiment.env.max_turns, "sampling": spec, "max_model_len": self.max_model_len}
+    def _episode_settings(self, temperature: float) -> EpisodeSettings:
+        return EpisodeSettings(
+            max_turns=self.experiment.env.max_turns, max_model_len=self.max_model_len,
+            sampling=SamplingSpec(max_tokens=self.experiment.max_tokens, temperature=temperature),
+        )
 
     async def evaluate(self) -> float:
         """Held-out accuracy: greedy, one episode per problem (as a clora tenant measures it)."""
-        kw = self._episode_kw(0.0, tuple(getattr(self.env, "stop_sequences", ())))
-        trajectories = await asyncio.gather(*(
-            run_episode(self._sample, self.renderer, self.env.start(p), **kw) for p in self.env.held_out()))
-        return sum(1.0 for t in trajectories if t.reward >= 1.0) / max(1, len(trajectories))
+        return await evaluate(self._sample, self.renderer, self.env, self.env.held_out(), self._episode_settings(0.0))
 
     def train(self, data: list[Datum]) -> None:
         """One optimizer step on ``data``: clora's loss, micro-batched gradient accumulation, clipping, AdamW."""
@@ -192,18 +190,16 @@ class PeerLoop:
         exp = self.experiment
         t0 = time.perf_counter()
         problems = self.env.train_problems(self.rng, exp.prompts_per_step)
-        groups = await asyncio.gather(*(
-            run_group(self._sample, self.renderer, self.env, p, exp.group_size, **self._episode_kw(exp.temperature))
-            for p in problems))
-        rewards = torch.tensor([[t.reward for t in group] for group in groups])  # (P, G)
-        advantages = group_advantages(rewards, kind=exp.advantage)  # (P, G)
-        data = [to_datum(t, a) for group, adv in zip(groups, advantages.tolist()) for t, a in zip(group, adv)
-                if a != 0.0]
+        groups = await sample_groups(
+            self._sample, self.renderer, self.env, problems, exp.group_size, self._episode_settings(exp.temperature)
+        )  # (P, G)
+        batch = to_training_data(problems, groups, exp.advantage)
+        data = batch.data
         t1 = time.perf_counter()
         if data:
             await asyncio.to_thread(self.train, data)
         t2 = time.perf_counter()
-        return StepRecord(step=step, adapter_version=self.sampler.version, reward_mean=rewards.mean().item(),
+        return StepRecord(step=step, adapter_version=self.sampler.version, reward_mean=batch.reward_mean,
                           time_rollout_s=t1 - t0, time_train_s=t2 - t1, time_sync_s=0.0, trained=bool(data))
 
 

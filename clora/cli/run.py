@@ -105,7 +105,7 @@ def run_experiments(config: Any, console: Any, log_level: str, *, resume: bool =
     import signal
 
     import actors
-    from clora.observe.console import TenantProgress
+    from clora.observe.console import ProgressBars
 
     runtime_class = load_runtime_class()
     interrupted = []
@@ -126,7 +126,7 @@ def run_experiments(config: Any, console: Any, log_level: str, *, resume: bool =
                     runtime = await stack.enter_async_context(
                         runtime_class(config, console_level=log_level, **options)
                     )
-                with TenantProgress(console, config.experiments) as progress:
+                with ProgressBars(console, config.experiments) as progress:
                     return await runtime.run_many(config.experiments, on_step=progress.on_step)
         finally:
             signal.signal(signal.SIGINT, previous)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["configure_console_logging", "TenantProgress"]
+__all__ = ["configure_console_logging", "ProgressBars"]
 
 
 class _StderrLogger:
@@ -39,10 +39,10 @@ def configure_console_logging(level: str = "warning") -> None:
     )
 
 
-class TenantProgress:
+class ProgressBars:
     """One rich progress bar per experiment; ``on_step`` is a Runtime ``on_step`` callback.
 
-        with TenantProgress(console, config.experiments) as progress:
+        with ProgressBars(console, config.experiments) as progress:
             await rt.run_many(config.experiments, on_step=progress.on_step)
     """
 
@@ -55,7 +55,7 @@ class TenantProgress:
         self._bars = {name: self._progress.add_task(f"{name} evaluating", total=e.steps)
                       for name, e in self.experiments.items()}
 
-    def __enter__(self) -> "TenantProgress":
+    def __enter__(self) -> "ProgressBars":
         self._progress.__enter__()
         return self
 

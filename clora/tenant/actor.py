@@ -28,11 +28,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-import torch
 
 from actors import Actor, ActorRef, handler
 from clora import events
-from actors.gather import gather_first_error
 from clora.rl.chat import ChatRenderer
 from clora.checkpoint.format import BaseModelIdentity, TenantProgress, rng_state
 from clora.config import ExperimentConfig
@@ -53,8 +51,7 @@ from clora.messages import (
     TrainStep,
     TrainStepResult,
 )
-from clora.rl import group_advantages
-from clora.rl.rollout import Trajectory, run_episode, run_group, start_episode, to_datum
+from clora.rl.step import EpisodeSettings, evaluate, sample_groups, to_training_data
 from clora.tenant.checkpoints import TenantCheckpoints
 
 __all__ = ["ExperimentResult", "RunExperiment", "StepRecord", "TenantActor"]
@@ -212,13 +209,10 @@ class TenantActor(Actor):
         """Held-out accuracy of the serving version: greedy, one episode per problem."""
         started = time.perf_counter()
         problems = self._env.held_out()
-        spec = self._spec(temperature=0.0, stop=tuple(getattr(self._env, "stop_sequences", ())))
-        trajectories = await self._retrying(step, "eval", lambda: gather_first_error(
-            run_episode(self._sample, self._renderer, start_episode(self._env, p), **self._episode_kw(spec))
-            for p in problems
+        settings = self._episode_settings(temperature=0.0)
+        accuracy = await self._retrying(step, "eval", lambda: evaluate(
+            self._sample, self._renderer, self._env, problems, settings, step_env=self._env_steps
         ))
-        rewards = [t.reward for t in trajectories]
-        accuracy = sum(1.0 for r in rewards if r >= 1.0) / max(1, len(rewards))
         self.log.info(
             events.TENANT_EVAL, tenant=self.tenant, step=step, adapter_version=self._version, accuracy=accuracy,
             problems=len(problems), duration_s=round(time.perf_counter() - started, 3),
@@ -229,28 +223,25 @@ class TenantActor(Actor):
         exp = self.experiment
         t0 = time.perf_counter()
         problems = self._env.train_problems(self._rng, exp.prompts_per_step)
-        spec = self._spec(temperature=exp.temperature)
-        groups: list[list[Trajectory]] = await self._retrying(step, "rollout", lambda: gather_first_error(
-            run_group(self._sample, self._renderer, self._env, p, exp.group_size, **self._episode_kw(spec))
-            for p in problems
+        settings = self._episode_settings(temperature=exp.temperature)
+        groups = await self._retrying(step, "rollout", lambda: sample_groups(
+            self._sample, self._renderer, self._env, problems, exp.group_size, settings, step_env=self._env_steps
         ))  # (prompts, group_size)
-        rewards = torch.tensor([[traj.reward for traj in group] for group in groups])  # (P, G)
-        advantages = group_advantages(rewards, kind=exp.advantage)  # (P, G)
-        if not torch.isfinite(advantages).all():  # finite rewards too large for float32 statistics
+        batch = to_training_data(problems, groups, exp.advantage)
+        if not batch.finite:  # finite rewards too large for float32 statistics
             return self._skipped(
-                step, "non-finite", rewards.mean().item(), time.perf_counter() - t0, time_train_s=0.0,
-                error=f"non-finite advantages from rewards {rewards.tolist()}",
+                step, "non-finite", batch.reward_mean, time.perf_counter() - t0, time_train_s=0.0,
+                error=f"non-finite advantages from rewards {batch.rewards.tolist()}",
             )
-        data = []
-        for problem, group, group_adv in zip(problems, groups, advantages.tolist()):
+        for problem, group in zip(problems, groups, strict=True):
             self.log.debug(
                 events.ROLLOUT_GROUP, tenant=self.tenant, step=step, problem=problem.id,
                 rewards=[traj.reward for traj in group],
                 versions=sorted({v for traj in group for v in traj.versions}),
             )
-            data += [to_datum(traj, adv) for traj, adv in zip(group, group_adv) if adv != 0.0]
+        data = batch.data
         t_rollout = time.perf_counter() - t0
-        reward_mean = rewards.mean().item()
+        reward_mean = batch.reward_mean
         if not data:
             return self._skipped(step, "no-signal", reward_mean, t_rollout, time_train_s=0.0)
         await self._checkpoint_written()  # the last step's store copy is taken before this step changes the store
@@ -325,14 +316,12 @@ class TenantActor(Actor):
                 await asyncio.sleep(backoff)
         raise AssertionError("unreachable")
 
-    def _spec(self, temperature: float, stop: tuple[str, ...] = ()) -> SamplingSpec:
-        return SamplingSpec(n=1, max_tokens=self.experiment.max_tokens, temperature=temperature, stop=stop)
-
-    def _episode_kw(self, spec: SamplingSpec) -> dict[str, Any]:
-        return {
-            "max_turns": self.experiment.env.max_turns, "sampling": spec, "max_model_len": self._max_model_len,
-            "step_env": self._env_steps,
-        }
+    def _episode_settings(self, temperature: float) -> EpisodeSettings:
+        exp = self.experiment
+        return EpisodeSettings(
+            max_turns=exp.env.max_turns, max_model_len=self._max_model_len,
+            sampling=SamplingSpec(n=1, max_tokens=exp.max_tokens, temperature=temperature),
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
