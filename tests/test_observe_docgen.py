@@ -99,7 +99,7 @@ def test_event_extraction_rules_on_a_small_source_tree(tmp_path):
 
 def test_messages_know_their_handlers_and_replies():
     catalog = {m.name: m for m in message_catalog()}
-    assert ("TrainerActor", "StepMetrics", False) in catalog["TrainStep"].handlers
+    assert ("TrainerActor", "TrainStepResult", True) in catalog["TrainStep"].handlers
     assert ("SamplerActor", "SampleResult", True) in catalog["SampleRequest"].handlers
     assert ("SyncActor", "Published", True) in catalog["Publish"].handlers
     assert catalog["SampleResult"].handlers == []  # a reply, handled by nobody
@@ -144,3 +144,20 @@ def test_check_mode_reports_stale_docs_without_writing(tmp_path, capsys):
     assert "| `max_loras` |" in (tmp_path / "configuration.md").read_text()
     assert docgen.main(["--check", "--docs", str(tmp_path)]) == 0
     assert source_root().joinpath("clora", "config.py").is_file()
+
+
+def test_every_field_an_event_docstring_names_is_logged():
+    """An event's docstring names its fields as ``field``; each must be a field some log call of that
+    event passes (or its ``**`` expansion's prefix like ``train/*``), so the docs never promise a field
+    that is never emitted."""
+    import re
+
+    problems = []
+    for event in event_catalog():
+        fields = set(event.fields)
+        prefixes = {f[:-1] for f in fields if f.endswith("*")}
+        for named in re.findall(r"``([^`]+)``", event.doc):
+            if named.startswith("system.") or named in fields or any(named.startswith(p) for p in prefixes):
+                continue
+            problems.append(f"{event.name}: ``{named}`` is never logged (fields: {sorted(fields)})")
+    assert problems == []
