@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from clora.config_errors import describe_validation_error, field_error
+from clora.errors import describe_validation_error, field_error
 from clora.errors import ConfigError
 
 __all__ = [

@@ -6,6 +6,11 @@ else under ``TenantError`` is recoverable and concerns one tenant or one request
 
 from __future__ import annotations
 
+import re
+
+import msgspec
+import msgspec.inspect as mi
+
 __all__ = [
     "CloraError",
     "ConfigError",
@@ -21,6 +26,8 @@ __all__ = [
     "PublishError",
     "EnvError",
     "CheckpointError",
+    "describe_validation_error",
+    "field_error",
 ]
 
 
@@ -81,3 +88,84 @@ class PublishError(TenantError, RuntimeError):
 
 class EnvError(TenantError, RuntimeError):
     """The environment (reset, step, tool call or reward) raised or returned garbage."""
+
+
+# ----------------------------------------------------------------------------- config errors
+# One clear ``ConfigError`` per bad config, naming the dotted field path.
+#
+# msgspec reports a decode problem as ``Expected `int`, got `str` - at `$.experiments[1].optim.lr```,
+# and a failed ``validate()`` as the error it raised plus the path of its Struct. Both become
+# ``experiments[1].optim.lr: expected int, got str`` (unknown fields list the valid ones, bad
+# ``Literal`` values the allowed ones).
+
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_STEP = re.compile(r"\.([^.\[\]]+)|\[(\d+|\.\.\.)\]")
+
+
+def field_error(field: str, problem: str, *, message: str | None = None) -> ConfigError:
+    """A ConfigError that remembers its field (as written by the Struct) and its problem."""
+    error = ConfigError(message if message is not None else f"{field}: {problem}")
+    error.field = field
+    error.problem = problem
+    return error
+
+
+def _unwrap(info: mi.Type | None) -> mi.Type | None:
+    """``X | None`` -> X."""
+    if isinstance(info, mi.UnionType):
+        others = [t for t in info.types if not isinstance(t, mi.NoneType)]
+        if len(others) == 1:
+            return others[0]
+    return info
+
+
+def _type_at(type_: type, path: str) -> mi.Type | None:
+    """The msgspec type found at a msgspec path like ``.experiments[1].optim`` (None: unknown)."""
+    info: mi.Type | None = mi.type_info(type_)
+    for name, index in _STEP.findall(path):
+        info = _unwrap(info)
+        if name:
+            if not isinstance(info, mi.StructType):
+                return None
+            info = next((f.type for f in info.fields if f.encode_name == name), None)
+        elif isinstance(info, (mi.ListType, mi.VarTupleType, mi.SetType, mi.FrozenSetType)):
+            info = info.item_type
+        elif isinstance(info, mi.DictType):
+            info = info.value_type
+        elif isinstance(info, mi.TupleType) and index.isdigit() and int(index) < len(info.item_types):
+            info = info.item_types[int(index)]
+        else:
+            return None
+        if info is None:
+            return None
+    return _unwrap(info)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def describe_validation_error(error: msgspec.ValidationError, type_: type) -> str:
+    """``<dotted field path>: <problem>`` for a ValidationError from decoding ``type_``."""
+    match = _AT.match(str(error))
+    message, path = match["message"], match["path"] or ""
+    where = path.lstrip(".")
+    cause = error.__cause__
+    if isinstance(cause, ConfigError) and hasattr(cause, "field"):
+        # A Struct's validate() names its fields as "optim.lr" or "experiments.<name>.steps"; the
+        # decoder knows where that Struct sits, so the path is where + the field's own name.
+        field = cause.field.rsplit(".", 1)[-1] if where else cause.field
+        return f"{_join(where, field)}: {cause.problem}"
+    if found := re.fullmatch(r"Object contains unknown field `(.+)`", message):
+        info = _type_at(type_, path)
+        valid = ", ".join(f.encode_name for f in info.fields) if isinstance(info, mi.StructType) else "?"
+        return f"{_join(where, found[1])}: unknown field; valid fields here: {valid}"
+    if found := re.fullmatch(r"Object missing required field `(.+)`", message):
+        return f"{_join(where, found[1])}: missing; this field is required"
+    if found := re.match(r"Expected `(.+?)`, got `(.+?)`", message):
+        return f"{where or '(top level)'}: expected {found[1]}, got {found[2]}"
+    if found := re.fullmatch(r"Invalid enum value (.+)", message):
+        info = _type_at(type_, path)
+        allowed = ", ".join(repr(v) for v in info.values) if isinstance(info, mi.LiteralType) else "?"
+        return f"{where}: invalid value {found[1]}; use one of {allowed}"
+    return f"{where}: {message}" if where else message
