@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clora.sampler import cpu_lora_ops, parent_watch
+from clora.sampler.spawn_guard import check_main_guard
 from clora.config import EngineConfig, ModelConfig
 from clora.sampler.adapter_files import (
     LLAMA_LORA_MODULES,
@@ -168,6 +169,7 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         check_model_len(model_dir, model.max_model_len)
+        check_main_guard({**os.environ, **engine_env(engine)}.get("VLLM_WORKER_MULTIPROC_METHOD", "fork"))
         zero_dir = write_zero_adapter(model_dir, Path(work_dir) / "zero-adapter")
         args = engine_args(model_dir, model, engine)
         preload_before = os.environ.get("LD_PRELOAD")
