@@ -1,11 +1,19 @@
-"""Shared fixtures: the tiny random llama, PEFT adapters for it, and ONE vLLM engine per session.
+"""Shared fixtures: the tiny random llama, PEFT adapters for it, ONE vLLM engine per session, and
+the ``device`` every device-parametrized trainer test runs on.
 
 A vLLM engine start costs 20-30 s on this machine, so every vLLM test shares ``tiny_engine``.
 Tests that change engine state (adapters) use their own LoRA ids via ``Engine.allocate_adapter_id``.
+
+A test that takes the ``device`` fixture runs once per device in ``CLORA_TEST_DEVICES``
+(comma-separated; default ``cpu,cuda``, the cuda run skipped where torch sees no CUDA device) and
+is marked ``cuda``: ``pytest -m cuda`` is the subset scripts/gpu_check.sh runs on a GPU machine
+(with ``CLORA_TEST_DEVICES=cuda``, where a missing CUDA device fails instead of skipping) and on
+this CPU in its dry run (``CLORA_TEST_DEVICES=cpu``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +22,22 @@ from clora.config import EngineConfig, ModelConfig
 
 TINY_MAX_MODEL_LEN = 1024
 TINY_MAX_LORA_RANK = 16
+DEVICES_ENV = "CLORA_TEST_DEVICES"
+TEST_DEVICES = [d.strip() for d in os.environ.get(DEVICES_ENV, "cpu,cuda").split(",") if d.strip()]
+
+
+@pytest.fixture(scope="session", params=[pytest.param(d, id=d, marks=pytest.mark.cuda) for d in TEST_DEVICES])
+def device(request: pytest.FixtureRequest):
+    """A torch.device from CLORA_TEST_DEVICES. CUDA missing: skip by default, fail when the
+    variable asked for it (a GPU check must not pass by skipping)."""
+    import torch
+
+    dev = torch.device(request.param)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        if DEVICES_ENV in os.environ:
+            pytest.fail(f"{DEVICES_ENV}={os.environ[DEVICES_ENV]!r} asks for {dev} but torch sees no CUDA device")
+        pytest.skip("torch sees no CUDA device")
+    return dev
 
 
 @pytest.fixture(scope="session")

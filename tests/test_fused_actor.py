@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 import torch
 from structlog.testing import capture_logs
@@ -58,18 +59,21 @@ async def test_one_actor_queues_every_step_and_fuses_only_when_asked(tiny_model_
     assert steps["fused"]["wait_s"] >= 0 and steps["plain"]["wait_s"] >= 0  # both go through the step queue
 
 
-async def test_pending_steps_are_fused_and_each_asker_gets_its_own_reply(tiny_model_dir):
+async def test_pending_steps_are_fused_and_each_asker_gets_its_own_reply(tiny_model_dir, device):
     data = {t: make_data(2 + i, seed=10 + i) for i, t in enumerate(RANKS)}
+    config = msgspec.structs.replace(CONFIG, device=str(device))
+    cuda = device.type == "cuda"  # GPU kernels round differently per batch shape: wider, still << lr
+    atol, rel = (5e-5, 1e-4) if cuda else (1e-5, 1e-5)
     with capture_logs() as logs:
         async with ActorSystem("fused-actor") as system:
-            actor, ref = await start(system, tiny_model_dir)
+            actor, ref = await start(system, tiny_model_dir, config)
             async with actor.device_lock:  # the device is busy: every TrainStep stays pending
                 asks = [asyncio.ensure_future(ref.ask(TrainStep(tenant=t, data=data[t], loss=LossConfig())))
                         for t in ("a", "b", "a", "c", "d")]
                 await until_pending(actor, 5)
             replies = [r.metrics for r in await asyncio.gather(*asks)]
             # the same data trained separately, in the same per-tenant order, on a fresh core
-            core = TrainerCore.from_model_dir(tiny_model_dir, CONFIG)
+            core = TrainerCore.from_model_dir(tiny_model_dir, config)
             for tenant, rank in RANKS.items():
                 core.add_tenant(tenant, LoraConfig(rank=rank, alpha=2.0 * rank, init_seed=rank),
                                 OptimConfig(lr=1e-2 * rank))
@@ -78,13 +82,13 @@ async def test_pending_steps_are_fused_and_each_asker_gets_its_own_reply(tiny_mo
                 snap = await ref.ask(Snapshot(tenant=tenant))
                 ours = {k: v.clone() for k, v in core.snapshot(tenant).tensors.items()}
                 for k, v in snap.tensors.items():
-                    torch.testing.assert_close(v, ours[k], rtol=0, atol=1e-5)
+                    torch.testing.assert_close(v, ours[k], rtol=0, atol=atol)
     assert [r.tenant for r in replies] == ["a", "b", "a", "c", "d"]
     assert [r.version for r in replies] == [1, 1, 2, 1, 1]
     # first group: a, b, c (fuse_max 3; the second "a" waits for the next group), then a, d
     assert [r.values["fused"] for r in replies] == [3.0, 3.0, 2.0, 3.0, 2.0]
     for got, exp in zip(replies, expected, strict=True):
-        assert got.values["loss"] == pytest.approx(exp["loss"], rel=1e-5)
+        assert got.values["loss"] == pytest.approx(exp["loss"], rel=rel)
         assert got.values["tokens"] == exp["tokens"]
     steps = [e for e in logs if e["event"] == TRAINER_STEP]
     assert sorted((e["tenant"], e["version"], e["fused"]) for e in steps) == sorted(
@@ -93,10 +97,10 @@ async def test_pending_steps_are_fused_and_each_asker_gets_its_own_reply(tiny_mo
     assert all(e["queue_depth"] >= 0 and e["wait_s"] >= 0 for e in steps)
 
 
-async def test_a_failing_or_cancelled_request_leaves_the_others_step_intact(tiny_model_dir):
+async def test_a_failing_or_cancelled_request_leaves_the_others_step_intact(tiny_model_dir, device):
     with capture_logs() as logs:
         async with ActorSystem("fused-fail") as system:
-            actor, ref = await start(system, tiny_model_dir)
+            actor, ref = await start(system, tiny_model_dir, msgspec.structs.replace(CONFIG, device=str(device)))
             before = {t: (await ref.ask(Snapshot(tenant=t))).tensors for t in ("b", "d")}
             async with actor.device_lock:
                 ok_a = asyncio.ensure_future(ref.ask(TrainStep(tenant="a", data=make_data(3, seed=1), loss=LossConfig())))

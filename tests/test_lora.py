@@ -146,10 +146,14 @@ def test_store_starts_at_version_zero_with_empty_state():
     assert not store.pinned  # no CUDA on this machine
 
 
-def test_working_copy_is_independent_until_written_back():
-    store = AdapterStore.create("t", LoraConfig(rank=2), OptimConfig(), SHAPES)
+def test_working_copy_is_independent_until_written_back(device):
+    pinned = device.type == "cuda"  # host stores are pinned where CUDA exists: non-blocking swap-in
+    store = AdapterStore.create("t", LoraConfig(rank=2), OptimConfig(), SHAPES, pin_memory=pinned)
+    assert all(t.is_pinned() == pinned for t in (*store.params.values(), *store.exp_avg.values()))
     before = {k: t.clone() for k, t in store.params.items()}
-    work = swap_in(store, torch.device("cpu"), trainable=True, optim_state=True, grads=True)
+    work = swap_in(store, device, trainable=True, optim_state=True, grads=True)
+    assert all(t.device.type == device.type and t.requires_grad for t in work.params.values())
+    assert all(t.device.type == device.type for t in (*work.exp_avg.values(), *work.grads.values()))
     key = lora_key("m.layers.0.q", "B")
     with torch.no_grad():
         work.params[key].add_(1.0)
@@ -157,6 +161,26 @@ def test_working_copy_is_independent_until_written_back():
     assert torch.equal(store.params[key], before[key]) and store.version == 0
     write_back(store, work, params=True, optim_state=True, grads=True)
     assert torch.equal(store.params[key], before[key] + 1.0) and store.version == 1
+    assert all(t.is_pinned() == pinned and t.device.type == "cpu" for t in store.params.values())
+
+
+def test_trainer_core_pins_host_stores_where_cuda_exists(device):
+    """TrainerCore keeps every store in host memory, pinned when CUDA exists; swap_in returns
+    complete device copies (the non-blocking copies are synchronised before it returns)."""
+    from clora.lora import TrainerCore
+
+    core = TrainerCore(small_llama(), device=device, pad_token_id=0)
+    store = core.add_tenant("t", LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "down_proj")), OptimConfig())
+    assert core.pin_memory == store.pinned == torch.cuda.is_available()
+    for part in (store.params, store.exp_avg, store.exp_avg_sq, store.grads):
+        assert all(t.device.type == "cpu" and t.is_pinned() == store.pinned for t in part.values())
+    expected = {k: t.clone() for k, t in store.params.items()}
+    work = swap_in(store, core.device, trainable=True, optim_state=True, grads=True)
+    for t in store.params.values():
+        t.fill_(float("nan"))  # a copy still in flight would now read NaN
+    assert all(w.device.type == device.type for w in work.params.values())
+    for k, w in work.params.items():
+        assert torch.equal(w.detach().cpu(), expected[k]), k
 
 
 def test_store_rejects_initial_tensors_of_another_rank():

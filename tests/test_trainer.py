@@ -25,6 +25,12 @@ def core(tiny_model_dir: Path) -> TrainerCore:
     return TrainerCore.from_model_dir(tiny_model_dir, TrainerConfig(micro_batch_size=4))
 
 
+@pytest.fixture(scope="module")
+def device_core(tiny_model_dir: Path, device: torch.device) -> TrainerCore:
+    """The tiny model on each test device (conftest's ``device``: these tests are the GPU check's)."""
+    return TrainerCore.from_model_dir(tiny_model_dir, TrainerConfig(micro_batch_size=4, device=str(device)))
+
+
 def make_data(n: int, seed: int, *, vocab: int = 700, min_len: int = 12, max_len: int = 40) -> list[Datum]:
     """Random sequences: a prompt (not trained), then a completion with one advantage per sequence and
     sampler log-probs near a plausible value so importance ratios stay around 1."""
@@ -78,18 +84,18 @@ def test_version_zero_equals_the_base_model(core, tiny_model_dir):
         torch.testing.assert_close(torch.tensor(row), expected, rtol=0, atol=1e-5)
 
 
-def test_training_one_tenant_leaves_another_bit_identical(core):
-    core.add_tenant("iso-a", LORA, OPTIM)
-    core.add_tenant("iso-b", LORA, OPTIM)
-    core.train_step("iso-b", make_data(3, seed=2), LossConfig())  # B has real optimizer state
-    before = store_state(core.store("iso-b"))
-    a_before = store_state(core.store("iso-a"))
+def test_training_one_tenant_leaves_another_bit_identical(device_core):
+    device_core.add_tenant("iso-a", LORA, OPTIM)
+    device_core.add_tenant("iso-b", LORA, OPTIM)
+    device_core.train_step("iso-b", make_data(3, seed=2), LossConfig())  # B has real optimizer state
+    before = store_state(device_core.store("iso-b"))
+    a_before = store_state(device_core.store("iso-a"))
     for step in range(2):
-        core.train_step("iso-a", make_data(5, seed=10 + step), LossConfig(kind="importance_sampling"))
-    core.forward_backward("iso-a", make_data(2, seed=20), LossConfig())
-    assert_same_state(store_state(core.store("iso-b")), before)
-    assert core.store("iso-a").version == 2
-    assert any(not torch.equal(t, a_before[f"params:{k}"]) for k, t in core.store("iso-a").params.items())
+        device_core.train_step("iso-a", make_data(5, seed=10 + step), LossConfig(kind="importance_sampling"))
+    device_core.forward_backward("iso-a", make_data(2, seed=20), LossConfig())
+    assert_same_state(store_state(device_core.store("iso-b")), before)
+    assert device_core.store("iso-a").version == 2
+    assert any(not torch.equal(t, a_before[f"params:{k}"]) for k, t in device_core.store("iso-a").params.items())
 
 
 def _peft_model(base_dir: Path, adapter_dir: Path, trainable: bool) -> PeftModel:
@@ -193,23 +199,23 @@ def _poison(data: list[Datum], how: str) -> list[Datum]:
 
 
 @pytest.mark.parametrize("how", ["nan_advantage", "inf_sampler_logprob"])
-def test_non_finite_step_is_rejected_and_changes_nothing(core, how):
+def test_non_finite_step_is_rejected_and_changes_nothing(device_core, how):
     tenant = f"nan-{how}"
-    core.add_tenant(tenant, LORA, OPTIM)
-    core.train_step(tenant, make_data(3, seed=70), LossConfig())
-    before = store_state(core.store(tenant))
+    device_core.add_tenant(tenant, LORA, OPTIM)
+    device_core.train_step(tenant, make_data(3, seed=70), LossConfig())
+    before = store_state(device_core.store(tenant))
     bad = _poison(make_data(6, seed=71), how)  # the poison sits in the second micro-batch
     with pytest.raises(NonFiniteError, match=f"tenant '{tenant}'.*rejected, adapter stays at version 1"):
-        core.train_step(tenant, bad, LossConfig())
-    assert_same_state(store_state(core.store(tenant)), before)
+        device_core.train_step(tenant, bad, LossConfig())
+    assert_same_state(store_state(device_core.store(tenant)), before)
     with pytest.raises(NonFiniteError):
-        core.forward_backward(tenant, bad, LossConfig())
-    assert_same_state(store_state(core.store(tenant)), before)
-    assert core.train_step(tenant, make_data(3, seed=72), LossConfig())["version"] == 2.0
+        device_core.forward_backward(tenant, bad, LossConfig())
+    assert_same_state(store_state(device_core.store(tenant)), before)
+    assert device_core.train_step(tenant, make_data(3, seed=72), LossConfig())["version"] == 2.0
 
 
 @pytest.mark.parametrize("normalize", ["tokens", "sequences"])
-def test_forward_backward_twice_then_optim_equals_one_train_step(core, normalize):
+def test_forward_backward_twice_then_optim_equals_one_train_step(device_core, normalize):
     """Accumulation is a mean weighted by the normalisation denominator (trained tokens, or
     sequences), so FB(d1) + FB(d2) + OptimStep == TrainStep(d1 + d2) for both normalisations."""
     loss_cfg = LossConfig(kind="ppo", normalize=normalize)
@@ -217,18 +223,18 @@ def test_forward_backward_twice_then_optim_equals_one_train_step(core, normalize
     d1, d2 = make_data(3, seed=80), make_data(5, seed=81, max_len=60)
     split, joint, step_all = f"split-{normalize}", f"joint-{normalize}", f"step-{normalize}"
     for tenant in (split, joint, step_all):
-        core.add_tenant(tenant, LORA, optim)
-    core.forward_backward(split, d1, loss_cfg)
-    fb2 = core.forward_backward(split, d2, loss_cfg)
-    core.forward_backward(joint, d1 + d2, loss_cfg)
-    assert fb2["version"] == 0.0 and core.store(split).grad_weight == core.store(joint).grad_weight > 0
-    for k, g in core.store(joint).grads.items():  # the accumulated gradients agree to float rounding
-        torch.testing.assert_close(core.store(split).grads[k], g, rtol=0, atol=1e-5 * g.abs().max().item())
-    opt = core.optim_step(split)
-    step = core.train_step(step_all, d1 + d2, loss_cfg)
+        device_core.add_tenant(tenant, LORA, optim)
+    device_core.forward_backward(split, d1, loss_cfg)
+    fb2 = device_core.forward_backward(split, d2, loss_cfg)
+    device_core.forward_backward(joint, d1 + d2, loss_cfg)
+    assert fb2["version"] == 0.0 and device_core.store(split).grad_weight == device_core.store(joint).grad_weight > 0
+    for k, g in device_core.store(joint).grads.items():  # the accumulated gradients agree to float rounding
+        torch.testing.assert_close(device_core.store(split).grads[k], g, rtol=0, atol=1e-5 * g.abs().max().item())
+    opt = device_core.optim_step(split)
+    step = device_core.train_step(step_all, d1 + d2, loss_cfg)
     assert opt["version"] == step["version"] == 1.0
     assert opt["grad_norm"] == pytest.approx(step["grad_norm"], rel=1e-5)
-    a, b = core.store(split), core.store(step_all)
+    a, b = device_core.store(split), device_core.store(step_all)
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=0, atol=optim.lr * 1e-2)
     assert all(not g.any() for g in a.grads.values()) and a.grad_normalize is None
@@ -236,18 +242,18 @@ def test_forward_backward_twice_then_optim_equals_one_train_step(core, normalize
     assert all(a.params[k].any() for k in a.params if k.endswith("lora_B"))
 
 
-def test_accumulation_rules(core):
-    core.add_tenant("acc", LORA, OPTIM)
+def test_accumulation_rules(device_core):
+    device_core.add_tenant("acc", LORA, OPTIM)
     with pytest.raises(ConfigError, match="OptimStep without a ForwardBackward since version 0"):
-        core.optim_step("acc")
-    core.forward_backward("acc", make_data(2, seed=90), LossConfig(normalize="tokens"))
+        device_core.optim_step("acc")
+    device_core.forward_backward("acc", make_data(2, seed=90), LossConfig(normalize="tokens"))
     with pytest.raises(ConfigError, match="cannot be mixed with normalize='sequences'"):
-        core.forward_backward("acc", make_data(2, seed=91), LossConfig(normalize="sequences"))
+        device_core.forward_backward("acc", make_data(2, seed=91), LossConfig(normalize="sequences"))
 
 
-def test_step_metrics_have_the_documented_keys(core):
-    core.add_tenant("metrics", LORA, OPTIM)
-    values = core.train_step("metrics", make_data(6, seed=95), LossConfig(kind="ppo", kl_coef=0.05))
+def test_step_metrics_have_the_documented_keys(device_core):
+    device_core.add_tenant("metrics", LORA, OPTIM)
+    values = device_core.train_step("metrics", make_data(6, seed=95), LossConfig(kind="ppo", kl_coef=0.05))
     for key in ("loss", "grad_norm", "clip_frac", "kl", "entropy", "tokens", "version",
                 "time/swap_in", "time/fwd_bwd", "time/optim", "time/swap_out"):
         assert key in values, key
@@ -284,3 +290,40 @@ def test_import_adapter_replaces_weights_as_a_new_version(core, tmp_path):
     with pytest.raises(AdapterMismatchError, match="rank mismatch: adapter r=8, tenant rank=4"):
         core.import_adapter("imp-dst", tmp_path / "r8")
     assert_same_state(store_state(dst), before)
+
+
+def test_a_store_trained_on_the_device_survives_a_checkpoint_round_trip(device_core, tiny_model_dir, tmp_path):
+    """Train on the device (with a gradient still accumulated), checkpoint, restore into a fresh
+    tenant: the same state bit for bit, the same policy, and the next step continues identically."""
+    import random as stdlib_random
+
+    from clora.checkpoint import TenantProgress, base_model_identity, read_checkpoint, rng_state, state_digest
+    from clora.checkpoint import write_checkpoint
+
+    core = device_core
+    for tenant in ("ck-src", "ck-dst"):
+        core.add_tenant(tenant, LORA, OPTIM)
+    for step in range(2):
+        core.train_step("ck-src", make_data(4, seed=130 + step), LossConfig())
+    core.forward_backward("ck-src", make_data(2, seed=132), LossConfig())  # grads are part of the state
+    state = core.store("ck-src").export_state()
+    progress = TenantProgress(step=2, rng=rng_state(stdlib_random.Random(0)), accuracy_start=0.0, started_at=0.0,
+                              tokens_sampled=0, records=[])
+    write_checkpoint(tmp_path / "ck", state, progress, base_model_identity(tiny_model_dir))
+    restored = read_checkpoint(tmp_path / "ck").state
+    assert core.store("ck-dst").load_state(restored) == 2
+    src, dst = core.store("ck-src"), core.store("ck-dst")
+    assert_same_state(store_state(dst), store_state(src))
+    assert state_digest(dst.export_state()) == state_digest(state)
+    assert dst.pinned == src.pinned == core.pin_memory  # load_state writes into the store's own host memory
+    data = make_data(3, seed=133)
+    assert core.compute_logprobs("ck-dst", data) == core.compute_logprobs("ck-src", data)
+    after = [core.train_step(t, make_data(4, seed=134), LossConfig()) for t in ("ck-src", "ck-dst")]
+    assert after[0]["version"] == after[1]["version"] == 3.0
+    tol = 1e-6 if device_core.device.type == "cuda" else 0.0  # CUDA backward kernels may use atomics
+    theirs = store_state(dst)
+    for k, t in store_state(src).items():
+        if isinstance(t, torch.Tensor):
+            torch.testing.assert_close(theirs[k], t, rtol=0, atol=tol, msg=k)
+        else:
+            assert theirs[k] == t, k

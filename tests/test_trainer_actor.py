@@ -38,10 +38,10 @@ LORA = LoraConfig(rank=4, alpha=8.0)
 OPTIM = OptimConfig(lr=1e-2)
 
 
-async def test_trainer_actor_serves_every_message(tiny_model_dir, tmp_path):
+async def test_trainer_actor_serves_every_message(tiny_model_dir, tmp_path, device):
     with capture_logs() as logs:
         async with ActorSystem("trainer-test") as system:
-            ref = await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(queue_size=4))
+            ref = await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(queue_size=4, device=str(device)))
             assert await ref.ask(AddTenant(tenant="a", lora=LORA, optim=OPTIM)) == 0
             with pytest.raises(DuplicateTenantError):
                 await ref.ask(AddTenant(tenant="a", lora=LORA, optim=OPTIM))
@@ -84,10 +84,10 @@ def _nan_data() -> list[Datum]:
     return [bad]
 
 
-async def test_non_finite_step_fails_only_that_tenant(tiny_model_dir):
+async def test_non_finite_step_fails_only_that_tenant(tiny_model_dir, device):
     with capture_logs() as logs:
         async with ActorSystem("trainer-nan") as system:
-            ref = await TrainerActor.start_in(system, tiny_model_dir)
+            ref = await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(device=str(device)))
             await ref.ask(AddTenant(tenant="good", lora=LORA, optim=OPTIM))
             await ref.ask(AddTenant(tenant="bad", lora=LORA, optim=OPTIM))
             before = (await ref.ask(Snapshot(tenant="bad"))).tensors
@@ -177,10 +177,10 @@ async def test_every_device_job_gives_freed_heap_memory_back(tiny_model_dir, mon
 
 
 @pytest.mark.parametrize("fuse_max", [1, 3])
-async def test_a_train_step_replies_with_the_copies_it_asked_for(tiny_model_dir, fuse_max):
+async def test_a_train_step_replies_with_the_copies_it_asked_for(tiny_model_dir, fuse_max, device):
     """The adapter / store copies in a TrainStep's reply are the new version, identical to asking afterwards."""
     async with ActorSystem("trainer-copies") as system:
-        ref = await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(fuse_max=fuse_max))
+        ref = await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(fuse_max=fuse_max, device=str(device)))
         for tenant in ("a", "b"):
             await ref.ask(AddTenant(tenant=tenant, lora=LORA, optim=OPTIM))
         plain = await ref.ask(TrainStep(tenant="a", data=make_data(2, seed=1), loss=LossConfig()))
