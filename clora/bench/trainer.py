@@ -43,14 +43,21 @@ class TrainerBenchResult:
     max_rss_gb: float
 
 
-def _random_data(vocab: int, sequences: int, seq_len: int, seed: int) -> list[Datum]:
+def _random_data(vocab: int, sequences: int, seq_len: int, seed: int, *, prompt_len: int = 0) -> list[Datum]:
+    """Random sequences with alternating advantages +1/-1, every token but the first trained. With
+    ``prompt_len`` > 0 they are one rollout group: the first ``prompt_len`` tokens are one prompt
+    shared by all of them and not trained, the rest are each sequence's own completion."""
+    if not 0 <= prompt_len < seq_len:
+        raise ValueError(f"prompt_len must be in [0, seq_len), got {prompt_len} for seq_len {seq_len}")
     rng = random.Random(seed)
+    prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+    untrained = max(prompt_len, 1)  # index 0 is never trained (nothing predicts it)
     data = []
     for i in range(sequences):
         adv = 1.0 if i % 2 == 0 else -1.0
         data.append(Datum(
-            tokens=[rng.randrange(vocab) for _ in range(seq_len)],
-            loss_mask=[0.0] + [1.0] * (seq_len - 1),
+            tokens=prompt + [rng.randrange(vocab) for _ in range(seq_len - prompt_len)],
+            loss_mask=[0.0] * untrained + [1.0] * (seq_len - untrained),
             advantages=[adv] * seq_len,
             sampler_logprobs=[0.0] * seq_len,
         ))
