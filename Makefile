@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.clora-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench gpu-wheels gpu-check-dry clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,22 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/clora bench concurrency --quick
+
+# The wheels the GPU machine's image lacks (scripts/gpu-wheels.txt) into the ignored .gpu-wheels/
+# that travels with the repository (docs/gpu.md). Its image has Python 3.12 on x86_64; msgspec, the
+# one binary wheel, comes for 3.11-3.13 and aarch64 too in case it differs. Needs the package index.
+GPU_PYTHONS ?= 3.11 3.12 3.13
+GPU_ARCHS ?= x86_64 aarch64
+gpu-wheels:
+	for py in $(GPU_PYTHONS); do for arch in $(GPU_ARCHS); do \
+		$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $$py --implementation cp \
+			--platform manylinux2014_$$arch --platform manylinux_2_17_$$arch --platform manylinux_2_28_$$arch \
+			-d .gpu-wheels -r scripts/gpu-wheels.txt || exit 1; done; done
+	ls .gpu-wheels && du -sh .gpu-wheels
+
+# The GPU check's dry run on this CPU (tiny shape, the trainer test subset on cpu).
+gpu-check-dry: $(STAMP)
+	PYTHON=$(BIN)/python scripts/gpu_check.sh --dry-run runs/gpu-check-dry
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -167,7 +167,7 @@ def test_working_copy_is_independent_until_written_back(device):
 def test_trainer_core_pins_host_stores_where_cuda_exists(device):
     """TrainerCore keeps every store in host memory, pinned when CUDA exists; swap_in returns
     complete device copies (the non-blocking copies are synchronised before it returns)."""
-    from clora.lora import TrainerCore
+    from clora.trainer import TrainerCore
 
     core = TrainerCore(small_llama(), device=device, pad_token_id=0)
     store = core.add_tenant("t", LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "down_proj")), OptimConfig())

@@ -47,6 +47,7 @@ BENCHES: dict[str, BenchCommand] = {
     ),
     "trainer": BenchCommand("clora.bench.trainer", "time split of one LoRA train step, fp32 vs bf16"),
     "fused": BenchCommand("clora.bench.fused", "fused vs swapped multi-tenant train steps, K = 1..8 tenants"),
+    "gpu": BenchCommand("clora.bench.gpu", "random-weight Qwen3 shapes: fused vs swapped, pinned swaps, memory"),
     "sampler": BenchCommand("clora.bench.sampler", "rollout decoding: clora's grouped CPU LoRA ops vs vLLM's own"),
 }
 
