@@ -12,7 +12,7 @@
 # and the next phase still runs; the benchmark saves its JSON after every measurement. Exit 0
 # only when every phase that ran passed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 DRY=0 TESTS=run BUDGET=470 OUT=""
 usage="usage: $0 [--dry-run] [--tests run|collect|skip] [--budget-s N] OUT_DIR"
@@ -72,9 +72,9 @@ phase() {
 }
 
 {
-  echo "clora GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(hostname), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "clora GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(uname -n), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo "python: $(command -v "$PY") ($("$PY" -V 2>&1)); dry run: $DRY; tests: $TESTS; budget: $BUDGET s"
-  command -v nvidia-smi >/dev/null && nvidia-smi -L
+  if command -v nvidia-smi > /dev/null; then timeout 15 nvidia-smi -L; fi
 } 2>&1 | tee "$OUT/logs/header.log"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
