@@ -297,8 +297,14 @@ def test_a_store_trained_on_the_device_survives_a_checkpoint_round_trip(device_c
     tenant: the same state bit for bit, the same policy, and the next step continues identically."""
     import random as stdlib_random
 
-    from clora.checkpoint import TenantProgress, base_model_identity, read_checkpoint, rng_state, state_digest
-    from clora.checkpoint import write_checkpoint
+    from clora.checkpoint.format import (
+        TenantProgress,
+        base_model_identity,
+        read_checkpoint,
+        rng_state,
+        state_digest,
+        write_checkpoint,
+    )
 
     core = device_core
     for tenant in ("ck-src", "ck-dst"):
