@@ -38,8 +38,9 @@ def test_the_dry_run_writes_every_phase_and_the_expected_rows(tmp_path):
     assert {node.split("::")[0] for node in collected} == set(TEST_FILES)
     bench = report["bench"]["tiny"]
     assert bench["status"] == "done" and bench["errors"] == []
+    modes = (("swapped", "-"), ("fused", "grouped"), ("fused", "gathered"))
     assert [(r["tenants"], r["mode"], r["row_mode"]) for r in bench["fused"]] == [
-        (k, mode, rows) for k in (1, 2) for mode, rows in (("swapped", "-"), ("fused", "grouped"), ("fused", "gathered"))
+        (k, mode, rows) for k in (1, 2) for mode, rows in modes
     ]
     for r in bench["fused"]:
         assert r["round_s"] > 0 and 0 <= r["swap_s"] < r["round_s"] and r["peak_gb"] is None

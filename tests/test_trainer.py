@@ -326,7 +326,8 @@ def test_a_store_trained_on_the_device_survives_a_checkpoint_round_trip(device_c
     assert core.compute_logprobs("ck-dst", data) == core.compute_logprobs("ck-src", data)
     after = [core.train_step(t, make_data(4, seed=134), LossConfig()) for t in ("ck-src", "ck-dst")]
     assert after[0]["version"] == after[1]["version"] == 3.0
-    tol = 1e-6 if device_core.device.type == "cuda" else 0.0  # CUDA backward kernels may use atomics
+    # CUDA backward kernels may use atomics; a state lost in the round trip would be off by ~lr (5e-3)
+    tol = 1e-5 if device_core.device.type == "cuda" else 0.0
     theirs = store_state(dst)
     for k, t in store_state(src).items():
         if isinstance(t, torch.Tensor):

@@ -114,7 +114,8 @@ def time_swaps(core: TrainerCore, tenant: str, repeats: int) -> list[dict[str, A
         tensors = sum(len(p) for p in parts)
         nbytes = sum(t.numel() * t.element_size() for p in parts for t in p.values())
         ins, outs, flats = [], [], []
-        flat = torch.empty(nbytes // 4, dtype=torch.float32, pin_memory=memory == "pinned")  # the same bytes, one tensor
+        # the same bytes as one tensor: the link's rate without per-tensor overhead
+        flat = torch.empty(nbytes // 4, dtype=torch.float32, pin_memory=memory == "pinned")
         for _ in range(repeats):
             _sync(core.device)
             start = time.perf_counter()

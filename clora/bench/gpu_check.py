@@ -198,7 +198,8 @@ def env_phase(out: Path, expect_cuda: bool) -> int:
         torch.cuda.synchronize()
         data |= {"gpu": props.name, "gpu_memory_gb": props.total_memory / 1e9,
                  "capability": f"{props.major}.{props.minor}", "device_count": torch.cuda.device_count(),
-                 "bf16_supported": torch.cuda.is_bf16_supported(), "pinned_copy_ok": bool(moved.sum().item() == 1 << 20),
+                 "bf16_supported": torch.cuda.is_bf16_supported(),
+                 "pinned_copy_ok": bool(moved.sum().item() == 1 << 20),
                  "first_kernels_s": time.perf_counter() - start}
         ok = data["pinned_copy_ok"]
     elif expect_cuda:

@@ -134,9 +134,9 @@ def format_bench(data: dict[str, Any]) -> str:
                          f"{r['one_tensor_gbps']:.1f} |")
     memory = data.get("memory") or {}
     if memory or model.get("store_mb_per_tenant"):
-        lines += ["", f"Device memory peak per added tenant: fused {_fmt(memory.get('fused_peak_gb_per_added_tenant'), '.2f')} GB, "
-                      f"swapped {_fmt(memory.get('swapped_peak_gb_per_added_tenant'), '.2f')} GB; host store per tenant "
-                      f"{_fmt(model.get('store_mb_per_tenant'), '.3g')} MB."]
+        fused, swapped = (_fmt(memory.get(f"{m}_peak_gb_per_added_tenant"), ".2f") for m in ("fused", "swapped"))
+        lines += ["", f"Device memory peak per added tenant: fused {fused} GB, swapped {swapped} GB; "
+                      f"host store per tenant {_fmt(model.get('store_mb_per_tenant'), '.3g')} MB."]
     for error in data.get("errors", []):
         lines += ["", "```", error.strip(), "```"]
     return "\n".join(lines)
