@@ -96,15 +96,16 @@ fi
 
 if [ "$DRY" -eq 1 ]; then
   export CLORA_IMAGE_ONLY=1 CLORA_TEST_DEVICES=cpu  # imports as on the GPU image; tests on cpu
-  DEVICE=cpu SHAPES="tiny" ENV_FLAGS=""
+  DEVICE=cpu SHAPES="tiny" ENV_FLAGS="" TEST_TIMEOUT=""
 else
   export CLORA_TEST_DEVICES=cuda  # the cuda variants only; a missing CUDA device fails them
-  DEVICE=cuda SHAPES="qwen3-0.6b qwen3-4b" ENV_FLAGS="--expect-cuda"
+  DEVICE=cuda SHAPES="qwen3-0.6b qwen3-4b" ENV_FLAGS="--expect-cuda" TEST_TIMEOUT="--test-timeout=60"
 fi
 
 phase env "$(limit 60)" "$PY" -m clora.bench.gpu_check env "$OUT" $ENV_FLAGS
 case "$TESTS" in
-  run) phase tests "$(limit 150)" "$PY" -m clora.bench.gpu_check tests "$OUT" ;;
+  # on the GPU a tiny-model test takes seconds: a hung one fails after 60 s and the rest still run
+  run) phase tests "$(limit 150)" "$PY" -m clora.bench.gpu_check tests "$OUT" $TEST_TIMEOUT ;;
   collect) phase tests "$(limit 90)" "$PY" -m clora.bench.gpu_check tests "$OUT" --collect-only ;;
   skip) printf 'tests\t-\t0\t0\n' >> "$OUT/phases.tsv"; echo "== tests: skipped (--tests skip)" ;;
 esac

@@ -211,15 +211,16 @@ def env_phase(out: Path, expect_cuda: bool) -> int:
     return 0 if ok else 1
 
 
-def tests_phase(out: Path, collect_only: bool, extra: list[str]) -> int:
-    """``pytest -m cuda`` on TEST_FILES in this process (no plugin autoload: asyncio and timeout only)."""
+def tests_phase(out: Path, collect_only: bool, test_timeout: int | None, extra: list[str]) -> int:
+    """``pytest -m cuda`` on TEST_FILES in this process (no plugin autoload: asyncio and timeout
+    only), one line per test in the log; ``test_timeout`` fails a hung test (where pytest-timeout is)."""
     import pytest
 
     os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    args = ["-m", "cuda", "-p", "pytest_asyncio.plugin", "-p", "no:cacheprovider", "-q", "-rfEs",
-            f"--junitxml={out / 'tests.xml'}"]
+    args = ["-m", "cuda", "-p", "pytest_asyncio.plugin", "-p", "no:cacheprovider", "-v", "-rfEs",
+            "--durations=10", f"--junitxml={out / 'tests.xml'}"]
     if importlib.util.find_spec("pytest_timeout") is not None:
-        args += ["-p", "pytest_timeout"]
+        args += ["-p", "pytest_timeout"] + ([f"--timeout={test_timeout}"] if test_timeout else [])
     if collect_only:
         args.append("--collect-only")
     args += [*extra, *(str(ROOT / f) for f in TEST_FILES)]
@@ -251,12 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     tests = sub.add_parser("tests", help="pytest -m cuda on the trainer test files")
     tests.add_argument("out", type=Path)
     tests.add_argument("--collect-only", action="store_true", help="list the subset, run nothing")
+    tests.add_argument("--test-timeout", type=int, default=None, help="seconds per test (pytest-timeout)")
     tests.add_argument("pytest_args", nargs="*", help="more pytest options (after --)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.phase == "env":
         return env_phase(args.out, args.expect_cuda)
-    return tests_phase(args.out, args.collect_only, args.pytest_args)
+    return tests_phase(args.out, args.collect_only, args.test_timeout, args.pytest_args)
 
 
 if __name__ == "__main__":
