@@ -4,7 +4,7 @@
 #
 #   scripts/gpu_check.sh OUT_DIR            a machine with torch + CUDA; no network, no build step
 #   scripts/gpu_check.sh --dry-run OUT_DIR  on CPU: the same phases with a tiny shape (the test suite runs this)
-#   options: --tests run|collect|skip (default run), --budget-s N (whole run; default 470, dry run 1500)
+#   options: --tests run|collect|skip (default run), --budget-s N (whole run; default 470, dry run 3x: 1410)
 #
 # Run from anywhere; it works in the repository root. Carried wheels (.gpu-wheels/) are installed
 # into .gpu-site/ first. Each phase runs in its own process under its own time limit, cut so the

@@ -19,7 +19,7 @@ from clora.bench.gpu_check import TEST_FILES, carried_distributions
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(1600)  # ~1 min on a quiet 2-core machine; the script's own dry-run budget is 1500 s
+@pytest.mark.timeout(1600)  # ~1 min on a quiet 2-core machine; the script's own dry-run budget is 1410 s
 def test_the_dry_run_writes_every_phase_and_the_expected_rows(tmp_path):
     """The script as the GPU run uses it, on CPU with the tiny shape; the test subset is only
     collected here (this suite runs those tests itself), the benchmark runs whole."""
