@@ -31,6 +31,7 @@ from clora.messages import (
     RegisterAdapter,
     RemoveAdapter,
     Snapshot,
+    SyncMsg,
 )
 
 __all__ = ["SyncActor", "default_publish_root"]
@@ -58,6 +59,7 @@ def default_publish_root() -> Path:
 
 class SyncActor(Actor):
     mailbox_size = 64
+    inbox = SyncMsg
 
     def __init__(self, trainer: ActorRef, sampler: ActorRef, publish_root: Path | None = None) -> None:
         super().__init__()
