@@ -33,7 +33,6 @@ from clora.sampler.adapter_files import (
     LLAMA_LORA_MODULES,
     check_adapter,
     check_model_len,
-    read_adapter_config,
     write_zero_adapter,
 )
 from clora.errors import AdapterMismatchError, EngineDeadError, PromptTooLongError
@@ -49,7 +48,6 @@ __all__ = [
     "engine_environment",
     "engine_args",
     "write_zero_adapter",
-    "read_adapter_config",
     "check_adapter",
     "check_model_len",
 ]
