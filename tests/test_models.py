@@ -14,7 +14,8 @@ import pytest
 from clora import models
 from clora.config import ModelConfig
 from clora.errors import ModelNotFoundError
-from clora.models import build_atomically, check_model_dir, resolve_model, tiny_llama
+from clora.checkpoint.atomic import build_dir_atomically
+from clora.models import check_model_dir, resolve_model, tiny_llama
 
 
 def _fake_model_dir(path: Path) -> Path:
@@ -85,7 +86,7 @@ def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path):
         raise RuntimeError("conversion failed half way")
 
     with pytest.raises(RuntimeError, match="half way"):
-        build_atomically(target, crash)
+        build_dir_atomically(target, crash)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -95,11 +96,11 @@ def test_a_killed_build_leaves_only_a_partial_dir_that_the_next_build_removes(tm
         f"""
         import os, signal
         from pathlib import Path
-        from clora.models import build_atomically
+        from clora.checkpoint.atomic import build_dir_atomically
         def build(out):
             (out / "config.json").write_text("{{}}")
             os.kill(os.getpid(), signal.SIGKILL)
-        build_atomically(Path({str(target)!r}), build)
+        build_dir_atomically(Path({str(target)!r}), build)
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(Path.cwd())})
@@ -108,7 +109,7 @@ def test_a_killed_build_leaves_only_a_partial_dir_that_the_next_build_removes(tm
     assert not target.exists() and len(leftovers) == 1 and ".partial-" in leftovers[0].name
     with pytest.raises(ModelNotFoundError):
         check_model_dir(leftovers[0].with_name("model"))
-    build_atomically(target, _fake_model_dir)
+    build_dir_atomically(target, _fake_model_dir)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert oct(target.stat().st_mode & 0o777) != oct(0o700)  # readable like a normal dir, not mkdtemp's 0700
     check_model_dir(target)

@@ -59,7 +59,8 @@ async def _one_engine(model: str, ops_on: bool, *, prompts: int, adapters: int, 
     count = 1 + adapters  # per round: one for the single-adapter case, K for the mixed case
     paths = [random_lora_adapter(model_dir, work / f"adapter{i}", seed=i) for i in range(count * rounds)]
     spec = SamplingSpec(max_tokens=max_tokens, temperature=0.0, stop=TOOL_STOP_SEQUENCES)
-    engine_cfg = EngineConfig(max_loras=adapters + 1, max_cpu_loras=len(paths) + 1, kv_cache_gib=1.0)
+    engine_cfg = EngineConfig(max_loras=adapters + 1, max_cpu_loras=len(paths) + 1, kv_cache_gib=1.0,
+                              extra_env={ENV_FLAG: "1" if ops_on else "0"})
     engine = await Engine.start(model_dir, model_cfg, engine_cfg, work_dir=work / "engine")
     label = "clora-grouped" if ops_on else "vllm"
     try:
@@ -101,20 +102,12 @@ async def _one_engine(model: str, ops_on: bool, *, prompts: int, adapters: int, 
 
 async def bench_sampler(model: str = "smollm2", *, prompts: int = 24, adapters: int = 4, max_tokens: int = 32,
                         rounds: int = 2, dtype: str = "bfloat16") -> list[SamplerBenchRow]:
-    """Rows for both op sets; each engine is started with the flag set, then shut down."""
+    """Rows for both op sets; each engine is started with the flag in its environment, then shut down."""
     rows: list[SamplerBenchRow] = []
-    before = os.environ.get(ENV_FLAG)
-    try:
-        for ops_on in (True, False):
-            os.environ[ENV_FLAG] = "1" if ops_on else "0"
-            with tempfile.TemporaryDirectory(prefix="clora-bench-sampler-") as tmp:
-                rows += await _one_engine(model, ops_on, prompts=prompts, adapters=adapters, max_tokens=max_tokens,
-                                          rounds=rounds, dtype=dtype, work=Path(tmp))
-    finally:
-        if before is None:
-            os.environ.pop(ENV_FLAG, None)
-        else:
-            os.environ[ENV_FLAG] = before
+    for ops_on in (True, False):
+        with tempfile.TemporaryDirectory(prefix="clora-bench-sampler-") as tmp:
+            rows += await _one_engine(model, ops_on, prompts=prompts, adapters=adapters, max_tokens=max_tokens,
+                                      rounds=rounds, dtype=dtype, work=Path(tmp))
     return rows
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from clora.checkpoint.atomic import TMP_SUFFIX, write_bytes_atomically
 from clora.config import LoraConfig, OptimConfig
 from clora.errors import CheckpointError
 from clora.messages import StoreState
@@ -63,7 +62,6 @@ FORMAT_VERSION: Final = 1
 MANIFEST_FILE: Final = "manifest.json"
 _STATE_PREFIX = "state-"
 _STATE_SUFFIX = ".safetensors"
-_TMP_SUFFIX = ".tmp"
 _GROUPS = ("params", "exp_avg", "exp_avg_sq", "grads")
 _FINGERPRINT_BYTES = 1 << 20  # per weights file: its first and last MiB enter the fingerprint
 
@@ -198,27 +196,9 @@ def state_digest(state: StoreState) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomically(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, rename over ``path``, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_bytes_atomically(path, data, durable=True)
 
 
 def write_checkpoint(
@@ -227,7 +207,7 @@ def write_checkpoint(
     """Write ``state`` and ``progress`` as the folder's checkpoint; returns (manifest path, bytes written)."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".*{_TMP_SUFFIX}"):  # temp files of a writer that died
+    for stale in root.glob(f".*{TMP_SUFFIX}"):  # temp files of a writer that died
         stale.unlink(missing_ok=True)
     tensors = _named_tensors(state)
     blob = save_safetensors(tensors, metadata={"format": FORMAT, "tenant": state.tenant})
@@ -256,7 +236,7 @@ def remove_checkpoint(folder: str | Path) -> bool:
         return False
     (root / MANIFEST_FILE).unlink(missing_ok=True)
     for f in root.iterdir():
-        if f.is_file() and (f.name.startswith(_STATE_PREFIX) or f.name.endswith(_TMP_SUFFIX)):
+        if f.is_file() and (f.name.startswith(_STATE_PREFIX) or f.name.endswith(TMP_SUFFIX)):
             f.unlink(missing_ok=True)
     return True
 

@@ -2,34 +2,27 @@
 
 A run folder looks like ``<run_dir>/events.jsonl`` and ``<run_dir>/tenants/<tenant>/adapter/``
 (``adapter_config.json`` + ``adapter_model.safetensors``, written by the runtime when a tenant's
-experiment ends). The checks here read JSON and the safetensors header only: no torch.
+experiment ends). The checks here read JSON and the safetensors header only (clora.checkpoint.peft_dir):
+no torch.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import struct
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
+from clora.checkpoint.peft_dir import CONFIG_FILE, config_target_modules, read_peft_dir, safetensors_names
 from clora.errors import CloraError
 
 __all__ = [
-    "ADAPTER_CONFIG_FILE",
-    "ADAPTER_WEIGHTS_FILE",
     "ArtifactError",
     "PeftAdapterInfo",
     "tenant_adapter_dir",
     "check_peft_dir",
     "export_tenant_adapter",
 ]
-
-ADAPTER_CONFIG_FILE = "adapter_config.json"  # clora.trainer.peft_io.CONFIG_FILE
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # clora.trainer.peft_io.WEIGHTS_FILE
-
 
 class ArtifactError(CloraError, OSError):
     """A run folder, tenant or adapter file is missing or not what it should be; the message names it."""
@@ -63,49 +56,22 @@ def tenant_adapter_dir(run_dir: str | Path, tenant: str) -> Path:
     return adapter
 
 
-def _safetensors_names(path: Path) -> list[str]:
-    """Tensor names from a safetensors header (8-byte little-endian length, then JSON)."""
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ArtifactError(f"{str(path)!r} is not a safetensors file (shorter than its header)")
-        (size,) = struct.unpack("<Q", head)
-        if size > path.stat().st_size - 8:
-            raise ArtifactError(f"{str(path)!r} is not a safetensors file (header length {size} too large)")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError as e:
-            raise ArtifactError(f"{str(path)!r} is not a safetensors file (bad header: {e})") from None
-    return [k for k in header if k != "__metadata__"]
-
-
 def check_peft_dir(path: str | Path) -> PeftAdapterInfo:
     """Check that ``path`` is a PEFT LoRA adapter directory; the error names the first missing piece."""
-    adapter = Path(path)
-    if not adapter.is_dir():
-        raise ArtifactError(f"adapter folder {str(adapter)!r} does not exist")
-    config_file = adapter / ADAPTER_CONFIG_FILE
-    weights_file = adapter / ADAPTER_WEIGHTS_FILE
-    for needed in (config_file, weights_file):
-        if not needed.is_file():
-            raise ArtifactError(f"{str(adapter)!r} is not a PEFT adapter folder: {needed.name} is missing")
-    try:
-        config: dict[str, Any] = json.loads(config_file.read_text())
-    except ValueError as e:
-        raise ArtifactError(f"{str(config_file)!r} is not valid JSON: {e}") from None
+    folder = read_peft_dir(path, ArtifactError)
+    config, config_file = folder.config, folder.path / CONFIG_FILE
     if config.get("peft_type") != "LORA":
         raise ArtifactError(f"{str(config_file)!r}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise ArtifactError(f"{str(config_file)!r} has no {key!r}")
-    names = _safetensors_names(weights_file)
+    names = safetensors_names(folder.weights_file, ArtifactError)
     lora = [n for n in names if ".lora_A." in n or ".lora_B." in n]
     if not lora:
-        raise ArtifactError(f"{str(weights_file)!r} holds no lora_A/lora_B weights ({len(names)} tensors)")
-    targets = config["target_modules"]
+        raise ArtifactError(f"{str(folder.weights_file)!r} holds no lora_A/lora_B weights ({len(names)} tensors)")
     return PeftAdapterInfo(
-        path=adapter, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-        target_modules=tuple(sorted(targets if isinstance(targets, list) else [targets])),
+        path=folder.path, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+        target_modules=tuple(sorted(config_target_modules(config))),
         base_model=config.get("base_model_name_or_path"), tensors=len(lora),
     )
 

@@ -28,7 +28,15 @@ from clora import events
 from clora.config import EngineConfig, ModelConfig
 from clora.sampler.engine import Engine
 from clora.errors import DuplicateTenantError, EngineDeadError, UnknownTenantError
-from clora.messages import AdapterLoaded, LoadAdapter, RegisterAdapter, RemoveAdapter, SampleRequest, SampleResult
+from clora.messages import (
+    AdapterLoaded,
+    LoadAdapter,
+    RegisterAdapter,
+    RemoveAdapter,
+    SampleRequest,
+    SampleResult,
+    SamplerMsg,
+)
 
 __all__ = [
     "SamplerActor",
@@ -73,6 +81,7 @@ class SamplerActor(Actor):
     """Owns one vLLM engine (or borrows ``engine``, which it then neither starts nor shuts down)."""
 
     mailbox_size = 256
+    inbox = SamplerMsg | _EngineDied  # + the message it tells itself when the engine dies
 
     def __init__(
         self,

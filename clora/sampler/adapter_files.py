@@ -1,8 +1,8 @@
 """A model folder and PEFT adapters on disk, checked before vLLM sees them (no vLLM import).
 
 - ``check_model_len``: ``model.max_model_len`` must fit the model's max_position_embeddings.
-- ``read_adapter_config`` / ``check_adapter``: an adapter the engine can serve (rank, target
-  modules, safetensors weights: never ``adapter_model.bin``, which is pickle).
+- ``check_adapter``: a PEFT adapter folder (clora.checkpoint.peft_dir: safetensors weights, never
+  ``adapter_model.bin``, which is pickle) that the engine can serve (rank, target modules).
 - ``write_zero_adapter``: the all-zero adapter that serves base-model rows (see clora.sampler.engine).
 """
 
@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clora.checkpoint.peft_dir import CONFIG_FILE, WEIGHTS_FILE, config_target_modules, read_peft_dir
 from clora.errors import AdapterMismatchError, ConfigError
 
-__all__ = ["LLAMA_LORA_MODULES", "check_model_len", "read_adapter_config", "check_adapter", "write_zero_adapter"]
+__all__ = ["LLAMA_LORA_MODULES", "check_model_len", "check_adapter", "write_zero_adapter"]
 
 # Linear modules vLLM can put a LoRA on in llama-family models (what an adapter may target).
 LLAMA_LORA_MODULES = frozenset(
@@ -36,35 +37,18 @@ def check_model_len(model_dir: Path, max_model_len: int) -> None:
         )
 
 
-def read_adapter_config(path: Path) -> dict:
-    config = Path(path) / "adapter_config.json"
-    if not config.is_file():
-        raise AdapterMismatchError(f"adapter {str(path)!r} has no adapter_config.json (expected a PEFT directory)")
-    try:
-        return json.loads(config.read_text())
-    except ValueError as e:
-        raise AdapterMismatchError(f"adapter {str(path)!r}: unreadable adapter_config.json ({e})") from None
-
-
 def check_adapter(path: Path, *, max_rank: int) -> None:
     """Raise AdapterMismatchError when the PEFT adapter at ``path`` cannot be served."""
-    config = read_adapter_config(path)
+    config = read_peft_dir(path, AdapterMismatchError).config
     rank = int(config.get("r", 0))
     if rank > max_rank:
         raise AdapterMismatchError(f"adapter {str(path)!r} has rank {rank} > engine.max_lora_rank {max_rank}")
-    targets = config.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
+    targets = config_target_modules(config)
     unknown = sorted(t.rsplit(".", 1)[-1] for t in targets if t.rsplit(".", 1)[-1] not in LLAMA_LORA_MODULES)
     if unknown:
         raise AdapterMismatchError(
             f"adapter {str(path)!r} targets modules the base model does not have: {unknown}; "
             f"supported: {sorted(LLAMA_LORA_MODULES)}"
-        )
-    if not (Path(path) / "adapter_model.safetensors").is_file():  # never adapter_model.bin: pickle
-        pickled = (Path(path) / "adapter_model.bin").is_file()
-        raise AdapterMismatchError(
-            f"adapter {str(path)!r} has no adapter_model.safetensors"
-            + (" (adapter_model.bin is pickle; clora never loads it)" if pickled else "")
         )
 
 
@@ -86,11 +70,11 @@ def write_zero_adapter(model_dir: Path, out_dir: Path) -> Path:
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / "adapter_model.safetensors")
+    save_file(tensors, out_dir / WEIGHTS_FILE)
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0,
         "target_modules": ["q_proj"], "bias": "none", "base_model_name_or_path": str(model_dir),
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
     }
-    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2))
     return out_dir

@@ -17,6 +17,7 @@ that vLLM calls in each of its processes; it does nothing unless ``CLORA_VLLM_CP
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -187,14 +188,15 @@ def register() -> None:
         install()
 
 
-def active_for_new_engines() -> bool:
-    """True when a vLLM engine started now from this process would run the grouped ops.
+def active_for_new_engines(environ: Mapping[str, str] | None = None) -> bool:
+    """True when a vLLM engine started with ``environ`` (default: this process's) runs the grouped ops.
 
-    Its processes inherit this environment: the flag must be set and the plugin's entry point
+    Its processes get that environment: the flag must be set and the plugin's entry point
     installed (an editable or regular install of clora registers it).
     """
     from importlib.metadata import entry_points
 
-    if os.environ.get(ENV_FLAG) != "1":
+    environ = os.environ if environ is None else environ
+    if environ.get(ENV_FLAG) != "1":
         return False
     return any(ep.value == f"{__name__}:register" for ep in entry_points(group="vllm.general_plugins"))

@@ -1,7 +1,8 @@
 """The vLLM engine wrapper: one AsyncLLM with LoRA, no actor code.
 
-- ``engine_env`` / ``apply_engine_env``: the CPU environment vLLM reads at start (thread binding,
-  KV cache size, preloaded tcmalloc / Intel OpenMP), each overridable by the user.
+- ``engine_env`` / ``engine_environment``: the CPU environment vLLM reads at start (thread binding,
+  KV cache size, preloaded tcmalloc / Intel OpenMP), each overridable by the user, set in
+  ``os.environ`` only while an engine starts (engines in one process never see each other's).
 - ``Engine``: start, ``generate`` with a LoRA per request (abort on cancellation), add / reload in
   place / remove adapters, shutdown. vLLM's engine death becomes ``clora.errors.EngineDeadError``.
 
@@ -18,8 +19,10 @@ import asyncio
 import itertools
 import math
 import os
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +33,6 @@ from clora.sampler.adapter_files import (
     LLAMA_LORA_MODULES,
     check_adapter,
     check_model_len,
-    read_adapter_config,
     write_zero_adapter,
 )
 from clora.errors import AdapterMismatchError, EngineDeadError, PromptTooLongError
@@ -43,10 +45,9 @@ __all__ = [
     "Engine",
     "GenerationOutput",
     "engine_env",
-    "apply_engine_env",
+    "engine_environment",
     "engine_args",
     "write_zero_adapter",
-    "read_adapter_config",
     "check_adapter",
     "check_model_len",
 ]
@@ -110,11 +111,34 @@ def engine_env(cfg: EngineConfig, environ: Mapping[str, str] | None = None) -> d
     return env
 
 
-def apply_engine_env(cfg: EngineConfig) -> dict[str, str]:
-    """Set ``engine_env(cfg)`` in ``os.environ`` (the spawned engine process inherits it); return it."""
-    env = engine_env(cfg)
-    os.environ.update(env)
-    return env
+# One engine start at a time may change os.environ (and restore it).
+_ENV_LOCK = threading.Lock()
+
+
+@contextmanager
+def engine_environment(cfg: EngineConfig) -> Iterator[dict[str, str]]:
+    """``engine_env(cfg)`` in ``os.environ`` for the body only; yields that environment (a copy).
+
+    vLLM reads these variables while ``AsyncLLM`` is constructed: ``VLLM_CPU_KVCACHE_SPACE`` in this
+    process when it builds its config, the rest in the engine process it spawns then (a spawned
+    child copies ``os.environ`` at its start; its workers inherit the engine process's copy). Nothing
+    clora sets is read in this process after construction, so afterwards every key clora set, and
+    ``LD_PRELOAD`` (vLLM appends its own libraries to it), gets its previous value back: the next
+    engine reads the user's environment, not this engine's settings, and other subprocesses do not
+    inherit the preloaded libraries. Blocking (a lock): hold it only around the construction.
+    """
+    with _ENV_LOCK:
+        env = engine_env(cfg)
+        before = {key: os.environ.get(key) for key in {*env, "LD_PRELOAD"}}
+        os.environ.update(env)
+        try:
+            yield dict(os.environ)
+        finally:
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 # ----------------------------------------------------------------------------- engine
@@ -172,11 +196,16 @@ class Engine:
         check_main_guard({**os.environ, **engine_env(engine)}.get("VLLM_WORKER_MULTIPROC_METHOD", "fork"))
         zero_dir = write_zero_adapter(model_dir, Path(work_dir) / "zero-adapter")
         args = engine_args(model_dir, model, engine)
-        preload_before = os.environ.get("LD_PRELOAD")
-        apply_engine_env(engine)
+        started_env: dict[str, str] = {}
+
+        def construct_in_engine_environment():
+            with engine_environment(engine) as env:
+                started_env.update(env)
+                return AsyncLLM.from_engine_args(args)
+
         # Construction blocks for 20-30 s (engine process start, model load): keep the event loop
         # free. AsyncLLM starts its asyncio tasks lazily on first use, in this loop.
-        construct = asyncio.ensure_future(asyncio.to_thread(AsyncLLM.from_engine_args, args))
+        construct = asyncio.ensure_future(asyncio.to_thread(construct_in_engine_environment))
         try:
             llm = await asyncio.shield(construct)
         except asyncio.CancelledError:
@@ -185,17 +214,10 @@ class Engine:
             if not construct.cancelled() and construct.exception() is None:
                 construct.result().shutdown()
             raise
-        finally:
-            # The engine process has its libraries now; other subprocesses of ours should not get them
-            # (vLLM adds its own entries to LD_PRELOAD too).
-            if preload_before is None:
-                os.environ.pop("LD_PRELOAD", None)
-            else:
-                os.environ["LD_PRELOAD"] = preload_before
         self = cls(llm, model_dir=Path(model_dir), max_model_len=model.max_model_len,
                    max_lora_rank=engine.max_lora_rank)
         self._zero_dir = zero_dir
-        self.base_rows_without_lora = cpu_lora_ops.active_for_new_engines()
+        self.base_rows_without_lora = cpu_lora_ops.active_for_new_engines(started_env)
         try:
             await self._call(llm.add_lora(self._lora_request(BASE_ADAPTER_NAME, BASE_ADAPTER_ID, zero_dir)))
             await self._call(llm.pin_lora(BASE_ADAPTER_ID))

@@ -21,7 +21,7 @@ from pathlib import Path
 from actors import Actor, ActorRef, handler
 from clora import events
 from clora.errors import CloraError, FatalError, PublishError
-from clora.checkpoint.atomic import pid_alive
+from clora.checkpoint.atomic import build_dir_atomically, remove_orphans
 from clora.trainer.peft_io import export_peft
 from clora.messages import (
     AdapterSnapshot,
@@ -31,6 +31,7 @@ from clora.messages import (
     RegisterAdapter,
     RemoveAdapter,
     Snapshot,
+    SyncMsg,
 )
 
 __all__ = ["SyncActor", "default_publish_root"]
@@ -49,15 +50,13 @@ def default_publish_root() -> Path:
     """
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    for stale in base.glob(f"{_ROOT_PREFIX}*-*"):
-        pid = stale.name[len(_ROOT_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_orphans(base, _ROOT_PREFIX)
     return Path(tempfile.mkdtemp(prefix=f"{_ROOT_PREFIX}{os.getpid()}-", dir=base))
 
 
 class SyncActor(Actor):
     mailbox_size = 64
+    inbox = SyncMsg
 
     def __init__(self, trainer: ActorRef, sampler: ActorRef, publish_root: Path | None = None) -> None:
         super().__init__()
@@ -152,16 +151,6 @@ class SyncActor(Actor):
 
 
 def _write_atomically(snap: AdapterSnapshot, path: Path) -> int:
-    """Write the PEFT dir to a sibling temp folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        export_peft(snap.tensors, snap.peft_config, tmp)
-        size = sum(f.stat().st_size for f in tmp.iterdir())
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return size
+    """Write the PEFT dir to a sibling temp folder, then rename it into place; return its bytes."""
+    build_dir_atomically(path, lambda tmp: export_peft(snap.tensors, snap.peft_config, tmp), replace=True)
+    return sum(f.stat().st_size for f in path.iterdir())

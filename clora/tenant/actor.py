@@ -91,6 +91,7 @@ class ExperimentResult(msgspec.Struct, frozen=True, kw_only=True):
 
 class TenantActor(Actor):
     mailbox_size = 4
+    inbox = RunExperiment
 
     def __init__(
         self,

@@ -5,9 +5,8 @@ from clora.trainer.attach import attach_lora, check_lora_fits, find_targets, lay
 from clora.trainer.core import TrainerCore, resolve_device
 from clora.trainer.fused import FusedRequest, fused_train_step
 from clora.trainer.lora_layer import LoRALinear, LoRASlot, RowMode, SlotRouting
+from clora.checkpoint.peft_dir import CONFIG_FILE, WEIGHTS_FILE
 from clora.trainer.peft_io import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
     check_peft_config,
     export_peft,
     import_peft,

@@ -54,6 +54,7 @@ from clora.messages import (
     Snapshot,
     StepMetrics,
     StoreState,
+    TrainerMsg,
     TrainStep,
     TrainStepResult,
 )
@@ -88,6 +89,7 @@ class TrainerActor(Actor):
     """
 
     mailbox_size = TrainerConfig().queue_size
+    inbox = TrainerMsg
 
     def __init__(self, model: ModelConfig | str | Path, config: TrainerConfig = TrainerConfig()) -> None:
         self.model = model

@@ -1,4 +1,4 @@
-"""PEFT-format adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""A tenant's adapter as PEFT files (the folder format: clora.checkpoint.peft_dir).
 
 The files are what ``peft.PeftModel.from_pretrained`` and vLLM's LoRARequest load unchanged:
 tensor names ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight``
@@ -9,8 +9,6 @@ the tenant it is meant for; any difference is an ``AdapterMismatchError`` naming
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,13 +16,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from clora.checkpoint.atomic import write_atomically
+from clora.checkpoint.compat import lora_shape_mismatch
+from clora.checkpoint.peft_dir import CONFIG_FILE, WEIGHTS_FILE, read_peft_dir
 from clora.config import LoraConfig
 from clora.errors import AdapterMismatchError, ModelNotFoundError
 from clora.trainer.store import AdapterStore, check_adapter_layout, initial_lora_params
 
 __all__ = [
-    "CONFIG_FILE",
-    "WEIGHTS_FILE",
     "peft_key",
     "store_key",
     "peft_config_dict",
@@ -35,8 +34,7 @@ __all__ = [
     "import_peft",
 ]
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_KEYS = {"rank": "r", "alpha": "lora_alpha", "target modules": "target_modules"}  # adapter_config.json's names
 _PREFIX = "base_model.model."
 _SUFFIX = ".weight"
 
@@ -87,17 +85,6 @@ def peft_state_dict(store: AdapterStore) -> dict[str, torch.Tensor]:
     return {peft_key(k): t.detach().to("cpu", copy=True).contiguous() for k, t in store.params.items()}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_peft(
     tensors: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], out_dir: str | Path
 ) -> Path:
@@ -105,26 +92,16 @@ def export_peft(
     atomically, weights first, so a reader never sees a half-written file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(dict(tensors), p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(dict(peft_config), indent=2) + "\n"))
+    write_atomically(out / WEIGHTS_FILE, lambda p: save_file(dict(tensors), p, metadata={"format": "pt"}))
+    write_atomically(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dict(peft_config), indent=2) + "\n"))
     return out
 
 
 def read_peft(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """adapter_config dict and store-named tensors of a PEFT directory (safetensors only)."""
-    root = Path(path)
-    config_file, weights_file = root / CONFIG_FILE, root / WEIGHTS_FILE
-    if not config_file.is_file():
-        raise ModelNotFoundError(f"adapter directory {str(root)!r} has no {CONFIG_FILE}")
-    if not weights_file.is_file():
-        pickled = (root / "adapter_model.bin").is_file()
-        raise ModelNotFoundError(
-            f"adapter directory {str(root)!r} has no {WEIGHTS_FILE}"
-            + (" (adapter_model.bin is pickle; only safetensors is read)" if pickled else "")
-        )
-    config = json.loads(config_file.read_text())
-    tensors = {store_key(name): t for name, t in load_file(str(weights_file)).items()}
-    return config, tensors
+    folder = read_peft_dir(path, ModelNotFoundError)
+    tensors = {store_key(name): t for name, t in load_file(str(folder.weights_file)).items()}
+    return folder.config, tensors
 
 
 def _same_model_name(a: str, b: str) -> bool:
@@ -142,17 +119,14 @@ def check_peft_config(config: Mapping[str, Any], lora: LoraConfig, base_model_na
     for pattern in ("rank_pattern", "alpha_pattern"):
         if config.get(pattern):
             raise AdapterMismatchError(f"{where}: per-module {pattern} is not supported")
-    if config.get("r") != lora.rank:
-        raise AdapterMismatchError(f"{where}: rank mismatch: adapter r={config.get('r')}, tenant rank={lora.rank}")
-    if float(config.get("lora_alpha", -1)) != float(lora.alpha):
-        raise AdapterMismatchError(
-            f"{where}: alpha mismatch: adapter lora_alpha={config.get('lora_alpha')}, tenant alpha={lora.alpha}"
-        )
     targets = config.get("target_modules")
-    if not isinstance(targets, list) or set(targets) != set(lora.target_modules):
-        raise AdapterMismatchError(
-            f"{where}: target modules mismatch: adapter {targets!r}, tenant {sorted(lora.target_modules)}"
-        )
+    mismatch = lora_shape_mismatch(
+        config.get("r"), config.get("lora_alpha", -1), targets if isinstance(targets, list) else None, lora
+    )
+    if mismatch is not None:
+        field, theirs, ours = mismatch
+        shown = targets if field == "target modules" else theirs  # as the file has it
+        raise AdapterMismatchError(f"{where}: {field} mismatch: adapter {_PEFT_KEYS[field]}={shown!r}, tenant {field}={ours}")
     theirs = config.get("base_model_name_or_path")
     if theirs and base_model_name and not _same_model_name(theirs, base_model_name):
         raise AdapterMismatchError(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clora.checkpoint.compat import lora_shape_mismatch
 from clora.config import LoraConfig, OptimConfig
 from clora.errors import AdapterMismatchError
 from clora.messages import StoreState
@@ -157,14 +158,13 @@ class AdapterStore:
         """
         owner = f"checkpoint state for tenant {self.tenant!r}"
         ours, theirs = self.lora, state.lora
-        if (theirs.rank, float(theirs.alpha)) != (ours.rank, float(ours.alpha)):
+        mismatch = lora_shape_mismatch(theirs.rank, theirs.alpha, theirs.target_modules, ours)
+        if mismatch is not None:
+            kind = "rank/alpha" if mismatch.field in ("rank", "alpha") else mismatch.field
             raise AdapterMismatchError(
-                f"{owner}: rank/alpha mismatch: state rank {theirs.rank} alpha {theirs.alpha}, "
-                f"tenant rank {ours.rank} alpha {ours.alpha}"
-            )
-        if set(theirs.target_modules) != set(ours.target_modules):
-            raise AdapterMismatchError(
-                f"{owner}: target modules mismatch: state {sorted(theirs.target_modules)}, tenant {sorted(ours.target_modules)}"
+                f"{owner}: {kind} mismatch: state rank {theirs.rank} alpha {theirs.alpha} targets "
+                f"{sorted(theirs.target_modules)}, tenant rank {ours.rank} alpha {ours.alpha} targets "
+                f"{sorted(ours.target_modules)}"
             )
         parts = ((self.params, state.params), (self.exp_avg, state.exp_avg), (self.exp_avg_sq, state.exp_avg_sq),
                  (self.grads, state.grads))
