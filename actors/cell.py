@@ -66,6 +66,10 @@ class ActorCell:
     def handler_for(self, message: Any) -> HandlerSpec:
         return type(self._actor).handler_for(message, self.name)
 
+    def accepts(self, message_type: type) -> bool:
+        """Whether a handler takes ``message_type`` (or one of its base classes)."""
+        return any(klass in type(self._actor).__handlers__ for klass in message_type.__mro__)
+
     def is_serving_task(self, task: asyncio.Task[Any] | None) -> bool:
         """True inside this actor's sequential handlers (they run in the mailbox loop's task)."""
         return task is not None and task is self._loop_task

@@ -51,6 +51,10 @@ class ActorRef(Generic[A]):
     def stats(self) -> MailboxStats:
         return self._cell.mailbox.stats()
 
+    def accepts(self, message_type: type) -> bool:
+        """Whether the actor has a handler for ``message_type`` (its declared inbox, when it has one)."""
+        return self._cell.accepts(message_type)
+
     async def tell(self, message: Any) -> None:
         """Enqueue ``message`` and return; waits while the mailbox is full (backpressure).
 

@@ -36,7 +36,7 @@ __all__ = [
     "CloraError",
 ]
 
-_LAZY = {"Runtime": "clora.runtime", "TenantHandle": "clora.runtime"}
+_LAZY = {"Runtime": "clora.runtime", "TenantHandle": "clora.tenant.handle"}
 
 
 def __getattr__(name: str) -> Any:

@@ -158,7 +158,7 @@ class ForwardBackward(_Msg):
 
     tenant: str
     data: list[Datum]
-    loss: LossConfig
+    loss: LossConfig = LossConfig()
 
 
 class OptimStep(_Msg):
@@ -177,7 +177,7 @@ class TrainStep(_Msg):
 
     tenant: str
     data: list[Datum]
-    loss: LossConfig
+    loss: LossConfig = LossConfig()
     copy_adapter: bool = False
     copy_state: bool = False
 

@@ -20,33 +20,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from actors import ActorRef, ActorSystem, Supervision
+from actors import ActorRef, ActorSystem, Supervision, UnknownMessage
 from clora import events
 from clora.rl.chat import ChatRenderer
 from clora.checkpoint.format import BaseModelIdentity, base_model_identity
-from clora.config import ExperimentConfig, LoraConfig, LossConfig, OptimConfig, RuntimeConfig, validate_tenant_name
+from clora.config import ExperimentConfig, LoraConfig, OptimConfig, RuntimeConfig, validate_tenant_name
 from clora.envs import Env, make_env
 from clora.errors import AdapterMismatchError, DuplicateTenantError
-from clora.messages import (
-    AddTenant,
-    ComputeLogprobs,
-    Datum,
-    ExportAdapter,
-    ForwardBackward,
-    ImportAdapter,
-    OptimStep,
-    Publish,
-    Published,
-    SampleRequest,
-    SampleResult,
-    SamplingSpec,
-    StepMetrics,
-    TrainStep,
-)
+from clora.messages import AddTenant, Publish
 from clora.models import resolve_model
 from clora.sampler.actor import SamplerActor
 from clora.sampler.sync import SyncActor
 from clora.tenant.actor import ExperimentResult, RunExperiment, StepRecord, TenantActor, release_tenant
+from clora.tenant.handle import TenantHandle
 from clora.trainer.actor import TrainerActor
 
 __all__ = ["Runtime", "TenantHandle"]
@@ -179,7 +165,7 @@ class Runtime:
 
     async def tenant(
         self, name: str, *, lora: LoraConfig | None = None, optim: OptimConfig | None = None
-    ) -> "TenantHandle":
+    ) -> TenantHandle:
         """A scripted tenant: its adapter is registered with the trainer and serving as version 0."""
         lora = lora or LoraConfig()
         self._claim(name, lora)
@@ -191,9 +177,17 @@ class Runtime:
         try:
             published = await self.sync.ask(Publish(tenant=name))
         except BaseException:
-            await asyncio.shield(self._release(name))
+            await asyncio.shield(self.release(name))
             raise
         return TenantHandle(self, name, published.version)
+
+    async def ask(self, message: Any) -> Any:
+        """Send an actor message to the runtime actor whose declared inbox holds its type (sampler,
+        trainer or sync) and return the reply."""
+        for ref in (self.sampler, self.trainer, self.sync):
+            if ref is not None and ref.accepts(type(message)):
+                return await ref.ask(message)
+        raise UnknownMessage("runtime", type(message), ())
 
     def _claim(self, name: str, lora: LoraConfig) -> None:
         validate_tenant_name(name)
@@ -205,7 +199,8 @@ class Runtime:
             raise DuplicateTenantError(f"tenant {name!r} already exists in this runtime")
         self._tenants.add(name)
 
-    async def _release(self, name: str) -> None:
+    async def release(self, name: str) -> None:
+        """Unload tenant ``name`` from the engine and drop its trainer state; the name is free again."""
         try:
             await release_tenant(name, trainer=self.trainer, sync=self.sync, log=self._system.log)
         finally:
@@ -216,62 +211,3 @@ def _load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-class TenantHandle:
-    """Primitives for a tenant written as an async coroutine."""
-
-    def __init__(self, runtime: Runtime, name: str, version: int) -> None:
-        self._rt = runtime
-        self.name = name
-        self.version = version  # the version serving in the engine
-
-    async def sample(
-        self,
-        prompt: str | list[dict[str, str]] | list[int],
-        *,
-        n: int = 1,
-        max_tokens: int = 64,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> SampleResult:
-        """Sample from this tenant's serving adapter. A string is one user message; a list of dicts a chat."""
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if prompt and isinstance(prompt[0], dict):
-            prompt = self._rt.renderer.initial(prompt)
-        spec = SamplingSpec(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        return await self._rt.sampler.ask(SampleRequest(tenant=self.name, prompt_token_ids=list(prompt), sampling=spec))
-
-    async def forward_backward(self, data: list[Datum], loss: LossConfig | None = None) -> StepMetrics:
-        return await self._rt.trainer.ask(ForwardBackward(tenant=self.name, data=data, loss=loss or LossConfig()))
-
-    async def optim_step(self) -> StepMetrics:
-        return await self._rt.trainer.ask(OptimStep(tenant=self.name))
-
-    async def train_step(self, data: list[Datum], loss: LossConfig | None = None) -> StepMetrics:
-        result = await self._rt.trainer.ask(TrainStep(tenant=self.name, data=data, loss=loss or LossConfig()))
-        return result.metrics
-
-    async def logprobs(self, data: list[Datum]) -> list[list[float]]:
-        return await self._rt.trainer.ask(ComputeLogprobs(tenant=self.name, data=data))
-
-    async def publish(self) -> Published:
-        """Make the trainer's newest version serve in the engine."""
-        published = await self._rt.sync.ask(Publish(tenant=self.name))
-        self.version = published.version
-        return published
-
-    async def save(self, out_dir: str | Path) -> Path:
-        """Write the trainer's current adapter as a PEFT directory."""
-        await self._rt.trainer.ask(ExportAdapter(tenant=self.name, out_dir=str(out_dir)))
-        return Path(out_dir)
-
-    async def load(self, path: str | Path) -> Published:
-        """Replace this tenant's weights with a PEFT directory, then publish them."""
-        await self._rt.trainer.ask(ImportAdapter(tenant=self.name, path=str(path)))
-        return await self.publish()
-
-    async def close(self) -> None:
-        """Unload the adapter from the engine and drop the tenant's trainer state; the name is free again."""
-        await self._rt._release(self.name)
