@@ -1,8 +1,10 @@
-"""AdamW and gradient clipping as pure functions on plain tensors (no torch.optim state).
+"""AdamW and gradient clipping on a tenant's plain tensors, done by torch's own implementations.
 
-They reproduce ``torch.optim.AdamW`` (single-tensor path, decoupled weight decay; with
-weight_decay=0 that is ``torch.optim.Adam``) and ``torch.nn.utils.clip_grad_norm_`` op for op,
-so a tenant's update is numerically the same as torch's while the state lives in its store.
+``adamw_step_`` runs ``torch.optim.adamw.adamw``, the functional AdamW that ``torch.optim.AdamW.step``
+itself calls (decoupled weight decay; with weight_decay=0 it is Adam), on the tenant's working
+copy: the moments stay in its AdapterStore, and no optimizer object outlives a step. It takes the
+multi-tensor ``foreach`` path, or the ``fused`` kernel on CUDA. Clipping matches
+``torch.nn.utils.clip_grad_norm_`` (same norm kernel, same coefficient, one ``_foreach_mul_``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.optim.adamw import adamw as functional_adamw
 
 from clora.config import OptimConfig
 
@@ -25,8 +28,8 @@ def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float, total_norm: torc
     """Scale grads in place so their global norm is at most ``max_norm``; True if it scaled them."""
     clip_coef = max_norm / (total_norm + 1e-6)  # ()
     clip_coef_clamped = torch.clamp(clip_coef, max=1.0)  # ()
-    for g in grads:
-        g.mul_(clip_coef_clamped.to(g.device))
+    if grads:
+        torch._foreach_mul_(list(grads), clip_coef_clamped.to(grads[0].device))
     return bool(clip_coef < 1.0)
 
 
@@ -37,19 +40,24 @@ def adamw_step_(
     exp_avg_sqs: Sequence[torch.Tensor],
     step: int,
     optim: OptimConfig,
+    *,
+    lr: float | None = None,
 ) -> None:
-    """One AdamW update in place; ``step`` is the new step count (1 for the first update)."""
+    """One AdamW update in place; ``step`` is the new step count (1 for the first update), ``lr``
+    this step's learning rate (default ``optim.lr``; a schedule passes its value)."""
     if step < 1:
         raise ValueError(f"step must be >= 1 (count after this update), got {step}")
-    lr, beta1, beta2 = optim.lr, optim.beta1, optim.beta2
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
-        if optim.weight_decay != 0:
-            param.mul_(1 - lr * optim.weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(optim.eps)  # same shape as param
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+    params = list(params)
+    if not params:
+        return
+    device = params[0].device
+    fused = device.type == "cuda"
+    # torch keeps one step counter per tensor and increments it in place before using it: fp32
+    # counters on the device for the fused kernel, on the host otherwise (as torch.optim.AdamW does)
+    counters = torch.full((len(params),), float(step - 1), dtype=torch.float32, device=device if fused else "cpu")
+    functional_adamw(
+        params, list(grads), list(exp_avgs), list(exp_avg_sqs), [], list(counters.unbind(0)),
+        foreach=None if fused else True, fused=fused or None,
+        amsgrad=False, beta1=optim.beta1, beta2=optim.beta2, lr=optim.lr if lr is None else lr,
+        weight_decay=optim.weight_decay, eps=optim.eps, maximize=False,
+    )
