@@ -44,8 +44,8 @@ VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-def _fail(field: str, problem: str) -> None:
-    raise field_error(field, problem)
+def _fail(field: str, problem: str, *, local: str | None = None) -> None:
+    raise field_error(field, problem, local=local)
 
 
 def _positive(field: str, value: float) -> None:
@@ -145,14 +145,26 @@ class LoraConfig(_Config):
 
 
 class OptimConfig(_Config):
-    """Adam(W) hyperparameters of one tenant."""
+    """AdamW hyperparameters of one tenant and its learning-rate schedule.
 
-    lr: float = 1e-4
+    Optimizer step n (n = 0, 1, ...: the tenant's optimizer steps before this one, counted since
+    its Adam moments were last reset) uses lr * (n + 1) / warmup_steps while n < warmup_steps;
+    after that, with p = (n - warmup_steps) / (total_steps - warmup_steps) clamped to [0, 1] and
+    floor = min_lr_ratio * lr: "constant" keeps lr, "linear" uses floor + (lr - floor) * (1 - p),
+    "cosine" uses floor + (lr - floor) * (1 + cos(pi * p)) / 2. The last step (n = total_steps - 1)
+    is still above the floor; steps past total_steps stay at the floor.
+    """
+
+    lr: float = 1e-4  # peak learning rate
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # decay after the warmup
+    warmup_steps: int = 0  # optimizer steps of linear warmup from lr / warmup_steps up to lr; 0: none
+    min_lr_ratio: float = 0.0  # floor of the linear / cosine decay, as a fraction of lr
+    total_steps: int | None = None  # optimizer steps the schedule spans; unset: the experiment's steps
 
     def validate(self) -> None:
         _positive("optim.lr", self.lr)
@@ -164,6 +176,14 @@ class OptimConfig(_Config):
             _fail("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         if self.grad_clip < 0:
             _fail("optim.grad_clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            _fail("optim.warmup_steps", f"must be >= 0 (0: no warmup), got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            _fail("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.total_steps is not None and self.total_steps < 1:
+            _fail("optim.total_steps", f"must be >= 1 when set, got {self.total_steps}")
+        if self.total_steps is not None and self.warmup_steps > self.total_steps:
+            _fail("optim.warmup_steps", f"must be <= total_steps ({self.total_steps}), got {self.warmup_steps}")
 
 
 class LossConfig(_Config):
@@ -262,6 +282,19 @@ class ExperimentConfig(_Config):
             )
         if not (0 < self.temperature and math.isfinite(self.temperature)):
             _fail(f"experiments.{self.name}.temperature", f"must be > 0, got {self.temperature}")
+        if self.optim.total_steps is None and self.optim.warmup_steps > self.steps:
+            _fail(
+                f"experiments.{self.name}.optim.warmup_steps",
+                f"must be <= steps ({self.steps}; the schedule spans the experiment), got {self.optim.warmup_steps}",
+                local="optim.warmup_steps",
+            )
+
+    @property
+    def resolved_optim(self) -> OptimConfig:
+        """The OptimConfig the trainer gets: an unset ``optim.total_steps`` is this experiment's ``steps``."""
+        if self.optim.total_steps is not None:
+            return self.optim
+        return msgspec.structs.replace(self.optim, total_steps=self.steps)
 
 
 class RuntimeConfig(_Config):

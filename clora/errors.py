@@ -102,10 +102,15 @@ _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _STEP = re.compile(r"\.([^.\[\]]+)|\[(\d+|\.\.\.)\]")
 
 
-def field_error(field: str, problem: str, *, message: str | None = None) -> ConfigError:
-    """A ConfigError that remembers its field (as written by the Struct) and its problem."""
+def field_error(field: str, problem: str, *, message: str | None = None, local: str | None = None) -> ConfigError:
+    """A ConfigError that remembers its field (as written by the Struct) and its problem.
+
+    ``local``: the field's path inside the Struct that checks it (default the last part of
+    ``field``), e.g. "optim.warmup_steps" for a check ExperimentConfig makes on its optim.
+    """
     error = ConfigError(message if message is not None else f"{field}: {problem}")
     error.field = field
+    error.local = local if local is not None else field.rsplit(".", 1)[-1]
     error.problem = problem
     return error
 
@@ -154,7 +159,7 @@ def describe_validation_error(error: msgspec.ValidationError, type_: type) -> st
     if isinstance(cause, ConfigError) and hasattr(cause, "field"):
         # A Struct's validate() names its fields as "optim.lr" or "experiments.<name>.steps"; the
         # decoder knows where that Struct sits, so the path is where + the field's own name.
-        field = cause.field.rsplit(".", 1)[-1] if where else cause.field
+        field = cause.local if where else cause.field
         return f"{_join(where, field)}: {cause.problem}"
     if found := re.fullmatch(r"Object contains unknown field `(.+)`", message):
         info = _type_at(type_, path)

@@ -1,5 +1,7 @@
 """Config Structs: validation errors name the field; TOML round trip; unknown keys rejected."""
 
+import re
+
 import pytest
 
 from clora.config import (
@@ -38,10 +40,18 @@ def test_toml_round_trip_keeps_every_field():
         (b"[[experiments]]\nname = 'a/b'\n", "tenant name"),
         (b"[[experiments]]\nname = '..'\n", "tenant name"),
         (b"[model\n", "malformed"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.optim]\nlr_schedule = 'step'\n", "lr_schedule"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.optim]\nwarmup_steps = -1\n", "optim.warmup_steps"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.optim]\nmin_lr_ratio = 1.5\n", "optim.min_lr_ratio"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.optim]\ntotal_steps = 0\n", "optim.total_steps"),
+        (b"[[experiments]]\nname = 'a'\nsteps = 3\n[experiments.optim]\nwarmup_steps = 4\n",
+         "experiments[0].optim.warmup_steps: must be <= steps (3"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.optim]\nwarmup_steps = 4\ntotal_steps = 2\n",
+         "optim.warmup_steps: must be <= total_steps (2)"),
     ],
 )
 def test_bad_config_names_the_problem(toml, field):
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(field)):
         decode_config(toml)
 
 
@@ -78,3 +88,11 @@ def test_direct_construction_validates_too():
     with pytest.raises(ConfigError, match="micro_batch_size"):
         TrainerConfig(micro_batch_size=0)
     assert LoraConfig(rank=8, alpha=16).scaling == 2.0
+
+
+def test_an_experiment_gives_its_schedule_its_steps():
+    exp = ExperimentConfig(name="a", steps=12, optim=OptimConfig(lr_schedule="cosine", warmup_steps=2))
+    assert exp.optim.total_steps is None and exp.resolved_optim.total_steps == 12
+    assert exp.resolved_optim.lr_schedule == "cosine" and exp.resolved_optim.warmup_steps == 2
+    own = ExperimentConfig(name="b", steps=12, optim=OptimConfig(lr_schedule="linear", total_steps=40))
+    assert own.resolved_optim.total_steps == 40  # a length set explicitly wins

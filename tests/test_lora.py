@@ -10,7 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from clora.config import LoraConfig, OptimConfig
-from clora.errors import AdapterMismatchError, ModelNotFoundError
+from clora.errors import AdapterMismatchError, ConfigError, ModelNotFoundError
 from clora.trainer import (
     AdapterStore,
     LoRALinear,
@@ -28,6 +28,7 @@ from clora.trainer import (
     lora_key,
     peft_config_dict,
     peft_state_dict,
+    scheduled_lr,
     swap_in,
     write_back,
 )
@@ -216,6 +217,63 @@ def test_adamw_equals_torch_optim(weight_decay, grad_clip):
         adamw_step_(ours, ours_grads, m, v, step, optim)
         for a, b in zip(ours, ref):
             torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
+def test_scheduled_lr_by_hand():
+    """lr 1, warmup 2, total 6, floor 0.1: warmup (n + 1) / 2, then decay over n = 2..6 (p = (n - 2) / 4)."""
+    common = dict(lr=1.0, warmup_steps=2, total_steps=6, min_lr_ratio=0.1)
+    expected = {
+        "constant": [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        # 0.1 + 0.9 * (1 - p)
+        "linear": [0.5, 1.0, 1.0, 0.775, 0.55, 0.325, 0.1, 0.1],
+        # 0.1 + 0.45 * (1 + cos(pi p)): cos(pi/4) = 0.70710678
+        "cosine": [0.5, 1.0, 1.0, 0.86819805, 0.55, 0.23180195, 0.1, 0.1],
+    }
+    for kind, values in expected.items():
+        optim = OptimConfig(lr_schedule=kind, **common)
+        got = [scheduled_lr(optim, n) for n in (0, 1, 2, 3, 4, 5, 6, 9)]  # 9: past total_steps, at the floor
+        assert got == pytest.approx(values, abs=1e-8), kind
+    assert scheduled_lr(OptimConfig(lr=2e-3), 1000) == 2e-3  # defaults: constant, no warmup
+    assert scheduled_lr(OptimConfig(lr=1.0, lr_schedule="linear", total_steps=4), 0) == 1.0  # no warmup: starts at lr
+    with pytest.raises(ConfigError, match="optim.total_steps: lr_schedule 'cosine'"):
+        scheduled_lr(OptimConfig(lr_schedule="cosine"), 0)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_adamw_with_schedule_equals_torch_optim_and_lr_schedulers(kind):
+    """Our AdamW at scheduled_lr(step) == torch.optim.AdamW driven by torch's own LR schedulers
+    (LinearLR warmup, then CosineAnnealingLR / LinearLR decay to the floor)."""
+    warmup, total, floor = 2, 7, 0.1
+    optim = OptimConfig(lr=1e-2, beta2=0.95, weight_decay=0.1, lr_schedule=kind, warmup_steps=warmup,
+                        total_steps=total, min_lr_ratio=floor)
+    torch.manual_seed(0)
+    ref = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))]
+    ours = [p.detach().clone() for p in ref]
+    m, v = [torch.zeros_like(p) for p in ours], [torch.zeros_like(p) for p in ours]
+    torch_opt = torch.optim.AdamW(ref, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                  weight_decay=optim.weight_decay)
+    warm = torch.optim.lr_scheduler.LinearLR(torch_opt, start_factor=1 / warmup, total_iters=warmup - 1)
+    if kind == "cosine":
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(torch_opt, T_max=total - warmup, eta_min=optim.lr * floor)
+    else:
+        decay = torch.optim.lr_scheduler.LinearLR(torch_opt, start_factor=1.0, end_factor=floor,
+                                                  total_iters=total - warmup)
+    torch_sched = torch.optim.lr_scheduler.SequentialLR(torch_opt, [warm, decay], milestones=[warmup])
+    lrs = []
+    for n in range(total):
+        grads = [torch.randn_like(p) for p in ref]
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        torch_lr = torch_opt.param_groups[0]["lr"]
+        torch_opt.step()
+        torch_sched.step()
+        lr = scheduled_lr(optim, n)
+        assert lr == pytest.approx(torch_lr, rel=1e-12), n
+        adamw_step_(ours, [g.clone() for g in grads], m, v, n + 1, optim, lr=lr)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-9)
+        lrs.append(lr)
+    assert lrs[0] == optim.lr / 2 and max(lrs) == pytest.approx(optim.lr) and lrs[-1] < optim.lr / 2  # warmup, decay
 
 
 # ----------------------------------------------------------------------------- peft files

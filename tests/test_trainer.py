@@ -334,3 +334,32 @@ def test_a_store_trained_on_the_device_survives_a_checkpoint_round_trip(device_c
             torch.testing.assert_close(theirs[k], t, rtol=0, atol=tol, msg=k)
         else:
             assert theirs[k] == t, k
+
+
+def test_each_tenant_steps_at_its_own_scheduled_lr(core):
+    """The LR of a step comes from the tenant's own schedule and its own step count, on both paths
+    (TrainStep; ForwardBackward + OptimStep), and is what the step applies (lr 0 moves nothing)."""
+    core.add_tenant("sched-lin", LORA, OptimConfig(lr=4e-3, lr_schedule="linear", warmup_steps=2, total_steps=4))
+    core.add_tenant("sched-const", LORA, OptimConfig(lr=1e-3))
+    lrs, const_lrs = [], []
+    for i in range(4):
+        if i == 2:
+            core.forward_backward("sched-lin", make_data(2, seed=130 + i), LossConfig())
+            lrs.append(core.optim_step("sched-lin")["lr"])
+        else:
+            lrs.append(core.train_step("sched-lin", make_data(2, seed=130 + i), LossConfig())["lr"])
+        const_lrs.append(core.train_step("sched-const", make_data(2, seed=140 + i), LossConfig())["lr"])
+    # warmup 4e-3 * 1/2, 2/2; then linear decay over steps 2..4: p = 0, 1/2
+    assert lrs == pytest.approx([2e-3, 4e-3, 4e-3, 2e-3]) and const_lrs == [1e-3] * 4
+    before = store_state(core.store("sched-lin"))
+    assert core.train_step("sched-lin", make_data(2, seed=135), LossConfig())["lr"] == 0.0  # p = 1, floor 0
+    after = store_state(core.store("sched-lin"))
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("params:"))
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("exp_avg:"))
+
+
+def test_decaying_schedule_without_total_steps_is_refused(core):
+    with pytest.raises(ConfigError, match="tenant 'sched-bad': optim.total_steps: lr_schedule 'cosine'"):
+        core.add_tenant("sched-bad", LORA, OptimConfig(lr_schedule="cosine"))
+    assert "sched-bad" not in core.stores
+    core.add_tenant("sched-warm-only", LORA, OptimConfig(warmup_steps=3))  # constant needs no length

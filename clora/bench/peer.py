@@ -20,6 +20,7 @@ import torch
 from clora.rl.chat import ChatRenderer
 from clora.config import ExperimentConfig, ModelConfig
 from clora.envs import make_env
+from clora.trainer.schedule import scheduled_lr
 from clora.messages import Completion, Datum, SamplingSpec
 from clora.rl import (
     collate,
@@ -148,6 +149,7 @@ class PeerLoop:
         self.optimizer = torch.optim.AdamW(params, lr=exp.optim.lr, betas=(exp.optim.beta1, exp.optim.beta2),
                                            eps=exp.optim.eps, weight_decay=exp.optim.weight_decay)
         self.params = params
+        self.optim_steps = 0
         self.sampler = HFBatchSampler(self.model, self.tokenizer, self.renderer)
         self.env = make_env(exp.env)
         self.rng = random.Random(exp.seed)
@@ -182,7 +184,10 @@ class PeerLoop:
             (loss_numerator(loss.per_token, batch.loss_mask, exp.loss.normalize) / max(total, 1e-12)).backward()
         if exp.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, exp.optim.grad_clip)
+        for group in self.optimizer.param_groups:  # the tenant's schedule, as clora's trainer applies it
+            group["lr"] = scheduled_lr(exp.resolved_optim, self.optim_steps)
         self.optimizer.step()
+        self.optim_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.sampler.version += 1
 

@@ -136,7 +136,7 @@ class TenantActor(Actor):
 
     async def on_start(self) -> None:
         exp = self.experiment
-        await self._trainer.ask(AddTenant(tenant=self.tenant, lora=exp.lora, optim=exp.optim))
+        await self._trainer.ask(AddTenant(tenant=self.tenant, lora=exp.lora, optim=exp.resolved_optim))
         try:
             if self._checkpoint_dir is not None and self._base_model is not None:
                 self._checkpoints = TenantCheckpoints(

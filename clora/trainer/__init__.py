@@ -16,6 +16,7 @@ from clora.trainer.peft_io import (
     read_peft,
     store_key,
 )
+from clora.trainer.schedule import check_schedule, scheduled_lr
 from clora.trainer.store import AdapterStore, WorkingCopy, initial_lora_params, lora_key, swap_in, write_back
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "peft_state_dict",
     "read_peft",
     "store_key",
+    "check_schedule",
+    "scheduled_lr",
     "AdapterStore",
     "WorkingCopy",
     "initial_lora_params",

@@ -30,6 +30,7 @@ from clora.trainer.attach import attach_lora, check_lora_fits, layer_shapes, lor
 from clora.trainer.fused import FusedRequest, fused_train_step
 from clora.trainer.lora_layer import SlotRouting
 from clora.trainer.peft_io import export_peft, import_peft, peft_config_dict, peft_state_dict
+from clora.trainer.schedule import check_schedule, scheduled_lr
 from clora.trainer.store import AdapterStore, WorkingCopy, lora_key, swap_in, write_back
 from clora.messages import AdapterSnapshot, Datum
 from clora.rl import collate, loss_denominator, loss_numerator, micro_batches, token_entropy, token_logprobs, token_loss
@@ -105,6 +106,7 @@ class TrainerCore:
         """Create a version-0 store (seeded init, or the PEFT adapter at ``init_from``)."""
         if tenant in self.stores:
             raise DuplicateTenantError(f"tenant {tenant!r} already exists in the trainer")
+        check_schedule(optim, f"tenant {tenant!r}")
         targets = check_lora_fits(self.model, lora)
         shapes = layer_shapes(targets)
         initial = None if init_from is None else import_peft(init_from, lora, shapes, self.base_model_name)
@@ -341,7 +343,7 @@ class TrainerCore:
         work.grad_weight, work.grad_normalize = total, normalize
 
     def _apply_optimizer(self, store: AdapterStore, work: WorkingCopy) -> dict[str, float]:
-        """Clip, check and apply AdamW to ``work``; reset its accumulated gradient."""
+        """Clip, check and apply AdamW at the tenant's scheduled LR to ``work``; reset its accumulated gradient."""
         assert work.grads is not None and work.exp_avg is not None and work.exp_avg_sq is not None
         keys = list(work.params)
         grads = [work.grads[k] for k in keys]
@@ -354,11 +356,12 @@ class TrainerCore:
         clipped = False
         if store.optim.grad_clip > 0:  # 0 turns clipping off
             clipped = clip_grads_(grads, store.optim.grad_clip, grad_norm)
+        lr = scheduled_lr(store.optim, work.adam_step)
         with torch.no_grad():
             params = [work.params[k].detach() for k in keys]
             adamw_step_(
                 params, grads, [work.exp_avg[k] for k in keys], [work.exp_avg_sq[k] for k in keys],
-                work.adam_step + 1, store.optim,
+                work.adam_step + 1, store.optim, lr=lr,
             )
             if not all(torch.isfinite(p).all() for p in params):
                 raise NonFiniteError(
@@ -370,7 +373,7 @@ class TrainerCore:
         work.step += 1
         work.adam_step += 1
         work.grad_weight, work.grad_normalize = 0.0, None
-        return {"grad_norm": float(grad_norm), "grad_clipped": float(clipped), "lr": store.optim.lr}
+        return {"grad_norm": float(grad_norm), "grad_clipped": float(clipped), "lr": lr}
 
 
 class _Timer:
