@@ -187,19 +187,44 @@ class OptimConfig(_Config):
 
 
 class LossConfig(_Config):
-    """Which policy loss and its knobs. Advantages come with the data."""
+    """Which policy loss, how it is normalised, and the KL penalty to the base model. Advantages
+    come with the data.
 
-    kind: Literal["importance_sampling", "ppo", "cross_entropy"] = "ppo"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0  # penalty on KL(sampler || trainer) per token
-    normalize: Literal["tokens", "sequences"] = "tokens"
+    Per trained token, with r = pi_trainer / pi_sampler, A its advantage and sg() a stop-gradient,
+    kind "importance_sampling" is -r * A; "ppo" is -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A);
+    "cispo" (MiniMax-M1's CISPO) is -sg(clip(r, 1 - clip_low, 1 + clip_high)) * A * log pi_trainer, so
+    no token loses its gradient, only its weight is bounded (clip_low >= 1 drops the lower bound, as
+    the paper does; TRL's cispo epsilon_high is 1 + clip_high, tinker's clip thresholds are
+    1 - clip_low and 1 + clip_high); "cross_entropy" is -log pi_trainer.
+    normalize: "tokens" divides the summed token losses by the number of trained tokens (DAPO, TRL
+    "bnpo"); "sequences" averages each sequence's mean token loss over the sequences that have a
+    trained token (GRPO's original, TRL "grpo"); "constant" divides the sum by sequences *
+    normalize_constant (Dr. GRPO, TRL "dr_grpo"), so no sequence's length scales its tokens.
+    KL penalty to the base model (kl_coef > 0; it costs one extra no-grad forward with the adapter
+    routed off, no reference copy): estimator "k3" adds kl_coef * (b - 1 - log b), b = pi_base /
+    pi_trainer, to each token's loss, gradient included (GRPO, TRL's beta); "k1" subtracts kl_coef *
+    (k - mean k), k = log pi_sampler - log pi_base and the mean over the call's trained tokens, from
+    each token's advantage (tinker-cookbook's kl_penalty_coef). Either way the step metric `kl` is
+    the estimator's mean over trained tokens (absent when kl_coef is 0).
+    """
+
+    kind: Literal["importance_sampling", "ppo", "cispo", "cross_entropy"] = "ppo"
+    clip_low: float = 0.2  # ppo, cispo: the ratio's lower bound is 1 - clip_low
+    clip_high: float = 0.2  # ppo, cispo: the ratio's upper bound is 1 + clip_high
+    kl_coef: float = 0.0  # weight of the KL penalty to the base model; 0: off, no extra forward
+    kl_estimator: Literal["k3", "k1"] = "k3"  # k3: a term of the loss; k1: a shaping of the advantages
+    normalize: Literal["tokens", "sequences", "constant"] = "tokens"
+    normalize_constant: float | None = None  # "constant": tokens per sequence; unset: the experiment's max_tokens
 
     def validate(self) -> None:
         if self.clip_low < 0 or self.clip_high < 0:
             _fail("loss.clip_low/clip_high", "must be >= 0")
         if self.kl_coef < 0:
             _fail("loss.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        if self.kind == "cross_entropy" and self.kl_coef > 0:
+            _fail("loss.kl_coef", f"must be 0 for kind 'cross_entropy' (a policy-gradient penalty), got {self.kl_coef}")
+        if self.normalize_constant is not None and not self.normalize_constant > 0:
+            _fail("loss.normalize_constant", f"must be > 0 when set, got {self.normalize_constant}")
 
 
 class TrainerConfig(_Config):
@@ -295,6 +320,13 @@ class ExperimentConfig(_Config):
         if self.optim.total_steps is not None:
             return self.optim
         return msgspec.structs.replace(self.optim, total_steps=self.steps)
+
+    @property
+    def resolved_loss(self) -> LossConfig:
+        """The LossConfig the trainer gets: "constant" normalisation without a constant uses ``max_tokens``."""
+        if self.loss.normalize != "constant" or self.loss.normalize_constant is not None:
+            return self.loss
+        return msgspec.structs.replace(self.loss, normalize_constant=float(self.max_tokens))
 
 
 class RuntimeConfig(_Config):

@@ -121,8 +121,8 @@ TRAINER_STARTED: Final = "trainer.started"
 """The base model is loaded: ``model_dir``, ``device``, ``autocast_bf16``, ``micro_batch_size``, ``load_s``."""
 TRAINER_STEP: Final = "trainer.step"
 """Canonical line of one optimizer step (TrainStep or OptimStep): ``tenant``, ``step``, ``version``, ``duration_s``,
-``queue_depth``, ``wait_s`` (TrainStep: time queued) and the StepMetrics values (loss, grad_norm, clip_frac, kl,
-entropy, tokens, fused, time/*)."""
+``queue_depth``, ``wait_s`` (TrainStep: time queued) and the StepMetrics values (loss, grad_norm, lr, clip_frac,
+kl_sampler, kl when the loss has a KL penalty, entropy, tokens, fused, time/*)."""
 TRAINER_FORWARD_BACKWARD: Final = "trainer.forward_backward"
 """One ForwardBackward accumulated gradients: ``tenant``, ``version``, ``duration_s``, ``queue_depth`` and the
 StepMetrics values (loss, tokens, ...)."""

@@ -77,7 +77,7 @@ TWO = "[[experiments]]\nname = 'a'\n[[experiments]]\nname = 'b'\n"  # experiment
         # choices
         ("[model]\ndtype = 'float16'\n", "model.dtype: invalid value 'float16'; use one of 'bfloat16', 'float32'"),
         (TWO + "[experiments.loss]\nkind = 'grpo'\n",
-         "experiments[1].loss.kind: invalid value 'grpo'; use one of 'cross_entropy', 'importance_sampling', 'ppo'"),
+         "experiments[1].loss.kind: invalid value 'grpo'; use one of 'cispo', 'cross_entropy', 'importance_sampling', 'ppo'"),
         ("[engine]\nmax_lora_rank = 12\n",
          "engine.max_lora_rank: must be 1, 8, 16, 32, 64, 128, 256, 320 or 512 (vLLM's ranks), got 12"),
         # rank above the engine's max (checked in the config, before anything starts)

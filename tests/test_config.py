@@ -48,6 +48,11 @@ def test_toml_round_trip_keeps_every_field():
          "experiments[0].optim.warmup_steps: must be <= steps (3"),
         (b"[[experiments]]\nname = 'a'\n[experiments.optim]\nwarmup_steps = 4\ntotal_steps = 2\n",
          "optim.warmup_steps: must be <= total_steps (2)"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.loss]\nnormalize = 'dr_grpo'\n", "loss.normalize"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.loss]\nnormalize_constant = 0.0\n", "loss.normalize_constant"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.loss]\nkl_estimator = 'k2'\n", "loss.kl_estimator"),
+        (b"[[experiments]]\nname = 'a'\n[experiments.loss]\nkind = 'cross_entropy'\nkl_coef = 0.1\n",
+         "experiments[0].loss.kl_coef: must be 0 for kind 'cross_entropy'"),
     ],
 )
 def test_bad_config_names_the_problem(toml, field):
@@ -96,3 +101,14 @@ def test_an_experiment_gives_its_schedule_its_steps():
     assert exp.resolved_optim.lr_schedule == "cosine" and exp.resolved_optim.warmup_steps == 2
     own = ExperimentConfig(name="b", steps=12, optim=OptimConfig(lr_schedule="linear", total_steps=40))
     assert own.resolved_optim.total_steps == 40  # a length set explicitly wins
+
+
+def test_an_experiment_gives_constant_normalisation_its_max_tokens():
+    from clora.config import LossConfig
+
+    exp = ExperimentConfig(name="a", max_tokens=96, loss=LossConfig(kind="cispo", normalize="constant"))
+    assert exp.loss.normalize_constant is None and exp.resolved_loss.normalize_constant == 96.0
+    assert exp.resolved_loss.kind == "cispo"
+    own = ExperimentConfig(name="b", loss=LossConfig(normalize="constant", normalize_constant=512))
+    assert own.resolved_loss.normalize_constant == 512.0
+    assert ExperimentConfig(name="c").resolved_loss == LossConfig()  # other normalisations are passed as they are

@@ -14,12 +14,19 @@ from clora.trainer import FusedRequest, LoRALinear, SlotRouting, TrainerCore
 
 from test_trainer import _poison, assert_same_state, make_data, store_state  # noqa: E402
 
-# Three tenants that differ in everything a tenant owns: rank, alpha, targets, optimizer, loss.
+# Four tenants that differ in everything a tenant owns: rank, alpha, targets, optimizer and LR
+# schedule, loss kind, normalisation and KL penalty to the base model.
 TENANTS = {
     "A": (LoraConfig(rank=2, alpha=4.0, init_seed=1),
-          OptimConfig(lr=5e-3, weight_decay=0.01, grad_clip=0.5, eps=1e-5), LossConfig(kind="ppo")),
+          OptimConfig(lr=5e-3, weight_decay=0.01, grad_clip=0.5, eps=1e-5, lr_schedule="cosine", warmup_steps=1,
+                      total_steps=4, min_lr_ratio=0.1),
+          LossConfig(kind="ppo")),
     "B": (LoraConfig(rank=8, alpha=32.0, init_seed=2, target_modules=("q_proj", "v_proj", "down_proj")),
           OptimConfig(lr=1e-2, beta1=0.8, eps=1e-5), LossConfig(kind="importance_sampling", normalize="sequences")),
+    "D": (LoraConfig(rank=4, alpha=8.0, init_seed=4, target_modules=("k_proj", "o_proj", "up_proj")),
+          OptimConfig(lr=4e-3, eps=1e-5, lr_schedule="linear", total_steps=3),
+          LossConfig(kind="cispo", clip_low=1.0, clip_high=2.0, kl_coef=0.05, kl_estimator="k1",
+                     normalize="constant", normalize_constant=40.0)),
     "C": (LoraConfig(rank=4, alpha=4.0, init_seed=3),
           OptimConfig(lr=1e-3, grad_clip=0.0, eps=1e-5), LossConfig(kind="ppo", kl_coef=0.1)),
 }
@@ -55,7 +62,7 @@ def pair(tiny_model_dir: Path, device: torch.device) -> tuple[TrainerCore, Train
 
 def requests_for(step: int) -> list[FusedRequest]:
     # uneven sizes so micro-batches of 4 rows mix tenants and split tenants across micro-batches
-    sizes = {"A": 3, "B": 6, "C": 2}
+    sizes = {"A": 3, "B": 6, "D": 6, "C": 2}  # micro-batches [A3] [B4] [B2] [D4] [D2 C2]
     return [
         FusedRequest(name, make_data(sizes[name], seed=100 * step + i, max_len=30 + 10 * i), TENANTS[name][2])
         for i, name in enumerate(TENANTS)
@@ -74,22 +81,30 @@ def assert_close_state(a: dict[str, object], b: dict[str, object], atol: float =
 def test_fused_step_equals_separate_steps(pair, device):
     separate, fused = pair
     rel = CUDA_REL if device.type == "cuda" else 1e-5
+    forwards = []
+    hook = fused.model.register_forward_hook(lambda *_: forwards.append(1))
     for step in range(2):  # the second step exercises Adam moments and a non-zero B
         reqs = requests_for(step)
         expected = [separate.train_step(r.tenant, r.data, r.loss) for r in reqs]
+        forwards.clear()
         got = fused.train_steps_fused(reqs)
+        assert len(forwards) == 5 + 3  # 5 fused micro-batches + base passes: C 1 micro-batch, D 2 (kl_coef > 0)
         for r, e, g in zip(reqs, expected, got, strict=True):
             assert isinstance(g, dict), g
             assert g["version"] == e["version"] == step + 1
-            assert g["fused"] == 3.0 and e["fused"] == 1.0
-            # per-tenant loss normalisation is unchanged by fusion
-            for key in ("loss", "kl", "entropy", "clip_frac", "grad_norm"):
+            assert g["fused"] == 4.0 and e["fused"] == 1.0
+            # every metric, per-tenant loss normalisation and KL to the base model included, is unchanged
+            assert {k for k in g if not k.startswith("time/")} == {k for k in e if not k.startswith("time/")}
+            assert ("kl" in g) == (r.loss.kl_coef > 0)
+            for key in [k for k in e if not k.startswith("time/") and k not in ("fused", "version")]:
                 assert g[key] == pytest.approx(e[key], rel=rel, abs=1e-7), (r.tenant, key)
-            assert (g["tokens"], g["sequences"]) == (e["tokens"], e["sequences"])
+            assert (g["tokens"], g["sequences"], g["lr"]) == (e["tokens"], e["sequences"], e["lr"])
             assert_close_state(
                 store_state(fused.store(r.tenant)), store_state(separate.store(r.tenant)), atol_for(device, step)
             )
+    hook.remove()
     assert all((t != 0).any() for k, t in fused.store("B").params.items() if k.endswith("lora_B"))
+    assert [fused.store(t).adam_step for t in TENANTS] == [2] * 4
 
 
 def test_fused_step_with_one_failing_tenant_rejects_only_that_tenant(pair, device):
@@ -102,7 +117,7 @@ def test_fused_step_with_one_failing_tenant_rejects_only_that_tenant(pair, devic
         got = fused.train_steps_fused(reqs)
         assert isinstance(got[1], NonFiniteError) and "tenant 'B'" in str(got[1])
         assert_same_state(store_state(fused.store("B")), before_b)
-        for i in (0, 2):
+        for i in (0, 2, 3):
             expected = separate.train_step(reqs[i].tenant, reqs[i].data, reqs[i].loss)
             assert isinstance(got[i], dict) and got[i]["version"] == expected["version"]
             assert_close_state(

@@ -13,10 +13,13 @@ from clora.config import LossConfig
 from clora.errors import ConfigError
 from clora.messages import Datum
 from clora.rl import (
+    cispo_loss,
     collate,
     cross_entropy_loss,
     group_advantages,
     importance_sampling_loss,
+    kl_k1,
+    kl_k1_mean,
     kl_k3,
     loss_denominator,
     loss_numerator,
@@ -123,32 +126,105 @@ def test_cross_entropy_is_masked_nll():
     torch.testing.assert_close(cross_entropy_loss(logp, torch.tensor([[1.0, 0.0]])), torch.tensor([[LN2, 0.0]]))
 
 
-def test_token_loss_adds_kl_penalty_for_policy_gradient_only():
-    logp, sampler = _logp(0.5), _logp(0.25)  # ratio 2
+def test_cispo_by_hand():
+    """CISPO: -sg(clip(r, 0.8, 1.2)) * A * logp: the weight is clipped, the gradient never dropped."""
+    # ratios 2, 0.5, 1.1, 2 with advantages 1, -1, 1, -1 (the PPO example above)
+    logp = _logp(0.5, 0.25, 0.55, 0.5).requires_grad_(True)
+    sampler = _logp(0.25, 0.5, 0.5, 0.25)
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    loss, clipped = cispo_loss(logp, sampler, adv, torch.ones(1, 4), clip_low=0.2, clip_high=0.2)
+    # weights 1.2, 0.8, 1.1, 1.2: 1.2 ln2, 0.8 ln(1/4) = -1.6 ln2, -1.1 ln(0.55), -1.2 ln2
+    expected = torch.tensor([[1.2 * LN2, -1.6 * LN2, -1.1 * math.log(0.55), -1.2 * LN2]])
+    torch.testing.assert_close(loss.detach(), expected)
+    assert clipped.tolist() == [[True, True, False, True]]  # the weight is clipped whatever A's sign
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.2, 0.8, -1.1, 1.2]]))  # -weight * A, clipped too
+
+
+def test_cispo_without_lower_bound_is_trl_cispo():
+    """clip_low >= 1 drops the lower bound (MiniMax-M1); TRL's cispo weight is min(r, epsilon_high)."""
+    logp = _logp(0.01, 0.5, 0.9)
+    sampler = _logp(0.5, 0.05, 0.9)  # ratios 0.02, 10, 1
+    adv, mask = torch.tensor([[1.0, 2.0, -1.0]]), torch.ones(1, 3)
+    loss, clipped = cispo_loss(logp, sampler, adv, mask, clip_low=1.0, clip_high=4.0)
+    trl_weight = (logp - sampler).exp().clamp(max=5.0)  # TRL: epsilon_high = 5.0
+    torch.testing.assert_close(loss, -trl_weight * adv * logp)
+    assert clipped.tolist() == [[False, True, False]]
+
+
+def test_token_loss_cispo_kind_and_clip_fraction():
+    logp, sampler = _logp(0.5, 0.3), _logp(0.25, 0.3)  # ratio 2, then 1
+    parts = token_loss(LossConfig(kind="cispo", clip_high=0.5), logp, sampler, torch.ones(1, 2), torch.ones(1, 2))
+    torch.testing.assert_close(parts.per_token, torch.tensor([[1.5 * LN2, math.log(0.3) * -1.0]]))
+    assert parts.clipped.tolist() == [[True, False]]
+
+
+def test_kl_k3_to_base_penalty_by_hand():
+    """k3 of KL(trainer || base) on the trainer's tokens: b - 1 - log b with b = pi_base / pi_trainer,
+    added to the policy loss, its gradient kl_coef * (1 - b) through the trainer's log-prob."""
+    logp = _logp(0.5).requires_grad_(True)
+    sampler, base = _logp(0.25), _logp(0.25)  # ratio 2 (PPO clips it: no policy gradient); b = 0.5
     adv, mask = torch.tensor([[1.0]]), torch.ones(1, 1)
-    k3 = 1.0 - LN2
-    is_parts = token_loss(LossConfig(kind="importance_sampling", kl_coef=0.5), logp, sampler, adv, mask)
+    k3 = 0.5 - 1.0 - math.log(0.5)
+    parts = token_loss(LossConfig(kind="ppo", kl_coef=0.5), logp, sampler, adv, mask, base_logp=base)
+    assert parts.kl.item() == pytest.approx(k3)
+    assert parts.per_token.item() == pytest.approx(-1.2 + 0.5 * k3)
+    assert parts.kl_sampler.item() == pytest.approx(2.0 - 1.0 - LN2)  # the sampler diagnostic is separate
+    parts.per_token.sum().backward()
+    assert logp.grad.item() == pytest.approx(0.5 * (1.0 - 0.5))
+    torch.testing.assert_close(kl_k3(base, logp.detach(), mask), torch.tensor([[k3]]))
+    is_parts = token_loss(LossConfig(kind="importance_sampling", kl_coef=0.5), _logp(0.5), sampler, adv, mask,
+                          base_logp=base)
     assert is_parts.per_token.item() == pytest.approx(-2.0 + 0.5 * k3)
-    ppo_parts = token_loss(LossConfig(kind="ppo", kl_coef=0.5), logp, sampler, adv, mask)
-    assert ppo_parts.per_token.item() == pytest.approx(-1.2 + 0.5 * k3)
-    assert ppo_parts.clipped.item()
-    ce_parts = token_loss(LossConfig(kind="cross_entropy", kl_coef=0.5), logp, sampler, adv, mask)
-    assert ce_parts.per_token.item() == pytest.approx(LN2)
+    with pytest.raises(ValueError, match="base model's log-probs"):
+        token_loss(LossConfig(kl_coef=0.5), logp, sampler, adv, mask)
+    no_kl = token_loss(LossConfig(kind="ppo"), logp, sampler, adv, mask, base_logp=base)
+    assert no_kl.per_token.item() == pytest.approx(-1.2) and no_kl.kl.item() == 0.0
+
+
+def test_kl_k1_shapes_the_advantages_by_hand():
+    """k1 (tinker-cookbook's kl_penalty_coef): A' = A + kl_coef * (mean k1 - k1), k1 = log pi_sampler - log pi_base."""
+    sampler = _logp(0.25, 0.5)
+    base = _logp(0.125, 0.5)  # k1 = ln 2, 0
+    mask = torch.ones(1, 2)
+    torch.testing.assert_close(kl_k1(sampler, base, mask), torch.tensor([[LN2, 0.0]]))
+    total, weight = kl_k1_mean(sampler, base, mask)
+    assert (total, weight) == (pytest.approx(LN2), 2.0)
+    logp = sampler.clone().requires_grad_(True)  # on-policy: ratio 1, so the IS loss is -A'
+    cfg = LossConfig(kind="importance_sampling", kl_coef=0.5, kl_estimator="k1")
+    parts = token_loss(cfg, logp, sampler, torch.ones(1, 2), mask, base_logp=base, kl_baseline=total / weight)
+    shift = 0.5 * LN2 / 2  # kl_coef * (mean - k1) = -/+ 0.5 * ln2 / 2
+    torch.testing.assert_close(parts.per_token.detach(), torch.tensor([[-(1.0 - shift), -(1.0 + shift)]]))
+    torch.testing.assert_close(parts.kl, torch.tensor([[LN2, 0.0]]))
+    parts.per_token.sum().backward()  # the penalty is data: the gradient is -A' * ratio, nothing from the KL itself
+    torch.testing.assert_close(logp.grad, torch.tensor([[-(1.0 - shift), -(1.0 + shift)]]))
+
+
+def test_cross_entropy_takes_no_kl_penalty():
+    with pytest.raises(ConfigError, match="loss.kl_coef: must be 0 for kind 'cross_entropy'"):
+        LossConfig(kind="cross_entropy", kl_coef=0.5)
+    logp, sampler = _logp(0.5), _logp(0.25)
+    parts = token_loss(LossConfig(kind="cross_entropy"), logp, sampler, torch.ones(1, 1), torch.ones(1, 1))
+    assert parts.per_token.item() == pytest.approx(LN2)
 
 
 def test_masked_out_extreme_values_give_finite_loss_and_gradients():
     logp = torch.tensor([[-0.1, -0.2]], requires_grad=True)
     sampler = torch.tensor([[-0.1, -1e4]])  # masked-out position with an absurd log ratio
+    base = torch.tensor([[-0.3, -1e4]])
     mask = torch.tensor([[1.0, 0.0]])
-    for kind in ("importance_sampling", "ppo"):
-        parts = token_loss(LossConfig(kind=kind, kl_coef=0.1), logp, sampler, torch.ones(1, 2), mask)
-        parts.per_token.sum().backward()
-        assert torch.isfinite(parts.per_token).all() and torch.isfinite(logp.grad).all()
-        assert logp.grad[0, 1].item() == 0.0
-        logp.grad = None
+    for kind in ("importance_sampling", "ppo", "cispo"):
+        for estimator in ("k3", "k1"):
+            cfg = LossConfig(kind=kind, kl_coef=0.1, kl_estimator=estimator)
+            parts = token_loss(cfg, logp, sampler, torch.ones(1, 2), mask, base_logp=base)
+            parts.per_token.sum().backward()
+            assert torch.isfinite(parts.per_token).all() and torch.isfinite(logp.grad).all()
+            assert torch.isfinite(parts.kl).all() and parts.kl[0, 1].item() == 0.0
+            assert logp.grad[0, 1].item() == 0.0
+            logp.grad = None
 
 
-def test_normalisation_tokens_and_sequences():
+def test_normalisation_tokens_sequences_and_constant():
     per_token = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     assert loss_numerator(per_token, mask, "tokens").item() == pytest.approx(6.0)
@@ -156,6 +232,11 @@ def test_normalisation_tokens_and_sequences():
     # sequences: (1 + 2) / 2 + 3 / 1 = 4.5 over 2 sequences with a trained token
     assert loss_numerator(per_token, mask, "sequences").item() == pytest.approx(4.5)
     assert loss_denominator(mask, "sequences") == 2.0
+    # constant (Dr. GRPO): the token sum 6 over 3 sequences (every row) * 10 tokens each
+    assert loss_numerator(per_token, mask, "constant").item() == pytest.approx(6.0)
+    assert loss_denominator(mask, "constant", 10.0) == 30.0
+    with pytest.raises(ValueError, match="constant > 0"):
+        loss_denominator(mask, "constant")
     assert masked_mean(per_token, mask) == pytest.approx(2.0)
     assert masked_mean(per_token, torch.zeros_like(mask)) == 0.0
     with pytest.raises(ValueError, match="normalisation"):

@@ -14,7 +14,8 @@ from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.errors import AdapterMismatchError, ConfigError, DuplicateTenantError, NonFiniteError, UnknownTenantError
 from clora.trainer import AdapterStore, TrainerCore
 from clora.messages import Datum
-from clora.rl import collate, loss_denominator, loss_numerator, token_logprobs, token_loss
+from clora.trainer.base_logprobs import base_logprobs
+from clora.rl import collate, kl_k1_mean, loss_denominator, loss_numerator, token_logprobs, token_loss
 
 LORA = LoraConfig(rank=4, alpha=8.0, init_seed=7)
 OPTIM = OptimConfig(lr=5e-3, weight_decay=0.01, grad_clip=0.5)
@@ -110,32 +111,53 @@ def _peft_lora_params(model: PeftModel) -> dict[str, torch.Tensor]:
     }
 
 
-def test_swap_path_equals_torch_adamw_on_a_peft_model(core, tiny_model_dir, tmp_path):
-    """Two steps through the store/swap path == peft model + the same loss + torch AdamW + clip."""
-    loss_cfg = LossConfig(kind="ppo", kl_coef=0.1)
-    core.add_tenant("vs-torch", LORA, OPTIM)
-    core.export_adapter("vs-torch", tmp_path / "v0")
+@pytest.mark.parametrize(
+    "loss_cfg",
+    [
+        LossConfig(kind="ppo", kl_coef=0.1),  # k3 KL to the base model in the loss
+        LossConfig(kind="cispo", clip_low=1.0, clip_high=0.5, kl_coef=0.2, kl_estimator="k1",
+                   normalize="constant", normalize_constant=24.0),  # k1 in the advantages, Dr. GRPO normalisation
+    ],
+    ids=["ppo-k3", "cispo-k1-constant"],
+)
+def test_swap_path_equals_torch_adamw_on_a_peft_model(core, tiny_model_dir, tmp_path, loss_cfg):
+    """Two steps through the store/swap path == peft model + the same loss (base log-probs from peft's
+    disable_adapter, our model's come from the same weights routed off) + torch AdamW + clip."""
+    tenant = f"vs-torch-{loss_cfg.kind}"
+    core.add_tenant(tenant, LORA, OPTIM)
+    core.export_adapter(tenant, tmp_path / "v0")
     ref = _peft_model(tiny_model_dir, tmp_path / "v0", trainable=True)
     ref_params = _peft_lora_params(ref)
+    # in the store's order: the global grad norm then sums in the same order, so clipping agrees to
+    # the bit (another order changes its last bit, and Adam's first update of A, whose gradient is
+    # near eps, turns that into ~1e-5 differences of the weights)
+    ordered = [ref_params[k] for k in core.snapshot(tenant).tensors]
     opt = torch.optim.AdamW(
-        list(ref_params.values()), lr=OPTIM.lr, betas=(OPTIM.beta1, OPTIM.beta2), eps=OPTIM.eps,
-        weight_decay=OPTIM.weight_decay,
+        ordered, lr=OPTIM.lr, betas=(OPTIM.beta1, OPTIM.beta2), eps=OPTIM.eps, weight_decay=OPTIM.weight_decay,
     )
     for step in range(2):
         data = make_data(4, seed=30 + step)  # one micro-batch of 4
         batch = collate(data)
+        with torch.no_grad(), ref.disable_adapter():
+            base = token_logprobs(ref(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits, batch.tokens)
+        k1_sum, k1_weight = kl_k1_mean(batch.sampler_logprobs, base, batch.loss_mask)
         logits = ref(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
         logp = token_logprobs(logits, batch.tokens)
-        parts = token_loss(loss_cfg, logp, batch.sampler_logprobs, batch.advantages, batch.loss_mask)
-        loss = loss_numerator(parts.per_token, batch.loss_mask, "tokens") / loss_denominator(batch.loss_mask, "tokens")
+        parts = token_loss(loss_cfg, logp, batch.sampler_logprobs, batch.advantages, batch.loss_mask, base,
+                           k1_sum / k1_weight)
+        denominator = loss_denominator(batch.loss_mask, loss_cfg.normalize, loss_cfg.normalize_constant)
+        loss = loss_numerator(parts.per_token, batch.loss_mask, loss_cfg.normalize) / denominator
         loss.backward()
-        ref_norm = torch.nn.utils.clip_grad_norm_(list(ref_params.values()), OPTIM.grad_clip)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ordered, OPTIM.grad_clip)
         opt.step()
         opt.zero_grad()
-        metrics = core.train_step("vs-torch", data, loss_cfg)
+        metrics = core.train_step(tenant, data, loss_cfg)
         assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
         assert metrics["grad_norm"] == pytest.approx(ref_norm.item(), rel=1e-5)
-    ours = core.snapshot("vs-torch").tensors
+        expected_kl = float((parts.kl.detach() * batch.loss_mask).sum() / batch.loss_mask.sum())
+        assert metrics["kl"] == pytest.approx(expected_kl, rel=1e-4, abs=1e-7)
+    assert metrics["kl"] != 0.0  # after one step the adapter differs from the base model
+    ours = core.snapshot(tenant).tensors
     assert ours.keys() == ref_params.keys()
     max_diff = max((ours[k] - ref_params[k].detach()).abs().max().item() for k in ours)
     assert max_diff < 1e-6, max_diff
@@ -214,11 +236,11 @@ def test_non_finite_step_is_rejected_and_changes_nothing(device_core, how):
     assert device_core.train_step(tenant, make_data(3, seed=72), LossConfig())["version"] == 2.0
 
 
-@pytest.mark.parametrize("normalize", ["tokens", "sequences"])
+@pytest.mark.parametrize("normalize", ["tokens", "sequences", "constant"])
 def test_forward_backward_twice_then_optim_equals_one_train_step(device_core, normalize):
-    """Accumulation is a mean weighted by the normalisation denominator (trained tokens, or
-    sequences), so FB(d1) + FB(d2) + OptimStep == TrainStep(d1 + d2) for both normalisations."""
-    loss_cfg = LossConfig(kind="ppo", normalize=normalize)
+    """Accumulation is a mean weighted by the normalisation denominator (trained tokens, sequences,
+    or sequences * constant), so FB(d1) + FB(d2) + OptimStep == TrainStep(d1 + d2) for each."""
+    loss_cfg = LossConfig(kind="ppo", normalize=normalize, normalize_constant=32.0 if normalize == "constant" else None)
     optim = OptimConfig(lr=5e-3, eps=1e-6, grad_clip=0.5)  # eps bounds Adam's amplification of ~0 grads
     d1, d2 = make_data(3, seed=80), make_data(5, seed=81, max_len=60)
     split, joint, step_all = f"split-{normalize}", f"joint-{normalize}", f"step-{normalize}"
@@ -249,16 +271,47 @@ def test_accumulation_rules(device_core):
     device_core.forward_backward("acc", make_data(2, seed=90), LossConfig(normalize="tokens"))
     with pytest.raises(ConfigError, match="cannot be mixed with normalize='sequences'"):
         device_core.forward_backward("acc", make_data(2, seed=91), LossConfig(normalize="sequences"))
+    with pytest.raises(ConfigError, match="tenant 'acc': loss.normalize_constant: normalize='constant' needs it"):
+        device_core.train_step("acc", make_data(2, seed=91), LossConfig(normalize="constant"))
 
 
 def test_step_metrics_have_the_documented_keys(device_core):
     device_core.add_tenant("metrics", LORA, OPTIM)
     values = device_core.train_step("metrics", make_data(6, seed=95), LossConfig(kind="ppo", kl_coef=0.05))
-    for key in ("loss", "grad_norm", "clip_frac", "kl", "entropy", "tokens", "version",
-                "time/swap_in", "time/fwd_bwd", "time/optim", "time/swap_out"):
+    for key in ("loss", "grad_norm", "clip_frac", "kl", "kl_sampler", "entropy", "tokens", "lr", "version",
+                "time/swap_in", "time/fwd_bwd", "time/base_fwd", "time/optim", "time/swap_out"):
         assert key in values, key
     assert values["tokens"] == sum(sum(d.loss_mask) for d in make_data(6, seed=95))
-    assert values["kl"] >= 0 and 0 <= values["clip_frac"] <= 1 and values["entropy"] > 0
+    assert values["kl"] >= 0 and values["kl_sampler"] >= 0 and 0 <= values["clip_frac"] <= 1 and values["entropy"] > 0
+    plain = device_core.train_step("metrics", make_data(6, seed=96), LossConfig(kind="ppo"))
+    assert "kl" not in plain and "time/base_fwd" not in plain and "kl_sampler" in plain  # no penalty, no base pass
+
+
+def test_base_forward_runs_only_with_a_kl_penalty_and_is_the_base_model(device_core, tiny_model_dir):
+    """kl_coef > 0 costs one extra forward per micro-batch, with the adapter routed off (the base
+    model's log-probs, though the adapter is trained); kl_coef = 0 costs none."""
+    device_core.add_tenant("kl-base", LORA, OptimConfig(lr=2e-2))
+    forwards = []
+    hook = device_core.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        data = make_data(6, seed=150)  # micro-batches of 4: two of them
+        device_core.train_step("kl-base", data, LossConfig(kind="importance_sampling"))
+        assert len(forwards) == 2
+        forwards.clear()
+        device_core.train_step("kl-base", data, LossConfig(kind="importance_sampling", kl_coef=0.1))
+        assert len(forwards) == 4
+    finally:
+        hook.remove()
+    assert device_core.routing.active is None and device_core.routing.row_slots is None  # nothing left routed
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    rows = base_logprobs(device_core, data).rows
+    trained = device_core.compute_logprobs("kl-base", data)
+    for d, row, adapted in zip(data, rows, trained, strict=True):
+        ids = torch.tensor([d.tokens])
+        with torch.no_grad():
+            expected = token_logprobs(reference(input_ids=ids).logits, ids)[0]
+        torch.testing.assert_close(row.cpu(), expected, rtol=0, atol=1e-5)
+        assert (torch.tensor(adapted) - expected).abs().max() > 1e-4  # the adapter does change the policy
 
 
 def test_empty_training_call_is_rejected(core):

@@ -47,7 +47,7 @@ async def test_trainer_actor_serves_every_message(tiny_model_dir, tmp_path, devi
                 await ref.ask(AddTenant(tenant="a", lora=LORA, optim=OPTIM))
             metrics = (await ref.ask(TrainStep(tenant="a", data=make_data(4, seed=1), loss=LossConfig()))).metrics
             assert isinstance(metrics, StepMetrics) and metrics.version == 1 and metrics.tenant == "a"
-            for key in ("loss", "grad_norm", "clip_frac", "kl", "entropy", "tokens", "time/swap_in",
+            for key in ("loss", "grad_norm", "clip_frac", "kl_sampler", "entropy", "lr", "tokens", "time/swap_in",
                         "time/fwd_bwd", "time/optim", "time/swap_out", "version"):
                 assert key in metrics.values, key
             fb = await ref.ask(ForwardBackward(tenant="a", data=make_data(2, seed=2), loss=LossConfig()))

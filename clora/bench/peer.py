@@ -24,6 +24,7 @@ from clora.trainer.schedule import scheduled_lr
 from clora.messages import Completion, Datum, SamplingSpec
 from clora.rl import (
     collate,
+    kl_k1_mean,
     loss_denominator,
     loss_numerator,
     micro_batches,
@@ -172,16 +173,26 @@ class PeerLoop:
 
     def train(self, data: list[Datum]) -> None:
         """One optimizer step on ``data``: clora's loss, micro-batched gradient accumulation, clipping, AdamW."""
-        exp = self.experiment
+        exp, loss_cfg = self.experiment, self.experiment.resolved_loss
         self.model.train()
-        total = sum(loss_denominator(collate(chunk).loss_mask, exp.loss.normalize)
-                    for chunk in micro_batches(data, MICRO_BATCH))
-        for chunk in micro_batches(data, MICRO_BATCH):
-            batch = collate(chunk, pad_id=self.sampler.pad_id)
+        chunks = [collate(chunk, pad_id=self.sampler.pad_id) for chunk in micro_batches(data, MICRO_BATCH)]
+        total = sum(loss_denominator(b.loss_mask, loss_cfg.normalize, loss_cfg.normalize_constant) for b in chunks)
+        base_rows: list[torch.Tensor | None] = [None] * len(chunks)
+        k1_sum = k1_weight = 0.0
+        if loss_cfg.kl_coef > 0:  # the base model: peft's adapter switched off
+            with torch.no_grad(), self.model.disable_adapter():
+                for i, batch in enumerate(chunks):
+                    logits = self.model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
+                    base_rows[i] = token_logprobs(logits, batch.tokens)  # (B, T)
+                    part_sum, part_weight = kl_k1_mean(batch.sampler_logprobs, base_rows[i], batch.loss_mask)
+                    k1_sum, k1_weight = k1_sum + part_sum, k1_weight + part_weight
+        k1_baseline = k1_sum / k1_weight if k1_weight > 0 else 0.0
+        for batch, base_logp in zip(chunks, base_rows, strict=True):
             logits = self.model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits  # (B, T, V)
             logp = token_logprobs(logits, batch.tokens)  # (B, T)
-            loss = token_loss(exp.loss, logp, batch.sampler_logprobs, batch.advantages, batch.loss_mask)
-            (loss_numerator(loss.per_token, batch.loss_mask, exp.loss.normalize) / max(total, 1e-12)).backward()
+            loss = token_loss(loss_cfg, logp, batch.sampler_logprobs, batch.advantages, batch.loss_mask,
+                              base_logp, k1_baseline)
+            (loss_numerator(loss.per_token, batch.loss_mask, loss_cfg.normalize) / max(total, 1e-12)).backward()
         if exp.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, exp.optim.grad_clip)
         for group in self.optimizer.param_groups:  # the tenant's schedule, as clora's trainer applies it

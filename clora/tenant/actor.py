@@ -249,7 +249,7 @@ class TenantActor(Actor):
         t1 = time.perf_counter()
         try:
             result: TrainStepResult = await self._trainer.ask(TrainStep(
-                tenant=self.tenant, data=data, loss=exp.loss, copy_adapter=True,
+                tenant=self.tenant, data=data, loss=exp.resolved_loss, copy_adapter=True,
                 copy_state=self._checkpoints is not None and self._checkpoints.enabled,
             ))
         except NonFiniteError as e:  # the trainer rejected the step and left the adapter as it was

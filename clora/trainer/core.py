@@ -27,13 +27,23 @@ from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.errors import ConfigError, DuplicateTenantError, NonFiniteError, PromptTooLongError, UnknownTenantError
 from clora.trainer.optimizer import adamw_step_, clip_grads_, global_grad_norm
 from clora.trainer.attach import attach_lora, check_lora_fits, layer_shapes, lora_layers
+from clora.trainer.base_logprobs import BaseLogprobs, base_logprobs
 from clora.trainer.fused import FusedRequest, fused_train_step
 from clora.trainer.lora_layer import SlotRouting
 from clora.trainer.peft_io import export_peft, import_peft, peft_config_dict, peft_state_dict
 from clora.trainer.schedule import check_schedule, scheduled_lr
 from clora.trainer.store import AdapterStore, WorkingCopy, lora_key, swap_in, write_back
 from clora.messages import AdapterSnapshot, Datum
-from clora.rl import collate, loss_denominator, loss_numerator, micro_batches, token_entropy, token_logprobs, token_loss
+from clora.rl import (
+    collate,
+    loss_denominator,
+    loss_metrics,
+    loss_numerator,
+    micro_batches,
+    token_entropy,
+    token_logprobs,
+    token_loss,
+)
 
 __all__ = ["TrainerCore", "resolve_device"]
 
@@ -271,6 +281,11 @@ class TrainerCore:
 
     @staticmethod
     def _check_normalize(store: AdapterStore, loss: LossConfig) -> None:
+        if loss.normalize == "constant" and loss.normalize_constant is None:
+            raise ConfigError(
+                f"tenant {store.tenant!r}: loss.normalize_constant: normalize='constant' needs it (tokens per "
+                "sequence to divide by; an experiment uses its max_tokens)"
+            )
         if store.grad_normalize not in (None, loss.normalize):
             raise ConfigError(
                 f"tenant {store.tenant!r}: gradients accumulated with normalize={store.grad_normalize!r} "
@@ -280,21 +295,39 @@ class TrainerCore:
     def _accumulate(
         self, store: AdapterStore, work: WorkingCopy, data: Sequence[Datum], loss_cfg: LossConfig
     ) -> dict[str, float]:
-        """Forward/backward over micro-batches; merge the mean gradient into ``work.grads``."""
+        """Forward/backward over micro-batches; merge the mean gradient into ``work.grads``.
+
+        With a KL penalty (``kl_coef > 0``) the base model's log-probs come first, from one no-grad
+        forward per micro-batch with the adapter routed off (clora.trainer.base_logprobs)."""
         assert work.grads is not None
         if not data:
             raise ConfigError(f"tenant {store.tenant!r}: a training call needs at least one datum")
         batches = [collate(chunk, self.pad_token_id) for chunk in micro_batches(data, self.micro_batch_size)]
-        denominator = sum(loss_denominator(b.loss_mask, loss_cfg.normalize) for b in batches)
-        sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0}
+        denominator = sum(
+            loss_denominator(b.loss_mask, loss_cfg.normalize, loss_cfg.normalize_constant) for b in batches
+        )
+        extra: dict[str, float] = {}
+        base: BaseLogprobs | None = None
+        if loss_cfg.kl_coef > 0:
+            start = time.perf_counter()
+            base = base_logprobs(self, data)
+            extra["time/base_fwd"] = time.perf_counter() - start
+        sums = {"loss": 0.0, "kl": 0.0, "kl_sampler": 0.0, "entropy": 0.0, "clip_frac": 0.0}
         tokens = 0.0
+        first = 0  # index of the micro-batch's first datum
         with self._bound(store, work):
             for index, cpu_batch in enumerate(batches):
                 batch = cpu_batch.to(self.device)
+                rows = range(first, first + len(batch.lengths))
+                first = rows.stop
                 mask = batch.loss_mask  # (B, T)
                 logits = self._logits(batch.tokens, batch.attention_mask)  # (B, T, V)
                 logp = token_logprobs(logits, batch.tokens)  # (B, T)
-                parts = token_loss(loss_cfg, logp, batch.sampler_logprobs, batch.advantages, mask)
+                base_logp = None if base is None else base.batch(rows, batch.tokens.shape[1])  # (B, T)
+                parts = token_loss(
+                    loss_cfg, logp, batch.sampler_logprobs, batch.advantages, mask,
+                    base_logp, 0.0 if base is None else base.k1_mean,
+                )
                 numerator = loss_numerator(parts.per_token, mask, loss_cfg.normalize)  # ()
                 if not torch.isfinite(numerator):
                     raise NonFiniteError(
@@ -307,20 +340,13 @@ class TrainerCore:
                     entropy = token_entropy(logits.detach())  # (B, T)
                     sums["loss"] += float(numerator) / denominator if denominator > 0 else 0.0
                     sums["kl"] += float((parts.kl * mask).sum())
+                    sums["kl_sampler"] += float((parts.kl_sampler * mask).sum())
                     sums["entropy"] += float((entropy * mask).sum())
                     sums["clip_frac"] += float((parts.clipped.float() * mask).sum())
                     tokens += float(mask.sum())
                 del logits, logp, parts
         self._merge_grads(store, work, denominator, loss_cfg.normalize)
-        per_token = lambda s: s / tokens if tokens > 0 else 0.0  # noqa: E731
-        return {
-            "loss": sums["loss"],
-            "kl": per_token(sums["kl"]),
-            "entropy": per_token(sums["entropy"]),
-            "clip_frac": per_token(sums["clip_frac"]),
-            "tokens": tokens,
-            "sequences": float(len(data)),
-        }
+        return loss_metrics(sums, tokens, len(data), loss_cfg) | extra
 
     @staticmethod
     def _merge_grads(store: AdapterStore, work: WorkingCopy, denominator: float, normalize: str) -> None:

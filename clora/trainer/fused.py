@@ -26,12 +26,14 @@ import torch
 
 from clora.config import LossConfig
 from clora.errors import ConfigError, NonFiniteError
+from clora.trainer.base_logprobs import BaseLogprobs, base_logprobs
 from clora.trainer.store import AdapterStore, WorkingCopy, swap_in, write_back
 from clora.messages import Datum
 from clora.rl import (
     check_datum,
     collate,
     loss_denominator,
+    loss_metrics,
     loss_numerator,
     micro_batches,
     token_entropy,
@@ -64,21 +66,16 @@ class _Member:
     store: AdapterStore
     work: WorkingCopy
     denominator: float  # the whole request's normalisation denominator
-    sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0})
+    sums: dict[str, float] = field(
+        default_factory=lambda: {"loss": 0.0, "kl": 0.0, "kl_sampler": 0.0, "entropy": 0.0, "clip_frac": 0.0}
+    )
     tokens: float = 0.0
+    base: BaseLogprobs | None = None  # the base model's log-probs of its data, when its loss has a KL penalty
     values: dict[str, float] = field(default_factory=dict)
     error: Exception | None = None
 
     def metrics(self) -> dict[str, float]:
-        per_token = lambda s: s / self.tokens if self.tokens > 0 else 0.0  # noqa: E731
-        return {
-            "loss": self.sums["loss"],
-            "kl": per_token(self.sums["kl"]),
-            "entropy": per_token(self.sums["entropy"]),
-            "clip_frac": per_token(self.sums["clip_frac"]),
-            "tokens": self.tokens,
-            "sequences": float(len(self.request.data)),
-        }
+        return loss_metrics(self.sums, self.tokens, len(self.request.data), self.request.loss)
 
 
 def fused_train_step(core: TrainerCore, requests: Sequence[FusedRequest]) -> list[dict[str, float] | Exception]:
@@ -97,6 +94,11 @@ def fused_train_step(core: TrainerCore, requests: Sequence[FusedRequest]) -> lis
         members = _admit(core, requests, outcomes)
     if members:
         with timer("time/fwd_bwd"):
+            penalised = [m for m in members if m.request.loss.kl_coef > 0]
+            if penalised:
+                with timer("time/base_fwd"):
+                    for m in penalised:  # on the member's own micro-batches, as its separate step cuts them
+                        m.base = base_logprobs(core, m.request.data)
             _forward_backward(core, members)
             for m in _alive(members):
                 try:
@@ -147,7 +149,10 @@ def _admit(
                 check_datum(index, datum)
             core.check_data(request.tenant, request.data)
             denominator = sum(
-                loss_denominator(collate(chunk, core.pad_token_id).loss_mask, request.loss.normalize)
+                loss_denominator(
+                    collate(chunk, core.pad_token_id).loss_mask, request.loss.normalize,
+                    request.loss.normalize_constant,
+                )
                 for chunk in micro_batches(request.data, core.micro_batch_size)
             )  # summed per micro-batch, as the single-tenant path does
         except Exception as exc:  # noqa: BLE001 - the request's own error, reported to its asker
@@ -163,8 +168,8 @@ def _forward_backward(core: TrainerCore, members: list[_Member]) -> None:
     """Forward/backward over the members' rows; each tenant's gradient lands in its own ``.grad``."""
     with core._bound_slots([(m.store, m.work) for m in members]):
         for index, chunk in enumerate(_packed_micro_batches(members, core.micro_batch_size)):
-            batch = collate([datum for datum, _ in chunk], core.pad_token_id).to(core.device)
-            owners = [m for _, m in chunk]
+            batch = collate([datum for datum, _, _ in chunk], core.pad_token_id).to(core.device)
+            owners = [m for _, m, _ in chunk]
             core.routing.use_rows(torch.tensor([m.slot for m in owners]))
             logits = core._logits(batch.tokens, batch.attention_mask)  # (B, T, V)
             logp = token_logprobs(logits, batch.tokens)  # (B, T)
@@ -176,8 +181,12 @@ def _forward_backward(core: TrainerCore, members: list[_Member]) -> None:
                     continue  # rejected earlier: its rows still pass the base model, its loss is dropped
                 rows_of = slice(start, stop)
                 mask = batch.loss_mask[rows_of]  # (R, T)
+                base_logp = None
+                if m.base is not None:
+                    base_logp = m.base.batch([i for _, _, i in chunk[rows_of]], batch.tokens.shape[1])  # (R, T)
                 parts = token_loss(
-                    m.request.loss, logp[rows_of], batch.sampler_logprobs[rows_of], batch.advantages[rows_of], mask
+                    m.request.loss, logp[rows_of], batch.sampler_logprobs[rows_of], batch.advantages[rows_of], mask,
+                    base_logp, 0.0 if m.base is None else m.base.k1_mean,
                 )
                 numerator = loss_numerator(parts.per_token, mask, m.request.loss.normalize)  # ()
                 if not torch.isfinite(numerator):
@@ -191,6 +200,7 @@ def _forward_backward(core: TrainerCore, members: list[_Member]) -> None:
                 with torch.no_grad():
                     m.sums["loss"] += float(numerator) / m.denominator if m.denominator > 0 else 0.0
                     m.sums["kl"] += float((parts.kl * mask).sum())
+                    m.sums["kl_sampler"] += float((parts.kl_sampler * mask).sum())
                     m.sums["entropy"] += float((entropy[rows_of] * mask).sum())
                     m.sums["clip_frac"] += float((parts.clipped.float() * mask).sum())
                     m.tokens += float(mask.sum())
@@ -199,22 +209,25 @@ def _forward_backward(core: TrainerCore, members: list[_Member]) -> None:
             del logits, logp, entropy
 
 
-def _packed_micro_batches(members: list[_Member], size: int) -> list[list[tuple[Datum, _Member]]]:
+def _packed_micro_batches(members: list[_Member], size: int) -> list[list[tuple[Datum, _Member, int]]]:
     """Each tenant's data cut into micro-batches exactly as its single-tenant step cuts it, and
     consecutive chunks packed, in order, into fused micro-batches of at most ``size`` rows.
 
     A tenant's gradient is then summed over the same chunks in the same order as in a separate
     step, so fusing does not even change float rounding (re-chunking would: Adam's first step
     amplifies that rounding to ~1e-6 on near-zero gradients). A tenant's rows stay contiguous.
+    Each row is (datum, its member, the datum's index in the member's data).
     """
-    packed: list[list[tuple[Datum, _Member]]] = []
-    current: list[tuple[Datum, _Member]] = []
+    packed: list[list[tuple[Datum, _Member, int]]] = []
+    current: list[tuple[Datum, _Member, int]] = []
     for m in members:
+        first = 0
         for chunk in micro_batches(m.request.data, size):
             if current and len(current) + len(chunk) > size:
                 packed.append(current)
                 current = []
-            current.extend((datum, m) for datum in chunk)
+            current.extend((datum, m, first + i) for i, datum in enumerate(chunk))
+            first += len(chunk)
     if current:
         packed.append(current)
     return packed

@@ -19,6 +19,8 @@ trainer binds a tenant's working copy before a step and unbinds it after), so th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,6 +67,17 @@ class SlotRouting:
 
     def clear(self) -> None:
         self.active, self.row_slots, self.runs = None, None, []
+
+    @contextmanager
+    def base_only(self) -> Iterator[None]:
+        """Inside the block no row uses any slot: the model is the plain base model. The routing
+        before the block is restored after it (bound slots are not touched)."""
+        saved = self.active, self.row_slots, self.runs
+        self.clear()
+        try:
+            yield
+        finally:
+            self.active, self.row_slots, self.runs = saved
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
