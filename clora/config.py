@@ -208,12 +208,12 @@ class LossConfig(_Config):
     the estimator's mean over trained tokens (absent when kl_coef is 0).
     """
 
-    kind: Literal["importance_sampling", "ppo", "cispo", "cross_entropy"] = "ppo"
+    kind: Literal["importance_sampling", "ppo", "cispo", "cross_entropy"] = "ppo"  # the per-token loss (above)
     clip_low: float = 0.2  # ppo, cispo: the ratio's lower bound is 1 - clip_low
     clip_high: float = 0.2  # ppo, cispo: the ratio's upper bound is 1 + clip_high
     kl_coef: float = 0.0  # weight of the KL penalty to the base model; 0: off, no extra forward
     kl_estimator: Literal["k3", "k1"] = "k3"  # k3: a term of the loss; k1: a shaping of the advantages
-    normalize: Literal["tokens", "sequences", "constant"] = "tokens"
+    normalize: Literal["tokens", "sequences", "constant"] = "tokens"  # what the summed loss is divided by (above)
     normalize_constant: float | None = None  # "constant": tokens per sequence; unset: the experiment's max_tokens
 
     def validate(self) -> None:
@@ -281,7 +281,7 @@ class ExperimentConfig(_Config):
     group_size: int = 4
     max_tokens: int = 64
     temperature: float = 1.0
-    advantage: Literal["grpo", "grpo_no_std"] = "grpo"
+    advantage: Literal["grpo", "grpo_no_std"] = "grpo"  # grpo: (r - mean) / std per group; grpo_no_std: r - mean (Dr. GRPO)
     eval_every: int = 0  # 0: only before and after
     checkpoint_every: int = 1  # steps between checkpoints (also after the last step and on stop); 0: none
     retries: int = 0  # more tries of a rollout (env error, bad reward, step timeout) or a publish; 0: the tenant fails
