@@ -219,6 +219,31 @@ def test_adamw_equals_torch_optim(weight_decay, grad_clip):
             torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
 
+def test_adamw_fused_branch_equals_torch_fused_adamw(monkeypatch):
+    """The CUDA branch (fused kernel, step counters on the device) run on the CPU's fused kernel:
+    equal to torch.optim.AdamW(fused=True) over several steps with changing lr."""
+    import clora.trainer.optimizer as adam
+
+    monkeypatch.setattr(adam, "use_fused", lambda device: True)
+    optim = OptimConfig(lr=1e-2, beta1=0.8, beta2=0.95, eps=1e-7, weight_decay=0.1)
+    torch.manual_seed(0)
+    ref = [nn.Parameter(torch.randn(40, 24)), nn.Parameter(torch.randn(33))]
+    ours = [p.detach().clone() for p in ref]
+    m, v = [torch.zeros_like(p) for p in ours], [torch.zeros_like(p) for p in ours]
+    torch_opt = torch.optim.AdamW(ref, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                  weight_decay=optim.weight_decay, fused=True)
+    for step in range(1, 6):
+        lr = optim.lr / step
+        grads = [torch.randn_like(p) for p in ref]
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        torch_opt.param_groups[0]["lr"] = lr
+        torch_opt.step()
+        adam.adamw_step_(ours, [g.clone() for g in grads], m, v, step, optim, lr=lr)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
 def test_scheduled_lr_by_hand():
     """lr 1, warmup 2, total 6, floor 0.1: warmup (n + 1) / 2, then decay over n = 2..6 (p = (n - 2) / 4)."""
     common = dict(lr=1.0, warmup_steps=2, total_steps=6, min_lr_ratio=0.1)

@@ -33,6 +33,11 @@ def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float, total_norm: torc
     return bool(clip_coef < 1.0)
 
 
+def use_fused(device: torch.device) -> bool:
+    """Whether AdamW on ``device`` takes torch's fused kernel (CUDA) rather than the foreach path."""
+    return device.type == "cuda"
+
+
 def adamw_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -51,7 +56,7 @@ def adamw_step_(
     if not params:
         return
     device = params[0].device
-    fused = device.type == "cuda"
+    fused = use_fused(device)
     # torch keeps one step counter per tensor and increments it in place before using it: fp32
     # counters on the device for the fused kernel, on the host otherwise (as torch.optim.AdamW does)
     counters = torch.full((len(params),), float(step - 1), dtype=torch.float32, device=device if fused else "cpu")
