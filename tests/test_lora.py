@@ -244,6 +244,30 @@ def test_adamw_fused_branch_equals_torch_fused_adamw(monkeypatch):
             torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
 
+def test_adamw_on_the_device_equals_torch_optim_adamw(device):
+    """On the test device (CUDA: our fused branch against torch.optim.AdamW(fused=True); CPU: the
+    foreach path against torch's default), with a cosine schedule setting each step's lr."""
+    fused = device.type == "cuda"
+    optim = OptimConfig(lr=1e-2, beta2=0.95, eps=1e-7, weight_decay=0.1, lr_schedule="cosine", warmup_steps=2,
+                        total_steps=6, min_lr_ratio=0.1)
+    torch.manual_seed(0)
+    ref = [nn.Parameter(torch.randn(64, 48, device=device)), nn.Parameter(torch.randn(33, device=device))]
+    ours = [p.detach().clone() for p in ref]
+    m, v = [torch.zeros_like(p) for p in ours], [torch.zeros_like(p) for p in ours]
+    torch_opt = torch.optim.AdamW(ref, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                  weight_decay=optim.weight_decay, fused=fused or None)
+    for n in range(6):
+        grads = [torch.randn_like(p) for p in ref]
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        lr = scheduled_lr(optim, n)
+        torch_opt.param_groups[0]["lr"] = lr
+        torch_opt.step()
+        adamw_step_(ours, [g.clone() for g in grads], m, v, n + 1, optim, lr=lr)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
 def test_scheduled_lr_by_hand():
     """lr 1, warmup 2, total 6, floor 0.1: warmup (n + 1) / 2, then decay over n = 2..6 (p = (n - 2) / 4)."""
     common = dict(lr=1.0, warmup_steps=2, total_steps=6, min_lr_ratio=0.1)

@@ -389,24 +389,24 @@ def test_a_store_trained_on_the_device_survives_a_checkpoint_round_trip(device_c
             assert theirs[k] == t, k
 
 
-def test_each_tenant_steps_at_its_own_scheduled_lr(core):
+def test_each_tenant_steps_at_its_own_scheduled_lr(device_core):
     """The LR of a step comes from the tenant's own schedule and its own step count, on both paths
     (TrainStep; ForwardBackward + OptimStep), and is what the step applies (lr 0 moves nothing)."""
-    core.add_tenant("sched-lin", LORA, OptimConfig(lr=4e-3, lr_schedule="linear", warmup_steps=2, total_steps=4))
-    core.add_tenant("sched-const", LORA, OptimConfig(lr=1e-3))
+    device_core.add_tenant("sched-lin", LORA, OptimConfig(lr=4e-3, lr_schedule="linear", warmup_steps=2, total_steps=4))
+    device_core.add_tenant("sched-const", LORA, OptimConfig(lr=1e-3))
     lrs, const_lrs = [], []
     for i in range(4):
         if i == 2:
-            core.forward_backward("sched-lin", make_data(2, seed=130 + i), LossConfig())
-            lrs.append(core.optim_step("sched-lin")["lr"])
+            device_core.forward_backward("sched-lin", make_data(2, seed=130 + i), LossConfig())
+            lrs.append(device_core.optim_step("sched-lin")["lr"])
         else:
-            lrs.append(core.train_step("sched-lin", make_data(2, seed=130 + i), LossConfig())["lr"])
-        const_lrs.append(core.train_step("sched-const", make_data(2, seed=140 + i), LossConfig())["lr"])
+            lrs.append(device_core.train_step("sched-lin", make_data(2, seed=130 + i), LossConfig())["lr"])
+        const_lrs.append(device_core.train_step("sched-const", make_data(2, seed=140 + i), LossConfig())["lr"])
     # warmup 4e-3 * 1/2, 2/2; then linear decay over steps 2..4: p = 0, 1/2
     assert lrs == pytest.approx([2e-3, 4e-3, 4e-3, 2e-3]) and const_lrs == [1e-3] * 4
-    before = store_state(core.store("sched-lin"))
-    assert core.train_step("sched-lin", make_data(2, seed=135), LossConfig())["lr"] == 0.0  # p = 1, floor 0
-    after = store_state(core.store("sched-lin"))
+    before = store_state(device_core.store("sched-lin"))
+    assert device_core.train_step("sched-lin", make_data(2, seed=135), LossConfig())["lr"] == 0.0  # p = 1, floor 0
+    after = store_state(device_core.store("sched-lin"))
     assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("params:"))
     assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("exp_avg:"))
 
