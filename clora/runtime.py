@@ -30,6 +30,7 @@ from clora.errors import AdapterMismatchError, DuplicateTenantError
 from clora.messages import AddTenant, Publish
 from clora.models import resolve_model
 from clora.sampler.actor import SamplerActor
+from clora.sampler.engine import Engine
 from clora.sampler.sync import SyncActor
 from clora.tenant.actor import ExperimentResult, RunExperiment, StepRecord, TenantActor, release_tenant
 from clora.tenant.handle import TenantHandle
@@ -48,12 +49,16 @@ class Runtime:
         run_dir: str | Path | None = None,
         console_level: str = "info",
         resume: bool = False,
+        engine: Engine | None = None,
     ) -> None:
         """``console_level``: events below it reach only the run folder, not your structlog output.
-        ``resume``: experiments continue from their checkpoints in ``run_dir`` (see the module doc)."""
+        ``resume``: experiments continue from their checkpoints in ``run_dir`` (see the module doc).
+        ``engine``: a running engine to borrow instead of starting one (the runtime neither starts nor
+        shuts it down): one engine shared by several runtimes, or ``clora.testing.FakeEngine``."""
         self.config = config or RuntimeConfig()
         self.console_level = console_level
         self.resume = resume
+        self._engine = engine
         self.run_dir = Path(run_dir if run_dir is not None else self.config.run_dir)
         self._stack = contextlib.AsyncExitStack()
         self._tenants: set[str] = set()
@@ -81,7 +86,8 @@ class Runtime:
                 ActorSystem("clora", logger=events.run_logger(sink, self.console_level))
             )
             self.sampler = await self._system.start(
-                SamplerActor(self.model_dir, cfg.model, cfg.engine), name="sampler", supervision=Supervision.ESCALATE
+                SamplerActor(self.model_dir, cfg.model, cfg.engine, shared_engine=self._engine), name="sampler",
+                supervision=Supervision.ESCALATE,
             )
             self.trainer = await TrainerActor.start_in(self._system, self.model_dir, cfg.trainer)
             self.sync = await self._system.start(

@@ -41,6 +41,8 @@ from clora.messages import (
 __all__ = [
     "SamplerActor",
     "BASE_VERSION",
+    "adapter_name",
+    "parse_adapter_name",
 ]
 
 BASE_VERSION = -1  # SampleResult.adapter_version of base-model requests
@@ -72,9 +74,25 @@ class _TenantSlot:
 
     @property
     def adapter(self) -> tuple[str, int, Path]:
-        # The name carries the LoRA id and the version: vLLM's prefix cache keys on it, so KV blocks
-        # computed with an older version (or an earlier tenant of the same name) are never reused.
-        return (f"{self.tenant}#{self.lora_id}@v{self.version}", self.lora_id, self.path)
+        return (adapter_name(self.tenant, self.lora_id, self.version), self.lora_id, self.path)
+
+
+def adapter_name(tenant: str, lora_id: int, version: int) -> str:
+    """The engine-level name of a tenant's adapter version, ``"tenant#lora_id@vversion"``.
+
+    The name carries the LoRA id and the version: vLLM's prefix cache keys on it, so KV blocks
+    computed with an older version (or an earlier tenant of the same name) are never reused.
+    """
+    return f"{tenant}#{lora_id}@v{version}"
+
+
+def parse_adapter_name(name: str) -> tuple[str, int]:
+    """``(tenant, version)`` of a name made by ``adapter_name``; ValueError for any other name."""
+    tenant, sep, rest = name.rpartition("#")
+    lora_id, at, version = rest.partition("@v")
+    if not (tenant and sep and at and lora_id.isdigit() and version.isdigit()):
+        raise ValueError(f"{name!r} is not a sampler adapter name (tenant#lora_id@vversion)")
+    return tenant, int(version)
 
 
 class SamplerActor(Actor):

@@ -50,6 +50,7 @@ __all__ = [
     "write_zero_adapter",
     "check_adapter",
     "check_model_len",
+    "check_prompt_fits",
 ]
 
 BASE_ADAPTER_ID = 1  # reserved lora_int_id of the all-zero adapter that serves base-model rows
@@ -165,6 +166,18 @@ def engine_args(model_dir: Path, model: ModelConfig, engine: EngineConfig):
     )
 
 
+def check_prompt_fits(prompt_token_ids: list[int], max_tokens: int, max_model_len: int) -> None:
+    """PromptTooLongError when the prompt is empty or it and ``max_tokens`` exceed ``max_model_len``."""
+    total = len(prompt_token_ids) + max_tokens
+    if not prompt_token_ids:
+        raise PromptTooLongError("the prompt is empty; give at least one token")
+    if total > max_model_len:
+        raise PromptTooLongError(
+            f"prompt of {len(prompt_token_ids)} tokens + max_tokens {max_tokens} = {total} "
+            f"exceeds the model's max_model_len {max_model_len}"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationOutput:
     prompt_token_ids: list[int]
@@ -253,14 +266,7 @@ class Engine:
             raise
 
     def check_prompt(self, prompt_token_ids: list[int], max_tokens: int) -> None:
-        total = len(prompt_token_ids) + max_tokens
-        if not prompt_token_ids:
-            raise PromptTooLongError("the prompt is empty; give at least one token")
-        if total > self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt of {len(prompt_token_ids)} tokens + max_tokens {max_tokens} = {total} "
-                f"exceeds the model's max_model_len {self.max_model_len}"
-            )
+        check_prompt_fits(prompt_token_ids, max_tokens, self.max_model_len)
 
     async def generate(
         self,
