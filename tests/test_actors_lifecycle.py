@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from actors import Actor, ActorState, ActorStopped, ActorSystem, Supervision, handler
-from aio_helpers import until
+from clora.testing import until
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -18,7 +18,7 @@ from actors import (
     events,
     handler,
 )
-from aio_helpers import until
+from clora.testing import until
 
 pytestmark = pytest.mark.timeout(10)
 

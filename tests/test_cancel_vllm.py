@@ -14,7 +14,6 @@ import asyncio
 
 import pytest
 import torch
-from aio_helpers import until
 
 import clora
 from clora import events
@@ -26,9 +25,9 @@ from clora.config import (
     ModelConfig,
     RuntimeConfig,
 )
-from small_env import SmallEnv  # noqa: E402  (tests/ is on sys.path under pytest)
-from clora.messages import Datum, Snapshot
 from clora.events import TRAINER_STEP, TRAINER_TENANT_REMOVED
+from clora.messages import Datum, Snapshot
+from clora.testing import ToyEnv, char_sum_reward, until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -42,6 +41,11 @@ async def runtime(tmp_path_factory):
     )
     async with clora.Runtime(config, console_level="critical") as rt:
         yield rt
+
+
+def _long_answers_env() -> ToyEnv:
+    """One-turn answers scored by a graded reward, so groups spread and every step trains."""
+    return ToyEnv(char_sum_reward, question="go on and on", held_out=1)
 
 
 def _experiment(name: str, seed: int, steps: int, max_tokens: int) -> ExperimentConfig:
@@ -60,8 +64,8 @@ def _vllm_requests_of(sampler, lora_prefix: str) -> list[str]:
 async def test_cancelling_a_tenant_mid_rollout_aborts_its_requests_and_keeps_its_store(runtime):
     rt = runtime
     sampler = rt.sampler._cell._actor
-    bystander = asyncio.create_task(rt.run(_experiment("bystander", 1, steps=2, max_tokens=16), env=SmallEnv("go on and on")))
-    victim = asyncio.create_task(rt.run(_experiment("victim", 2, steps=3, max_tokens=200), env=SmallEnv("go on and on")))
+    bystander = asyncio.create_task(rt.run(_experiment("bystander", 1, steps=2, max_tokens=16), env=_long_answers_env()))
+    victim = asyncio.create_task(rt.run(_experiment("victim", 2, steps=3, max_tokens=200), env=_long_answers_env()))
     log_path = rt.run_dir / "events.jsonl"
 
     def victim_decoding_in_step_2() -> bool:

@@ -11,8 +11,7 @@ from torch import nn
 from clora.config import LoraConfig, LossConfig, ModelConfig, OptimConfig, TrainerConfig
 from clora.errors import ConfigError, NonFiniteError, UnknownTenantError
 from clora.trainer import FusedRequest, LoRALinear, SlotRouting, TrainerCore
-
-from test_trainer import _poison, assert_same_state, make_data, store_state  # noqa: E402
+from clora.testing import assert_same_state, make_data, store_state, with_nonfinite
 
 # Four tenants that differ in everything a tenant owns: rank, alpha, targets, optimizer and LR
 # schedule, loss kind, normalisation and KL penalty to the base model.
@@ -112,7 +111,7 @@ def test_fused_step_with_one_failing_tenant_rejects_only_that_tenant(pair, devic
     assert all(separate.store(t).version == fused.store(t).version for t in TENANTS)
     for how in ("nan_advantage", "inf_sampler_logprob"):
         reqs = requests_for(7)
-        reqs[1] = FusedRequest("B", _poison(list(reqs[1].data), how), reqs[1].loss)
+        reqs[1] = FusedRequest("B", with_nonfinite(list(reqs[1].data), how), reqs[1].loss)
         before_b = store_state(fused.store("B"))
         got = fused.train_steps_fused(reqs)
         assert isinstance(got[1], NonFiniteError) and "tenant 'B'" in str(got[1])

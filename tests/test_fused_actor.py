@@ -16,8 +16,7 @@ from clora.trainer import TrainerCore
 from clora.messages import AddTenant, Snapshot, TrainStep, TrainStepResult
 from clora.events import TRAINER_STEP, TRAINER_STEP_REJECTED
 from clora.trainer.actor import TrainerActor
-
-from test_trainer import _poison, make_data  # noqa: E402
+from clora.testing import make_data, with_nonfinite
 
 RANKS = {"a": 2, "b": 8, "c": 4, "d": 4}
 CONFIG = TrainerConfig(micro_batch_size=4, fuse_max=3, queue_size=8)
@@ -104,7 +103,7 @@ async def test_a_failing_or_cancelled_request_leaves_the_others_step_intact(tiny
             before = {t: (await ref.ask(Snapshot(tenant=t))).tensors for t in ("b", "d")}
             async with actor.device_lock:
                 ok_a = asyncio.ensure_future(ref.ask(TrainStep(tenant="a", data=make_data(3, seed=1), loss=LossConfig())))
-                bad = _poison(make_data(3, seed=2), "nan_advantage")
+                bad = with_nonfinite(make_data(3, seed=2), "nan_advantage")
                 bad_b = asyncio.ensure_future(ref.ask(TrainStep(tenant="b", data=bad, loss=LossConfig())))
                 gone_d = asyncio.ensure_future(ref.ask(TrainStep(tenant="d", data=make_data(3, seed=3), loss=LossConfig())))
                 ok_c = asyncio.ensure_future(ref.ask(TrainStep(tenant="c", data=make_data(3, seed=4), loss=LossConfig())))

@@ -27,7 +27,7 @@ from clora.config import (
     RuntimeConfig,
     TrainerConfig,
 )
-from small_env import SmallEnv  # noqa: E402  (tests/ is on sys.path under pytest)
+from clora.testing import ToyEnv, char_sum_reward
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -75,7 +75,9 @@ async def test_64_tenants_finish_with_bounded_mailboxes_and_memory(tmp_path):
     try:
         async with clora.Runtime(config, console_level="critical") as rt:
             warm = time.perf_counter()
-            results = await asyncio.gather(*(rt.run(e, env=SmallEnv()) for e in experiments), return_exceptions=True)
+            envs = [ToyEnv(char_sum_reward, question="go", held_out=1) for _ in experiments]
+            results = await asyncio.gather(*(rt.run(e, env=env) for e, env in zip(experiments, envs)),
+                                           return_exceptions=True)
             ran_s = time.perf_counter() - warm
     finally:
         stop.set()

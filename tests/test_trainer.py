@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.errors import AdapterMismatchError, ConfigError, DuplicateTenantError, NonFiniteError, UnknownTenantError
-from clora.trainer import AdapterStore, TrainerCore
-from clora.messages import Datum
+from clora.trainer import TrainerCore
 from clora.trainer.base_logprobs import base_logprobs
 from clora.rl import collate, kl_k1_mean, loss_denominator, loss_numerator, token_logprobs, token_loss
+from clora.testing import assert_same_state, make_data, store_state, with_nonfinite
 
 LORA = LoraConfig(rank=4, alpha=8.0, init_seed=7)
 OPTIM = OptimConfig(lr=5e-3, weight_decay=0.01, grad_clip=0.5)
@@ -30,46 +29,6 @@ def core(tiny_model_dir: Path) -> TrainerCore:
 def device_core(tiny_model_dir: Path, device: torch.device) -> TrainerCore:
     """The tiny model on each test device (conftest's ``device``: these tests are the GPU check's)."""
     return TrainerCore.from_model_dir(tiny_model_dir, TrainerConfig(micro_batch_size=4, device=str(device)))
-
-
-def make_data(n: int, seed: int, *, vocab: int = 700, min_len: int = 12, max_len: int = 40) -> list[Datum]:
-    """Random sequences: a prompt (not trained), then a completion with one advantage per sequence and
-    sampler log-probs near a plausible value so importance ratios stay around 1."""
-    rng = random.Random(seed)
-    data = []
-    for _ in range(n):
-        length = rng.randint(min_len, max_len)
-        prompt = rng.randint(2, length // 2)
-        adv = rng.choice([-1.0, -0.5, 0.5, 1.0])
-        data.append(
-            Datum(
-                tokens=[rng.randrange(vocab) for _ in range(length)],
-                loss_mask=[0.0] * prompt + [1.0] * (length - prompt),
-                advantages=[0.0] * prompt + [adv] * (length - prompt),
-                sampler_logprobs=[0.0] * prompt + [-6.6 + rng.uniform(-0.3, 0.3) for _ in range(length - prompt)],
-            )
-        )
-    return data
-
-
-def store_state(store: AdapterStore) -> dict[str, object]:
-    """Every value of a store, copied, for bit-exact comparisons."""
-    tensors = {
-        f"{part}:{k}": t.clone()
-        for part in ("params", "exp_avg", "exp_avg_sq", "grads")
-        for k, t in getattr(store, part).items()
-    }
-    return {**tensors, "step": store.step, "adam_step": store.adam_step, "grad_weight": store.grad_weight,
-            "grad_normalize": store.grad_normalize}
-
-
-def assert_same_state(a: dict[str, object], b: dict[str, object]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 def test_version_zero_equals_the_base_model(core, tiny_model_dir):
@@ -208,25 +167,13 @@ def test_target_and_rank_mismatch_are_clear_errors(core, tmp_path):
         core.train_step("nobody", data, LossConfig())
 
 
-def _poison(data: list[Datum], how: str) -> list[Datum]:
-    d = data[-1]
-    i = d.loss_mask.index(1.0)
-    if how == "nan_advantage":  # the loss itself is NaN
-        d = Datum(tokens=d.tokens, loss_mask=d.loss_mask, sampler_logprobs=d.sampler_logprobs,
-                  advantages=d.advantages[:i] + [float("nan")] + d.advantages[i + 1:])
-    else:  # PPO clips the infinite ratio, so the loss is finite but the gradient is NaN
-        d = Datum(tokens=d.tokens, loss_mask=d.loss_mask, advantages=[abs(a) for a in d.advantages],
-                  sampler_logprobs=d.sampler_logprobs[:i] + [float("-inf")] + d.sampler_logprobs[i + 1:])
-    return [*data[:-1], d]
-
-
 @pytest.mark.parametrize("how", ["nan_advantage", "inf_sampler_logprob"])
 def test_non_finite_step_is_rejected_and_changes_nothing(device_core, how):
     tenant = f"nan-{how}"
     device_core.add_tenant(tenant, LORA, OPTIM)
     device_core.train_step(tenant, make_data(3, seed=70), LossConfig())
     before = store_state(device_core.store(tenant))
-    bad = _poison(make_data(6, seed=71), how)  # the poison sits in the second micro-batch
+    bad = with_nonfinite(make_data(6, seed=71), how)  # the poison sits in the second micro-batch
     with pytest.raises(NonFiniteError, match=f"tenant '{tenant}'.*rejected, adapter stays at version 1"):
         device_core.train_step(tenant, bad, LossConfig())
     assert_same_state(store_state(device_core.store(tenant)), before)

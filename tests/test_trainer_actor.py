@@ -31,8 +31,7 @@ from clora.messages import (
 )
 from clora.events import TRAINER_STEP, TRAINER_STEP_REJECTED
 from clora.trainer.actor import TrainerActor
-
-from test_trainer import make_data  # noqa: E402  (tests/ is on sys.path under pytest)
+from clora.testing import make_data
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 OPTIM = OptimConfig(lr=1e-2)

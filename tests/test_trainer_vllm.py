@@ -9,8 +9,7 @@ import pytest
 from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.trainer import TrainerCore
 from clora.messages import Datum, SamplingSpec
-
-from test_trainer import make_data  # noqa: E402  (tests/ is on sys.path under pytest)
+from clora.testing import make_data
 
 pytestmark = pytest.mark.vllm
 
