@@ -15,62 +15,22 @@ import pytest
 
 from actors import ActorSystem
 from clora.config import EngineConfig, ModelConfig
-from clora.sampler.engine import GenerationOutput
 from clora.messages import Completion, RegisterAdapter, SampleRequest, SamplingSpec
 from clora.sampler.actor import SamplerActor
-
-from aio_helpers import until
+from clora.testing import FakeEngine, until
 
 pytestmark = pytest.mark.timeout(60)
 
 MAX_LORAS = 4
 
 
-class CountingEngine:
-    """Decodes each request for ``decode_s``; records the most distinct adapters in the engine at once."""
-
-    max_lora_rank = 16
-    max_model_len = 64
-    is_dead = False
-
-    def __init__(self, decode_s: float = 0.01) -> None:
-        self.decode_s = decode_s
-        self.running: dict[int, int] = {}  # lora_id -> requests in the engine
-        self.most_adapters = 0
-        self.finished = 0
-        self._ids = iter(range(2, 10_000))
-
-    def check_prompt(self, prompt, max_tokens) -> None:
-        pass
-
-    def check_adapter(self, path) -> None:
-        pass
-
-    def allocate_adapter_id(self) -> int:
-        return next(self._ids)
-
-    async def add_adapter(self, name, lora_id, path) -> float:
-        return 0.0
-
-    async def remove_adapter(self, lora_id) -> None:
-        pass
-
-    async def generate(self, prompt, spec, adapter) -> GenerationOutput:
-        lora_id = adapter[1]
-        self.running[lora_id] = self.running.get(lora_id, 0) + 1
-        self.most_adapters = max(self.most_adapters, len(self.running))
-        try:
-            await asyncio.sleep(self.decode_s)
-        finally:
-            self.running[lora_id] -= 1
-            if not self.running[lora_id]:
-                del self.running[lora_id]
-        self.finished += 1
-        return GenerationOutput(prompt_token_ids=list(prompt),
-                                completions=[Completion(token_ids=[1], logprobs=[0.0], text="x", finish_reason="length")])
+def _engine(decode_s: float = 0.01) -> FakeEngine:
+    """Each request decodes for ``decode_s``; the engine records the most adapters decoding at once."""
+    answer = Completion(token_ids=[1], logprobs=[0.0], text="x", finish_reason="length")
+    return FakeEngine([answer], max_model_len=64, read_adapters=False, decode_s=decode_s)
 
 
-async def _start(system: ActorSystem, engine: CountingEngine, tenants: int) -> tuple[SamplerActor, object]:
+async def _start(system: ActorSystem, engine: FakeEngine, tenants: int) -> tuple[SamplerActor, object]:
     actor = SamplerActor(Path("model"), ModelConfig(source="tiny"), EngineConfig(max_loras=MAX_LORAS),
                          shared_engine=engine)
     ref = await system.start(actor, name="sampler")
@@ -84,18 +44,18 @@ def _sample(ref, tenant: str):
 
 
 async def test_at_most_max_loras_tenants_decode_at_once_and_every_request_finishes():
-    engine = CountingEngine()
+    engine = _engine()
     async with ActorSystem("t") as system:
         actor, ref = await _start(system, engine, tenants=64)
         results = await asyncio.gather(*(_sample(ref, f"t{t}") for t in range(64) for _ in range(3)))
-        assert len(results) == 64 * 3 and engine.finished == 64 * 3
-        assert engine.most_adapters == MAX_LORAS  # the bound is reached, never passed
+        assert len(results) == 64 * 3 and len(engine.completions) == 64 * 3
+        assert engine.peak_adapters == MAX_LORAS  # the bound is reached, never passed
         assert actor.lora_slots_free() == MAX_LORAS
         assert ref.stats.peak <= ref.stats.capacity
 
 
 async def test_a_cancelled_request_gives_back_its_slot_or_its_place_in_line():
-    engine = CountingEngine(decode_s=0.2)
+    engine = _engine(decode_s=0.2)
     async with ActorSystem("t") as system:
         actor, ref = await _start(system, engine, tenants=MAX_LORAS + 2)
         holders = [asyncio.ensure_future(_sample(ref, f"t{t}")) for t in range(MAX_LORAS)]

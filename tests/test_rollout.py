@@ -1,9 +1,10 @@
-"""Multi-turn rollouts on a scripted sampler and SmolLM2's real tokenizer: masks, logprobs, budget, groups."""
+"""Multi-turn rollouts on a scripted engine and SmolLM2's real tokenizer: masks, logprobs, budget, groups."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import itertools
 import math
 import random
 from pathlib import Path
@@ -22,6 +23,7 @@ from clora.rl.rollout import (
     run_group,
     to_datum,
 )
+from clora.testing import FakeEngine
 
 PROBLEM = Problem(id="p-19", question="Tom has 12 apples and buys 7 more. How many apples does he have?", answer="19")
 SPEC = SamplingSpec(max_tokens=64, temperature=1.0)
@@ -44,42 +46,24 @@ def renderer(tokenizer):
     return ChatRenderer(tokenizer)
 
 
-class ScriptedSampler:
-    """Replays scripted assistant texts as token ids with distinct logprobs; records every call."""
-
-    def __init__(self, tokenizer, texts, *, close=True, version=3):
-        self.tokenizer = tokenizer
-        self.texts = list(texts)
-        self.close = close
-        self.version = version
-        self.calls: list[tuple[list[int], SamplingSpec]] = []
-        self.completions: list[Completion] = []
-
-    async def __call__(self, prompt, spec):
-        self.calls.append((list(prompt), spec))
-        text = self.texts[min(len(self.calls) - 1, len(self.texts) - 1)]
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if self.close:
-            ids = ids + [self.tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        ids = ids[: spec.max_tokens]
-        start = 10 * len(self.calls)
-        logprobs = [-(start + k) / 100.0 for k in range(len(ids))]
-        completion = Completion(token_ids=ids, logprobs=logprobs, text=text, finish_reason="stop")
-        self.completions.append(completion)
-        await asyncio.sleep(0)
-        return completion, self.version + len(self.calls) - 1
+def _scripted(tokenizer, texts, *, close=True):
+    """A FakeEngine replaying ``texts`` (each ended by <|im_end|> when ``close``) and its sample function,
+    which reports adapter versions 3, 4, ... (one per call)."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if close else None
+    engine = FakeEngine(texts, tokenizer=tokenizer, eos_token_id=im_end)
+    return engine, engine.sample_fn(versions=itertools.count(3))
 
 
 async def test_calculator_then_final_answer_over_two_turns(tokenizer, renderer):
-    sampler = ScriptedSampler(tokenizer, ["<tool>Calculator: 12+7</tool>", "<tool>Final Answer: 19</tool>"])
+    engine, sampler = _scripted(tokenizer, ["<tool>Calculator: 12+7</tool>", "<tool>Final Answer: 19</tool>"])
     traj = await run_episode(sampler, renderer, ToolUseEpisode(PROBLEM), max_turns=3, sampling=SPEC, max_model_len=1024)
     assert (traj.reward, traj.turns, traj.finish) == (1.0, 2, FINISH_DONE)
     assert traj.versions == [3, 4]
     assert traj.texts == ["<tool>Calculator: 12+7</tool>", "<tool>Final Answer: 19</tool>"]
     assert len(traj.tokens) == len(traj.loss_mask) == len(traj.sampler_logprobs)
 
-    first, second = sampler.completions
-    (prompt1, _), (prompt2, _) = sampler.calls
+    first, second = engine.completions
+    prompt1, prompt2 = (r.prompt_token_ids for r in engine.requests)
     assert traj.tokens[: len(prompt1)] == prompt1 and traj.prompt_len == len(prompt1)
     # the second prompt extends the first by the verbatim completion and the continuation
     assert prompt2[: len(prompt1) + len(first.token_ids)] == prompt1 + first.token_ids
@@ -99,10 +83,10 @@ async def test_calculator_then_final_answer_over_two_turns(tokenizer, renderer):
 
 
 async def test_a_completion_cut_without_im_end_gets_a_masked_closing_token(tokenizer, renderer):
-    sampler = ScriptedSampler(tokenizer, ["<tool>Calculator: 12+7", "<tool>Final Answer: 19"], close=False)
+    engine, sampler = _scripted(tokenizer, ["<tool>Calculator: 12+7", "<tool>Final Answer: 19"], close=False)
     traj = await run_episode(sampler, renderer, ToolUseEpisode(PROBLEM), max_turns=3, sampling=SPEC, max_model_len=1024)
     assert traj.reward == 1.0
-    end_of_first = traj.prompt_len + len(sampler.completions[0].token_ids)
+    end_of_first = traj.prompt_len + len(engine.completions[0].token_ids)
     assert traj.tokens[end_of_first] == renderer.im_end_id and traj.loss_mask[end_of_first] == 0.0
     assert renderer.im_end_id not in [t for t, m in zip(traj.tokens, traj.loss_mask) if m == 1.0]
 
@@ -118,20 +102,20 @@ async def test_a_completion_cut_without_im_end_gets_a_masked_closing_token(token
     ],
 )
 async def test_episode_rewards_and_endings(tokenizer, renderer, texts, reward, turns, finish):
-    sampler = ScriptedSampler(tokenizer, texts)
+    engine, sampler = _scripted(tokenizer, texts)
     traj = await run_episode(sampler, renderer, ToolUseEpisode(PROBLEM), max_turns=3, sampling=SPEC, max_model_len=1024)
     assert (traj.reward, traj.turns, traj.finish) == (reward, turns, finish)
-    assert len(sampler.calls) == turns
+    assert len(engine.requests) == turns
 
 
 async def test_per_turn_budget_is_capped_by_the_context(tokenizer, renderer):
     episode = ToolUseEpisode(PROBLEM)
     prompt_len = len(renderer.initial(episode.initial_messages()))
-    sampler = ScriptedSampler(tokenizer, ["<tool>Calculator: 12+7</tool>", "<tool>Final Answer: 19</tool>"])
+    engine, sampler = _scripted(tokenizer, ["<tool>Calculator: 12+7</tool>", "<tool>Final Answer: 19</tool>"])
     max_model_len = prompt_len + 12
     traj = await run_episode(sampler, renderer, episode, max_turns=3, sampling=SPEC, max_model_len=max_model_len)
-    assert sampler.calls[0][1].max_tokens == 12  # not the 64 asked for
-    assert len(sampler.calls) == 1  # the tool reply and a new turn do not fit
+    assert engine.requests[0].sampling.max_tokens == 12  # not the 64 asked for
+    assert len(engine.requests) == 1  # the tool reply and a new turn do not fit
     assert (traj.reward, traj.finish) == (0.0, FINISH_CONTEXT_FULL) and "context full" in traj.info["error"]
     assert len(traj.tokens) <= max_model_len
 
@@ -140,19 +124,19 @@ async def test_every_prompt_plus_budget_fits_the_context(tokenizer, renderer):
     episode = ToolUseEpisode(PROBLEM)
     prompt_len = len(renderer.initial(episode.initial_messages()))
     max_model_len = prompt_len + 40
-    sampler = ScriptedSampler(tokenizer, ["<tool>Calculator: 12+7</tool>", "<tool>Final Answer: 19</tool>"])
+    engine, sampler = _scripted(tokenizer, ["<tool>Calculator: 12+7</tool>", "<tool>Final Answer: 19</tool>"])
     traj = await run_episode(sampler, renderer, episode, max_turns=3, sampling=SPEC, max_model_len=max_model_len)
-    assert len(sampler.calls) == 2 and traj.reward == 1.0
-    assert sampler.calls[1][1].max_tokens < SPEC.max_tokens
-    assert all(len(prompt) + spec.max_tokens <= max_model_len for prompt, spec in sampler.calls)
+    assert len(engine.requests) == 2 and traj.reward == 1.0
+    assert engine.requests[1].sampling.max_tokens < SPEC.max_tokens
+    assert all(len(r.prompt_token_ids) + r.sampling.max_tokens <= max_model_len for r in engine.requests)
 
 
 async def test_a_prompt_that_fills_the_context_never_samples(tokenizer, renderer):
     episode = ToolUseEpisode(PROBLEM)
     prompt_len = len(renderer.initial(episode.initial_messages()))
-    sampler = ScriptedSampler(tokenizer, ["<tool>Final Answer: 19</tool>"])
+    engine, sampler = _scripted(tokenizer, ["<tool>Final Answer: 19</tool>"])
     traj = await run_episode(sampler, renderer, episode, max_turns=3, sampling=SPEC, max_model_len=prompt_len)
-    assert sampler.calls == []
+    assert engine.requests == []
     assert (traj.reward, traj.turns, traj.finish) == (0.0, 0, FINISH_CONTEXT_FULL)
     assert sum(traj.loss_mask) == 0
 
@@ -168,7 +152,7 @@ class _RaisingEpisode(ToolUseEpisode):
 
 
 async def test_env_bugs_become_env_errors_naming_the_problem(tokenizer, renderer):
-    sampler = ScriptedSampler(tokenizer, ["<tool>Final Answer: 19</tool>"])
+    engine, sampler = _scripted(tokenizer, ["<tool>Final Answer: 19</tool>"])
     with pytest.raises(EnvError, match="p-19"):
         await run_episode(sampler, renderer, _BadRewardEpisode(PROBLEM), max_turns=2, sampling=SPEC, max_model_len=1024)
     with pytest.raises(EnvError, match="p-19.*KeyError"):
@@ -263,7 +247,7 @@ async def test_one_failing_episode_cancels_the_others_and_raises_its_error(token
 
 
 async def test_to_datum_puts_the_advantage_on_policy_tokens_only(tokenizer, renderer):
-    sampler = ScriptedSampler(tokenizer, ["<tool>Calculator: 12+7</tool>", "<tool>Final Answer: 19</tool>"])
+    engine, sampler = _scripted(tokenizer, ["<tool>Calculator: 12+7</tool>", "<tool>Final Answer: 19</tool>"])
     traj = await run_episode(sampler, renderer, ToolUseEpisode(PROBLEM), max_turns=3, sampling=SPEC, max_model_len=1024)
     datum = to_datum(traj, -0.75)
     assert datum.tokens == traj.tokens and datum.loss_mask == traj.loss_mask
@@ -294,7 +278,7 @@ async def test_the_documented_user_env_runs_through_run_group(tokenizer, rendere
     assert not held & {p.id for p in train}
     problem = train[0]
     assert isinstance(env.start(problem), Episode)
-    sampler = ScriptedSampler(tokenizer, [problem.answer, "wrong"])
+    engine, sampler = _scripted(tokenizer, [problem.answer, "wrong"])
     trajs = await run_group(sampler, renderer, env, problem, 2, max_turns=2, sampling=SPEC, max_model_len=1024)
     assert sorted(t.reward for t in trajs) == [0.0, 1.0]
     assert all(t.turns == 1 and t.finish == FINISH_DONE for t in trajs)

@@ -53,6 +53,7 @@ class FakeRequest:
     tenant: str | None  # None: the base model
     version: int | None  # the tenant's adapter version serving it; None for the base model
     adapter_name: str | None  # the engine-level adapter name; None for the base model
+    lora_id: int | None  # the engine's LoRA id serving it; None for the base model (and in sample_fn)
     repeat: int  # identical requests (same tenant, version and prompt) before this one
 
 
@@ -176,7 +177,7 @@ class FakeEngine:
         self.check_prompt(prompt_token_ids, spec.max_tokens)
         name, lora_id = (adapter[0], adapter[1]) if adapter is not None else (None, None)
         tenant, version = parse_adapter_name(name) if name is not None else (None, None)
-        requests = [self._record(prompt_token_ids, spec, tenant, version, name) for _ in range(spec.n)]
+        requests = [self._record(prompt_token_ids, spec, tenant, version, name, lora_id) for _ in range(spec.n)]
         self._in_flight[lora_id] += 1
         self.peak_adapters = max(self.peak_adapters, sum(1 for k in self._in_flight if k is not None))
         try:
@@ -208,7 +209,7 @@ class FakeEngine:
             self._check_alive()
             self.check_prompt(prompt_token_ids, spec.max_tokens)
             version = next(version_of_call)
-            request = self._record(prompt_token_ids, spec, tenant, version, None)
+            request = self._record(prompt_token_ids, spec, tenant, version, None, None)
             return await self._complete(request), version
 
         return sample
@@ -220,10 +221,10 @@ class FakeEngine:
             raise EngineDeadError(f"the vLLM engine process died: {self._death}")
 
     def _record(self, prompt: list[int], spec: SamplingSpec, tenant: str | None, version: int | None,
-                name: str | None) -> FakeRequest:
+                name: str | None, lora_id: int | None) -> FakeRequest:
         key = (tenant, version, tuple(prompt))
         request = FakeRequest(index=len(self.requests), prompt_token_ids=list(prompt), sampling=spec, tenant=tenant,
-                              version=version, adapter_name=name, repeat=self._asked[key])
+                              version=version, adapter_name=name, lora_id=lora_id, repeat=self._asked[key])
         self._asked[key] += 1
         self.requests.append(request)
         return request
