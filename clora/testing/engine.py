@@ -34,7 +34,7 @@ from clora.config import EngineConfig, ModelConfig
 from clora.errors import AdapterMismatchError, EngineDeadError
 from clora.messages import Completion, SamplingSpec
 from clora.sampler.actor import parse_adapter_name
-from clora.sampler.adapter_files import check_adapter
+from clora.sampler.adapter_files import check_adapter, read_adapter_config
 from clora.sampler.engine import BASE_ADAPTER_ID, GenerationOutput, check_prompt_fits
 
 __all__ = ["FakeEngine", "FakeRequest", "LoadedAdapter", "Reply", "Script"]
@@ -68,6 +68,7 @@ class LoadedAdapter:
     path: Path
     kind: Literal["add", "reload"]
     tensors: dict[str, Any] | None  # the file's tensors (torch) when the engine reads adapters
+    config: dict[str, Any] | None  # its adapter_config.json when the engine reads adapters
 
 
 class FakeEngine:
@@ -264,14 +265,15 @@ class FakeEngine:
             if times is not None:
                 self._refusals[(tenant, version)] = (times - 1, reason)
             raise AdapterMismatchError(f"vLLM refused adapter {str(path)!r}: {reason}")
-        tensors = None
+        tensors = config = None
         if self.read_adapters:
             from safetensors.torch import load_file
 
             self.check_adapter(path)
+            config = read_adapter_config(path)
             tensors = load_file(str(path / "adapter_model.safetensors"))
         loaded = LoadedAdapter(tenant=tenant, version=version, lora_id=lora_id, name=name, path=path, kind=kind,
-                               tensors=tensors)
+                               tensors=tensors, config=config)
         self.adapters.append(loaded)
         self.serving[lora_id] = loaded
         return time.perf_counter() - started
