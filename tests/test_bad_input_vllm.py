@@ -10,8 +10,6 @@ samples the same tokens at the same version afterwards.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 
 import clora.runtime
@@ -29,7 +27,6 @@ from clora.errors import (
     UnknownTenantError,
 )
 from clora.messages import Datum, SampleRequest, Snapshot
-from clora.sampler.actor import SamplerActor
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
@@ -44,10 +41,8 @@ async def runtime(tiny_engine, tiny_model_dir, tiny_model_config, tiny_engine_co
         engine=tiny_engine_config,
         run_dir=str(tmp_path_factory.mktemp("bad-input-run")),
     )
-    rt = clora.runtime.Runtime(config, console_level="critical")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(clora.runtime, "SamplerActor", functools.partial(SamplerActor, shared_engine=tiny_engine))
-        await rt.__aenter__()
+    rt = clora.runtime.Runtime(config, console_level="critical", engine=tiny_engine)
+    await rt.__aenter__()
     try:
         keep = await rt.tenant("keep", lora=LoraConfig(rank=8, init_seed=3), optim=OptimConfig(lr=1e-2))
         await keep.train_step([_datum(list(range(10, 30)))])

@@ -34,28 +34,10 @@ TENANTS = ("a", "b", "c")
 STEPS = 8
 
 CHILD = """
-import asyncio, json, random, sys
+import asyncio, json, sys
 import clora
 from clora.config import EngineConfig, EnvConfig, ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, RuntimeConfig
-from clora.envs import Outcome, Problem
-
-class Episode:
-    def __init__(self, problem):
-        self.problem = problem
-    def initial_messages(self):
-        return [{"role": "user", "content": self.problem.question}]
-    def step(self, text):
-        return Outcome(done=True, reward=float(len(text) % 2 == 0))
-
-class ParityEnv:
-    name = "parity"
-    stop_sequences = ()
-    def train_problems(self, rng, n):
-        return [Problem(id=f"p{k}", question=f"count to {k}", answer="0") for k in (rng.randrange(100) for _ in range(n))]
-    def held_out(self):
-        return [Problem(id=f"h{k}", question=f"say {k}", answer="0") for k in range(2)]
-    def start(self, problem):
-        return Episode(problem)
+from clora.testing import ToyEnv
 
 async def main(model_dir, run_dir, resume, tenants, steps):
     config = RuntimeConfig(
@@ -70,7 +52,7 @@ async def main(model_dir, run_dir, resume, tenants, steps):
         for i, name in enumerate(tenants)
     ]
     async with clora.Runtime(config, resume=resume, console_level="warning") as rt:
-        results = await asyncio.gather(*(rt.run(e, env=ParityEnv()) for e in experiments))
+        results = await asyncio.gather(*(rt.run(e, env=ToyEnv()) for e in experiments))
     print(json.dumps({r.tenant: {"steps": [s.step for s in r.steps], "resumed_from_step": r.resumed_from_step}
                       for r in results}))
 

@@ -6,51 +6,14 @@ are non-zero and every tenant trains. Asserts versions, isolation, and the event
 
 from __future__ import annotations
 
-import random
-
 import pytest
 from safetensors.torch import load_file
 
 from clora.config import EngineConfig, EnvConfig, ExperimentConfig, LoraConfig, OptimConfig, RuntimeConfig
-from clora.envs import Outcome, Problem
 from clora.events import read_events
+from clora.testing import ToyEnv
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
-
-
-class ParityEpisode:
-    def __init__(self, problem: Problem, fail: bool) -> None:
-        self.problem = problem
-        self._fail = fail
-
-    def initial_messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.problem.question}]
-
-    def step(self, assistant_text: str) -> Outcome:
-        if self._fail:
-            raise RuntimeError("this env is broken on purpose")
-        return Outcome(done=True, reward=float(len(assistant_text) % 2 == 0), info={"chars": len(assistant_text)})
-
-
-class ParityEnv:
-    """Reward 1 when the completion has an even number of characters: random, but learnable."""
-
-    name = "parity"
-    stop_sequences: tuple[str, ...] = ()
-
-    def __init__(self, fail_after_starts: int | None = None) -> None:
-        self._starts = 0
-        self._fail_after = fail_after_starts
-
-    def train_problems(self, rng: random.Random, n: int) -> list[Problem]:
-        return [Problem(id=f"p{k}", question=f"count to {k}", answer="0") for k in (rng.randrange(100) for _ in range(n))]
-
-    def held_out(self) -> list[Problem]:
-        return [Problem(id=f"h{k}", question=f"say {k}", answer="0") for k in range(4)]
-
-    def start(self, problem: Problem) -> ParityEpisode:
-        self._starts += 1
-        return ParityEpisode(problem, fail=self._fail_after is not None and self._starts > self._fail_after)
 
 
 def _experiment(name: str, lr: float, seed: int) -> ExperimentConfig:
@@ -79,8 +42,8 @@ async def test_three_tenants_train_concurrently_with_versions_isolation_and_even
             return await rt.run(exp, env=env, on_step=lambda t, r: steps_seen.append((t, r.step, r.adapter_version)))
 
         outcomes = await asyncio.gather(
-            *(run(e, ParityEnv()) for e in good),
-            run(broken, ParityEnv(fail_after_starts=4 + 8)),  # fails after held-out eval + step 1
+            *(run(e, ToyEnv(held_out=4)) for e in good),
+            run(broken, ToyEnv(held_out=4, fail_after=4 + 8)),  # fails after held-out eval + step 1
             return_exceptions=True,
         )
     results = dict(zip([e.name for e in good] + ["broken"], outcomes))
