@@ -16,7 +16,6 @@ import pytest
 import structlog
 
 from clora.cli.main import BENCHES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
-from observe_fixtures import RUN, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +106,7 @@ class _Record(msgspec.Struct, frozen=True):
     trained: bool = True
 
 
-def _fake_runtime_module(outcomes, seen):
+def _fake_runtime_module(outcomes, seen, hand_made_run):
     """A stand-in for clora.runtime: writes the hand-made events, reports steps, returns ``outcomes``."""
 
     class Runtime:
@@ -128,7 +127,7 @@ def _fake_runtime_module(outcomes, seen):
                 for step in range(1, e.steps + 1):
                     on_step(e.name, _Record(step=step, adapter_version=step, reward_mean=0.5))
                     seen.setdefault("steps", []).append((e.name, step))
-            write_run(Path(self.config.run_dir), RUN)
+            hand_made_run.write(Path(self.config.run_dir), hand_made_run.run)
             return outcomes
 
     module = types.ModuleType("clora.runtime")
@@ -136,9 +135,10 @@ def _fake_runtime_module(outcomes, seen):
     return module
 
 
-def test_run_drives_every_tenant_and_prints_the_summary(tmp_path, capsys, monkeypatch):
+def test_run_drives_every_tenant_and_prints_the_summary(tmp_path, capsys, monkeypatch, hand_made_run):
     seen = {}
-    monkeypatch.setitem(sys.modules, "clora.runtime", _fake_runtime_module({"a": object(), "b": object()}, seen))
+    fake = _fake_runtime_module({"a": object(), "b": object()}, seen, hand_made_run)
+    monkeypatch.setitem(sys.modules, "clora.runtime", fake)
     path = tmp_path / "ok.toml"
     path.write_text(GOOD_TOML.format(run_dir=tmp_path / "run"))
     assert main(["run", str(path)]) == EXIT_OK
@@ -149,10 +149,10 @@ def test_run_drives_every_tenant_and_prints_the_summary(tmp_path, capsys, monkey
     assert (tmp_path / "run" / "config.toml").read_text().count("[[experiments]]") == 2
 
 
-def test_run_exits_1_when_a_tenant_failed(tmp_path, capsys, monkeypatch):
+def test_run_exits_1_when_a_tenant_failed(tmp_path, capsys, monkeypatch, hand_made_run):
     seen = {}
     outcomes = {"a": object(), "b": RuntimeError("env broke")}
-    monkeypatch.setitem(sys.modules, "clora.runtime", _fake_runtime_module(outcomes, seen))
+    monkeypatch.setitem(sys.modules, "clora.runtime", _fake_runtime_module(outcomes, seen, hand_made_run))
     path = tmp_path / "ok.toml"
     path.write_text(GOOD_TOML.format(run_dir=tmp_path / "run"))
     assert main(["run", str(path), "--run-dir", str(tmp_path / "other")]) == EXIT_FAILED
@@ -161,8 +161,8 @@ def test_run_exits_1_when_a_tenant_failed(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "other" / "events.jsonl").is_file()  # --run-dir overrides the file's run_dir
 
 
-def test_events_summary_as_json_has_the_hand_computed_numbers(tmp_path, capsys):
-    run = write_run(tmp_path / "run")
+def test_events_summary_as_json_has_the_hand_computed_numbers(tmp_path, capsys, hand_made_run):
+    run = hand_made_run.write(tmp_path / "run")
     assert main(["events", str(run), "--json"]) == EXIT_OK
     rows = json.loads(capsys.readouterr().out.splitlines()[0])
     assert [r["tenant"] for r in rows] == ["a", "b"]  # the older run in the file is left out
@@ -171,8 +171,8 @@ def test_events_summary_as_json_has_the_hand_computed_numbers(tmp_path, capsys):
     assert [r["tenant"] for r in json.loads(capsys.readouterr().out.splitlines()[0])] == ["old", "a", "b"]
 
 
-def test_events_draws_timeline_and_curves(tmp_path, capsys):
-    run = write_run(tmp_path / "run")
+def test_events_draws_timeline_and_curves(tmp_path, capsys, hand_made_run):
+    run = hand_made_run.write(tmp_path / "run")
     code = main(["events", str(run), "--timeline", str(tmp_path / "t.png"), "--curves", str(tmp_path / "c.png")])
     assert code == EXIT_OK
     out = capsys.readouterr().out
@@ -185,14 +185,14 @@ def test_events_of_a_folder_without_events(tmp_path, capsys):
     assert "no events file" in _one_error_line(capsys.readouterr().err, "events")
 
 
-def test_tensorboard_without_a_writer_says_what_to_install(tmp_path, capsys):
+def test_tensorboard_without_a_writer_says_what_to_install(tmp_path, capsys, hand_made_run):
     try:
         import tensorboard  # noqa: F401
 
         pytest.skip("tensorboard is installed here")
     except ImportError:
         pass
-    run = write_run(tmp_path / "run")
+    run = hand_made_run.write(tmp_path / "run")
     assert main(["events", str(run), "--tensorboard", str(tmp_path / "tb")]) == EXIT_USAGE
     assert "pip install tensorboard" in capsys.readouterr().err
 

@@ -13,19 +13,18 @@ from clora.observe import all_spans, curves, last_run, summarize, timeline
 from clora.observe.artifacts import ArtifactError, check_peft_dir, export_tenant_adapter
 from clora.observe.spans import TRAINING, WAITING, in_flight_sequences
 from clora.observe.tensorboard import write_tensorboard
-from observe_fixtures import EXPECTED_SPANS, OLD_RUN, RUN
 
 
 @pytest.fixture
-def run_events():
-    return last_run(OLD_RUN + RUN)
+def run_events(hand_made_run):
+    return last_run(hand_made_run.old + hand_made_run.run)
 
 
-def test_last_run_starts_at_the_newest_runtime_start_minus_its_startup_time():
-    events = last_run(OLD_RUN + RUN)
+def test_last_run_starts_at_the_newest_runtime_start_minus_its_startup_time(hand_made_run):
+    events = last_run(hand_made_run.old + hand_made_run.run)
     assert events[0]["event"] == "sampler.engine_started"  # at 995, inside the run that began at 990
     assert "old" not in {e.get("tenant") for e in events}
-    assert len(events) == len(RUN)
+    assert len(events) == len(hand_made_run.run)
 
 
 def test_summary_numbers_match_the_hand_made_run(run_events):
@@ -61,9 +60,9 @@ def test_without_a_trainer_event_the_whole_ask_counts_as_training(run_events):
     assert (b.time_waiting_s, b.time_train_s) == (pytest.approx(0.0), pytest.approx(7.0))
 
 
-def test_spans_split_each_step_into_rollout_waiting_training_publishing(run_events):
+def test_spans_split_each_step_into_rollout_waiting_training_publishing(run_events, hand_made_run):
     spans = all_spans(run_events)
-    assert Counter(s.row for s in spans) == EXPECTED_SPANS
+    assert Counter(s.row for s in spans) == hand_made_run.expected_spans
     b_step1 = sorted((s for s in spans if s.row == "b" and 1003 <= s.start < 1014), key=lambda s: s.start)
     assert [(s.kind, s.start, s.end) for s in b_step1] == [
         ("rollout", 1003.0, 1008.0), (WAITING, 1008.0, 1010.0), (TRAINING, 1010.0, 1013.0),
@@ -71,7 +70,7 @@ def test_spans_split_each_step_into_rollout_waiting_training_publishing(run_even
     ]
     skipped = [s for s in spans if s.row == "a" and s.start == 1011.0]
     assert [(s.kind, s.end) for s in skipped] == [("rollout", 1015.0)]  # from step 1's end to the skip event
-    for row in EXPECTED_SPANS:  # a row's spans never overlap
+    for row in hand_made_run.expected_spans:  # a row's spans never overlap
         row_spans = sorted((s for s in spans if s.row == row), key=lambda s: s.start)
         assert all(x.end <= y.start + 1e-9 for x, y in zip(row_spans, row_spans[1:])), row
 
@@ -81,10 +80,10 @@ def test_in_flight_sequences_counts_overlapping_requests(run_events):
     assert list(zip(times, counts)) == [(1003.0, 4), (1007.0, 2), (1008.0, 0)]
 
 
-def test_timeline_png_has_a_row_per_tenant_and_actor_and_every_span(run_events, tmp_path):
+def test_timeline_png_has_a_row_per_tenant_and_actor_and_every_span(run_events, tmp_path, hand_made_run):
     info = timeline(run_events, tmp_path / "timeline.png")
     assert info.rows == ["a", "b", "trainer", "sync"]
-    assert info.marks == sum(EXPECTED_SPANS.values())
+    assert info.marks == sum(hand_made_run.expected_spans.values())
     data = info.path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     width, height = struct.unpack(">II", data[16:24])
@@ -204,12 +203,13 @@ def test_tenant_progress_advances_only_the_reporting_tenant():
     assert "a step 2 reward 0.00 v1 (skipped) - final eval" in console.file.getvalue()
 
 
-def test_a_fused_trainer_step_counts_once_for_the_trainer_and_fully_for_each_tenant(tmp_path):
-    fused = [e for e in RUN if e["event"] != "trainer.step"] + [
+def test_a_fused_trainer_step_counts_once_for_the_trainer_and_fully_for_each_tenant(tmp_path, hand_made_run):
+    fused = [e for e in hand_made_run.run if e["event"] != "trainer.step"] + [
         {"ts": 1013.0, "level": "info", "event": "trainer.step", "tenant": t, "version": 1, "step": 1,
          "duration_s": 3.0, "wait_s": 0.0, "fused": 2} for t in ("a", "b")
     ]
     info = timeline(fused, tmp_path / "t.png")
-    assert info.marks == sum(EXPECTED_SPANS.values()) - 1  # b's second trainer step is gone; the fused one is 2
+    # b's second trainer step is gone; the fused one is 2
+    assert info.marks == sum(hand_made_run.expected_spans.values()) - 1
     busy = [s for s in all_spans(fused) if s.row == "trainer"]
     assert sorted((s.tenant, s.start, s.end) for s in busy) == [("a", 1010.0, 1013.0), ("b", 1010.0, 1013.0)]
