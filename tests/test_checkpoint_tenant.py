@@ -1,6 +1,6 @@
-"""TenantActor checkpoints and resume on a real trainer (tiny model) with a scripted sampler (no vLLM).
+"""TenantActor checkpoints and resume on a real trainer (tiny model) with a scripted engine (no vLLM).
 
-The fake sampler answers deterministically from (prompt, adapter version, how often it was asked),
+The fake engine answers deterministically from (prompt, adapter version, how often it was asked),
 so an uninterrupted run and a run that stops and resumes must draw the same problems and end with
 the same weights.
 """
@@ -8,105 +8,33 @@ the same weights.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections import Counter
 from pathlib import Path
 
 import msgspec
 import pytest
 import torch
-from structlog.testing import capture_logs
 
-from actors import Actor, ActorSystem, Supervision, handler
+from actors import ActorSystem, Supervision
 from clora import events
-from clora.rl.chat import ChatRenderer
 from clora.checkpoint.format import base_model_identity, has_checkpoint, read_checkpoint, read_manifest
-from clora.config import EnvConfig, ExperimentConfig, LoraConfig, OptimConfig, TrainerConfig
-from clora.envs import Outcome, Problem
+from clora.config import EngineConfig, ExperimentConfig, EnvConfig, LoraConfig, ModelConfig, OptimConfig, TrainerConfig
 from clora.errors import AdapterMismatchError, CheckpointError
-from clora.messages import (
-    AdapterLoaded,
-    Completion,
-    ExportStoreState,
-    LoadAdapter,
-    RegisterAdapter,
-    RemoveAdapter,
-    SampleRequest,
-    SampleResult,
-    StoreState,
-)
+from clora.messages import ExportStoreState, StoreState
+from clora.rl.chat import ChatRenderer
+from clora.sampler.actor import SamplerActor
 from clora.sampler.sync import SyncActor
 from clora.tenant.actor import RunExperiment, TenantActor
+from clora.testing import FakeEngine, FakeRequest, ToyEnv, capture_events
 from clora.trainer.actor import TrainerActor
 
 pytestmark = pytest.mark.timeout(300)
 
 
-class ScriptedSampler(Actor):
-    """The k-th request for (tenant, prompt, version) gets 1 + k % 3 tokens: rewards (parity) vary."""
-
-    def __init__(self) -> None:
-        self.versions: dict[str, int] = {}
-        self.asked: Counter[tuple] = Counter()
-
-    @handler(concurrent=True)
-    async def sample(self, msg: SampleRequest) -> SampleResult:
-        version = self.versions[msg.tenant]
-        key = (msg.tenant, tuple(msg.prompt_token_ids), version)
-        k = self.asked[key]
-        self.asked[key] += 1
-        n = 1 + k % 3
-        tokens = [(sum(msg.prompt_token_ids) + 7 * k + i) % 50 + 5 for i in range(n)]
-        completion = Completion(token_ids=tokens, logprobs=[-1.0] * n, text="x" * n, finish_reason="stop")
-        return SampleResult(tenant=msg.tenant, adapter_version=version, prompt_token_ids=msg.prompt_token_ids,
-                            completions=[completion])
-
-    @handler(concurrent=True)
-    async def register(self, msg: RegisterAdapter) -> AdapterLoaded:
-        self.versions[msg.tenant] = msg.version
-        return AdapterLoaded(tenant=msg.tenant, version=msg.version, duration_s=0.0)
-
-    @handler(concurrent=True)
-    async def load(self, msg: LoadAdapter) -> AdapterLoaded:
-        self.versions[msg.tenant] = msg.version
-        return AdapterLoaded(tenant=msg.tenant, version=msg.version, duration_s=0.0)
-
-    @handler(concurrent=True)
-    async def remove(self, msg: RemoveAdapter) -> None:
-        self.versions.pop(msg.tenant, None)
-
-
-class ParityEpisode:
-    def __init__(self, problem: Problem) -> None:
-        self.problem = problem
-
-    def initial_messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.problem.question}]
-
-    def step(self, assistant_text: str) -> Outcome:
-        return Outcome(done=True, reward=float(len(assistant_text) % 2 == 0))
-
-
-class RecordingEnv:
-    """Reward 1 for an even-length answer; remembers the training problems it handed out."""
-
-    name = "parity"
-    stop_sequences: tuple[str, ...] = ()
-
-    def __init__(self) -> None:
-        self.drawn: list[list[str]] = []
-
-    def train_problems(self, rng: random.Random, n: int) -> list[Problem]:
-        problems = [Problem(id=f"p{k}", question=f"count to {k}", answer="0") for k in
-                    (rng.randrange(1000) for _ in range(n))]
-        self.drawn.append([p.id for p in problems])
-        return problems
-
-    def held_out(self) -> list[Problem]:
-        return [Problem(id=f"h{k}", question=f"say {k}", answer="0") for k in range(2)]
-
-    def start(self, problem: Problem) -> ParityEpisode:
-        return ParityEpisode(problem)
+def _answer(request: FakeRequest) -> str:
+    """The k-th identical request (tenant, prompt, version) gets 1 + k % 3 characters: parity rewards
+    vary within a group, and a resumed run (a fresh engine) answers exactly as the uninterrupted one."""
+    return "x" * (1 + request.repeat % 3)
 
 
 def _experiment(steps: int, **changes) -> ExperimentConfig:
@@ -130,10 +58,10 @@ class Harness:
         self.model_dir, self.renderer, self.tmp = model_dir, renderer, tmp
         self.base = base_model_identity(model_dir)
 
-    async def run(self, experiment: ExperimentConfig, folder: Path, *, resume: bool, env: RecordingEnv | None = None,
+    async def run(self, experiment: ExperimentConfig, folder: Path, *, resume: bool, env: ToyEnv | None = None,
                   stop_after_step: int | None = None, base=None):
         """Run the experiment; returns (result or None if stopped early, final store state)."""
-        env = env or RecordingEnv()
+        env = env or ToyEnv()
         reached = asyncio.Event()
 
         def on_step(tenant: str, record) -> None:
@@ -141,7 +69,11 @@ class Harness:
                 reached.set()
 
         async with ActorSystem("ck") as system:
-            sampler = await system.start(ScriptedSampler(), name="sampler")
+            engine = FakeEngine(_answer, tokenizer=self.renderer.tokenizer, max_model_len=256)
+            sampler = await system.start(
+                SamplerActor(self.model_dir, ModelConfig(source=str(self.model_dir)), EngineConfig(),
+                             shared_engine=engine), name="sampler",
+            )
             trainer = await TrainerActor.start_in(system, self.model_dir, TrainerConfig(queue_size=4))
             sync = await system.start(SyncActor(trainer, sampler, publish_root=self.tmp / "publish"), name="sync")
             actor = TenantActor(
@@ -171,13 +103,13 @@ def harness(tiny_model_dir, renderer, tmp_path) -> Harness:
 
 
 async def test_a_resumed_run_draws_the_same_problems_and_ends_with_the_same_weights(harness, tmp_path):
-    env_full = RecordingEnv()
+    env_full = ToyEnv()
     full, full_state = await harness.run(_experiment(4), tmp_path / "full", resume=False, env=env_full)
 
-    env_first, env_rest = RecordingEnv(), RecordingEnv()
+    env_first, env_rest = ToyEnv(), ToyEnv()
     first, _ = await harness.run(_experiment(2), tmp_path / "split", resume=False, env=env_first)
     at_two = read_checkpoint(tmp_path / "split")
-    with capture_logs() as logs:
+    with capture_events() as logs:
         rest, rest_state = await harness.run(_experiment(4), tmp_path / "split", resume=True, env=env_rest)
 
     assert env_first.drawn + env_rest.drawn == env_full.drawn and len(env_full.drawn) == 4
@@ -190,21 +122,21 @@ async def test_a_resumed_run_draws_the_same_problems_and_ends_with_the_same_weig
         assert torch.equal(rest_state.params[name], full_state.params[name]), name
         assert torch.equal(rest_state.exp_avg_sq[name], full_state.exp_avg_sq[name]), name
     assert (rest_state.version, rest_state.adam_step) == (full_state.version, full_state.adam_step)
-    resumed = [e for e in logs if e["event"] == events.CHECKPOINT_RESUMED]
+    resumed = logs.named(events.CHECKPOINT_RESUMED)
     assert len(resumed) == 1 and resumed[0]["step"] == 2 and resumed[0]["digest"] == at_two.manifest.state_digest
     assert resumed[0]["adapter_version"] == at_two.manifest.adapter_version == first.steps[-1].adapter_version
-    written = [e["step"] for e in logs if e["event"] == events.CHECKPOINT_WRITTEN]
+    written = logs.named(events.CHECKPOINT_WRITTEN).field("step")
     assert written == [3, 4] and read_manifest(tmp_path / "split").step == 4
 
 
 async def test_stopping_a_run_checkpoints_its_last_completed_step(harness, tmp_path):
     folder = tmp_path / "ck"
-    with capture_logs() as logs:
+    with capture_events() as logs:
         result, state = await harness.run(_experiment(8, checkpoint_every=100), folder, resume=False,
                                           stop_after_step=2)
     assert result is None
-    steps = [e["step"] for e in logs if e["event"] == events.TENANT_STEP or e["event"] == events.TENANT_STEP_SKIPPED]
-    written = [e for e in logs if e["event"] == events.CHECKPOINT_WRITTEN]
+    steps = logs.named(events.TENANT_STEP, events.TENANT_STEP_SKIPPED).field("step")
+    written = logs.named(events.CHECKPOINT_WRITTEN)
     assert [e["step"] for e in written] == [0, max(steps)], "step 0 periodically, the last step on stop"
     assert {"tenant", "step", "adapter_version", "duration_s", "bytes", "path"} <= written[-1].keys()
     manifest = read_manifest(folder)
@@ -261,12 +193,12 @@ async def test_a_failing_checkpoint_write_fails_the_tenant_and_keeps_the_previou
 
     monkeypatch.setattr(tenant_module, "write_checkpoint", disk_full_after_step_one)
     folder = tmp_path / "ck"
-    with capture_logs() as logs, pytest.raises(OSError, match="No space left"):
+    with capture_events() as logs, pytest.raises(OSError, match="No space left"):
         await harness.run(_experiment(4), folder, resume=False)
     assert read_checkpoint(folder).manifest.step == 1
-    failed = [e for e in logs if e["event"] == events.CHECKPOINT_FAILED]
+    failed = logs.named(events.CHECKPOINT_FAILED)
     assert len(failed) == 1 and "No space left" in failed[0]["error"]
-    steps = [e["step"] for e in logs if e["event"] in (events.TENANT_STEP, events.TENANT_STEP_SKIPPED)]
+    steps = logs.named(events.TENANT_STEP, events.TENANT_STEP_SKIPPED).field("step")
     assert max(steps) == 2, "the tenant stops before training past its last checkpointable step"
 
 
@@ -283,13 +215,13 @@ async def test_each_trained_step_is_published_and_checkpointed_from_its_own_repl
         return await real_ask(self, message)
 
     monkeypatch.setattr(ActorRef, "ask", counting_ask)
-    with capture_logs() as logs:
+    with capture_events() as logs:
         result, state = await harness.run(_experiment(3), tmp_path / "ck", resume=False)
     trained = sum(r.trained for r in result.steps)
     skipped = len(result.steps) - trained
     assert trained >= 1 and asked["TrainStep"] == trained
     assert asked["Snapshot"] == 1  # the first publish only
     assert asked["ExportStoreState"] == 1 + skipped + 1  # step 0, each untrained step, the harness's own copy
-    steps = [e for e in logs if e["event"] == "trainer.step"]
+    steps = logs.named(events.TRAINER_STEP)
     assert len(steps) == trained and all("time/copy" in e for e in steps)
     assert read_manifest(tmp_path / "ck").adapter_version == state.version == result.steps[-1].adapter_version
