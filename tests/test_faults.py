@@ -1,6 +1,6 @@
 """Fault isolation on the real Runtime, trainer and sync actor, with a scripted engine.
 
-Each fault hits one tenant ("faulty") while two healthy tenants train beside it. The sampler is a
+Each fault hits one tenant ("faulty") while two healthy tenants train beside it. The engine is a
 scripted fake (deterministic completions per tenant), so a healthy tenant's training is a pure
 function of its own config: its published adapter versions and its exported adapter must be
 BIT-IDENTICAL to a control run in which the faulty tenant does not exist. The faulty tenant's
@@ -18,7 +18,6 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import ClassVar
 
 import msgspec
 import pytest
@@ -26,7 +25,6 @@ import torch
 from safetensors.torch import load_file
 
 import clora.runtime
-from actors import Actor, handler
 from clora import events
 from clora.config import (
     EnvConfig,
@@ -39,22 +37,9 @@ from clora.config import (
 )
 from clora.envs import Outcome, Problem
 from clora.envs.tools import ToolUseEpisode
-from clora.errors import (
-    AdapterMismatchError,
-    EnvError,
-    PublishError,
-    UnknownTenantError,
-)
-from clora.messages import (
-    AdapterLoaded,
-    Completion,
-    LoadAdapter,
-    RegisterAdapter,
-    RemoveAdapter,
-    SampleRequest,
-    SampleResult,
-)
+from clora.errors import EnvError, PublishError
 from clora.events import TRAINER_STEP_REJECTED, TRAINER_TENANT_REMOVED
+from clora.testing import Events, FakeEngine, FakeRequest
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -66,65 +51,12 @@ FAULT_FROM_STEP = 2  # step 1 commits version 1 first, so "unchanged" means "sti
 # ----------------------------------------------------------------------------- scripted engine
 
 
-class ScriptedSampler(Actor):
-    """Stands in for SamplerActor: the k-th request of a tenant gets completion k of its script.
-
-    It reads every adapter it is given (register/load) back from disk, so ``published`` holds
-    exactly what the engine would serve: tenant -> [(version, tensors)]. ``fail_load`` names
-    (tenant, version) pairs whose load fails the way the real engine reports a refused adapter.
-    """
-
-    mailbox_size = 64
-    fail_load: ClassVar[set[tuple[str, int]]] = set()
-    fail_load_once: ClassVar[set[tuple[str, int]]] = set()  # fail the first load of these only
-    instances: ClassVar[list[ScriptedSampler]] = []
-
-    def __init__(self, model_dir: Path, model_cfg, engine_cfg) -> None:
-        self.published: dict[str, list[tuple[int, dict[str, torch.Tensor]]]] = {}
-        self.prompts: dict[str, list[list[int]]] = {}
-        self._served: set[str] = set()
-        self._count: dict[tuple[str, bool], int] = {}
-        ScriptedSampler.instances.append(self)
-
-    @handler
-    async def sample(self, msg: SampleRequest) -> SampleResult:
-        if msg.tenant not in self._served:
-            raise UnknownTenantError(f"tenant {msg.tenant!r} has no adapter in the sampler")
-        prompt = list(msg.prompt_token_ids)
-        earlier = self.prompts.setdefault(msg.tenant, [])
-        follow_up = any(len(p) < len(prompt) and prompt[: len(p)] == p for p in earlier)  # a 2nd turn
-        key = (msg.tenant, follow_up)
-        k = self._count.get(key, 0)
-        self._count[key] = k + 1
-        earlier.append(prompt)
-        text = _script(msg.tenant, k, follow_up)
-        tokens = [100 + (ord(c) % 50) for c in text][: msg.sampling.max_tokens]
-        completion = Completion(token_ids=tokens, logprobs=[-1.0] * len(tokens), text=text, finish_reason="stop")
-        version = self.published[msg.tenant][-1][0]
-        return SampleResult(tenant=msg.tenant, adapter_version=version, prompt_token_ids=list(msg.prompt_token_ids),
-                            completions=[completion])
-
-    def _read(self, tenant: str, version: int, path: str) -> AdapterLoaded:
-        if (tenant, version) in self.fail_load:
-            raise AdapterMismatchError(f"vLLM refused adapter {path!r}: injected load failure")
-        if (tenant, version) in self.fail_load_once:
-            self.fail_load_once.discard((tenant, version))
-            raise AdapterMismatchError(f"vLLM refused adapter {path!r}: injected load failure, once")
-        self.published.setdefault(tenant, []).append((version, load_file(f"{path}/adapter_model.safetensors")))
-        self._served.add(tenant)
-        return AdapterLoaded(tenant=tenant, version=version, duration_s=0.0)
-
-    @handler
-    async def register(self, msg: RegisterAdapter) -> AdapterLoaded:
-        return self._read(msg.tenant, msg.version, msg.path)
-
-    @handler
-    async def load(self, msg: LoadAdapter) -> AdapterLoaded:
-        return self._read(msg.tenant, msg.version, msg.path)
-
-    @handler
-    async def remove(self, msg: RemoveAdapter) -> None:
-        self._served.discard(msg.tenant)
+def _answer(engine: FakeEngine, request: FakeRequest) -> str:
+    """The k-th first (or follow-up) turn of a tenant gets completion k of its script."""
+    earlier = [r.prompt_token_ids for r in engine.requests[: request.index] if r.tenant == request.tenant]
+    follow_up = _is_follow_up(request.prompt_token_ids, earlier)
+    k = sum(_is_follow_up(p, earlier[:i]) == follow_up for i, p in enumerate(earlier))
+    return _script(request.tenant, k, follow_up)
 
 
 GARBAGE_CALLS = (
@@ -215,25 +147,28 @@ def _experiment(name: str, seed: int, *, max_turns: int = 1) -> ExperimentConfig
 
 
 class RunRecord:
-    def __init__(self, results, sampler: ScriptedSampler, run_dir: Path) -> None:
+    def __init__(self, results, engine: FakeEngine, run_dir: Path) -> None:
         self.results = results
-        self.published = sampler.published
-        self.prompts = sampler.prompts
-        self.events = list(events.read_events(run_dir))
+        tenants = {a.tenant for a in engine.adapters}
+        # tenant -> [(version, tensors)]: exactly what the engine would serve
+        self.published = {t: [(a.version, a.tensors) for a in engine.loaded(t)] for t in tenants}
+        self.prompts = {t: [r.prompt_token_ids for r in engine.requests if r.tenant == t] for t in tenants}
+        self.events = Events.from_run(run_dir)
         self.run_dir = run_dir
 
     def exported(self, tenant: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.run_dir / "tenants" / tenant / "adapter" / "adapter_model.safetensors"))
 
-    def of(self, event: str, tenant: str) -> list[dict]:
-        return [e for e in self.events if e["event"] == event and e.get("tenant") == tenant]
+    def of(self, event: str, tenant: str) -> Events:
+        return self.events.named(event, tenant=tenant)
 
 
 async def _run(
     model_dir: Path, run_dir: Path, fault: str | None, fail_load=frozenset(), trainer: TrainerConfig | None = None,
     fail_load_once=frozenset(), **faulty_changes,
 ) -> RunRecord:
-    """Two healthy tenants and, with ``fault``, a faulty one (its ExperimentConfig changed by ``faulty_changes``)."""
+    """Two healthy tenants and, with ``fault``, a faulty one (its ExperimentConfig changed by ``faulty_changes``).
+    ``fail_load`` / ``fail_load_once``: (tenant, version) pairs whose engine load fails always / once."""
     experiments = [_experiment(name, seed) for seed, name in enumerate(HEALTHY, start=1)]
     envs = {name: FaultyEnv() for name in HEALTHY}
     if fault is not None:
@@ -242,16 +177,14 @@ async def _run(
         envs[name] = FaultyEnv(fault)
     config = RuntimeConfig(model=ModelConfig(source=str(model_dir)), trainer=trainer or TrainerConfig(),
                            run_dir=str(run_dir))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(clora.runtime, "SamplerActor", ScriptedSampler)
-        mp.setattr(ScriptedSampler, "fail_load", set(fail_load))
-        mp.setattr(ScriptedSampler, "fail_load_once", set(fail_load_once))
-        ScriptedSampler.instances.clear()
-        async with clora.runtime.Runtime(config, console_level="critical") as rt:
-            outcomes = await asyncio.gather(*(rt.run(e, env=envs[e.name]) for e in experiments),
-                                            return_exceptions=True)
-        (sampler,) = ScriptedSampler.instances
-    return RunRecord(dict(zip([e.name for e in experiments], outcomes)), sampler, run_dir)
+    engine = FakeEngine(lambda request: _answer(engine, request), tokenizer=_tokenizer(model_dir))
+    for tenant, version in fail_load:
+        engine.refuse_load(tenant, version, reason="injected load failure")
+    for tenant, version in fail_load_once:
+        engine.refuse_load(tenant, version, times=1, reason="injected load failure, once")
+    async with clora.runtime.Runtime(config, console_level="critical", engine=engine) as rt:
+        outcomes = await asyncio.gather(*(rt.run(e, env=envs[e.name]) for e in experiments), return_exceptions=True)
+    return RunRecord(dict(zip([e.name for e in experiments], outcomes)), engine, run_dir)
 
 
 @pytest.fixture(scope="module")
