@@ -1,6 +1,6 @@
 """Shared fixtures: the tiny random llama, PEFT adapters for it, ONE vLLM engine per session, the
-``device`` every device-parametrized trainer test runs on, and a hand-made run's events for the
-observe and CLI tests.
+``device`` every device-parametrized trainer test runs on, the python snippets of the docs, and a
+hand-made run's events for the observe and CLI tests.
 
 A vLLM engine start costs 20-30 s on this machine, so every vLLM test shares ``tiny_engine``.
 Tests that change engine state (adapters) use their own LoRA ids via ``Engine.allocate_adapter_id``.
@@ -15,6 +15,8 @@ this CPU in its dry run (``CLORA_TEST_DEVICES=cpu``).
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import pytest
 
 from clora.config import EngineConfig, ModelConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_MAX_MODEL_LEN = 1024
 TINY_MAX_LORA_RANK = 16
 DEVICES_ENV = "CLORA_TEST_DEVICES"
@@ -88,6 +91,21 @@ async def tiny_engine(tiny_model_dir, tiny_model_config, tiny_engine_config, tmp
         yield engine
     finally:
         engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def doc_snippets() -> Callable[..., list[str]]:
+    """``doc_snippets(doc, after=None)``: the ```python blocks of ``doc`` (a path from the repo root), in
+    order; with ``after``, only those below the first line that starts with it (a heading)."""
+
+    def snippets(doc: str, after: str | None = None) -> list[str]:
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        if after is not None:
+            head, found, text = text.partition("\n" + after)
+            assert found, f"{doc} has no line starting with {after!r}"
+        return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+
+    return snippets
 
 
 # ----------------------------------------------------------------------------- a hand-made run

@@ -261,17 +261,11 @@ async def test_to_datum_puts_the_advantage_on_policy_tokens_only(tokenizer, rend
 # ----------------------------------------------------------------------------- a user env (the docs' example)
 
 
-def _docs_example_namespace() -> dict:
-    text = (Path(__file__).parent.parent / "docs" / "envs.md").read_text(encoding="utf-8")
-    section = text.split("## Writing your own Env", 1)[1]
-    code = section.split("```python", 1)[1].split("```", 1)[0]
+async def test_the_documented_user_env_runs_through_run_group(tokenizer, renderer, doc_snippets):
+    code = doc_snippets("docs/envs.md", after="## Writing your own Env")[0]
     namespace: dict = {}
     exec(compile(code, "docs/envs.md", "exec"), namespace)  # noqa: S102 - the project's own docs
-    return namespace
-
-
-async def test_the_documented_user_env_runs_through_run_group(tokenizer, renderer):
-    env = _docs_example_namespace()["EchoEnv"]()
+    env = namespace["EchoEnv"]()
     assert isinstance(env, Env)
     held = {p.id for p in env.held_out()}
     train = env.train_problems(random.Random(0), 20)
