@@ -132,32 +132,41 @@ class FakeEngine:
 
     @property
     def is_dead(self) -> bool:
+        """After ``kill`` or ``shutdown``."""
         return self._death is not None
 
     def num_unfinished_requests(self) -> int:
+        """Requests decoding now."""
         return sum(self._in_flight.values())
 
     def check_prompt(self, prompt_token_ids: list[int], max_tokens: int) -> None:
+        """PromptTooLongError as from the real engine (empty prompt, or longer than ``max_model_len``)."""
         check_prompt_fits(prompt_token_ids, max_tokens, self.max_model_len)
 
     def check_adapter(self, path: Path) -> None:
+        """AdapterMismatchError as from the real engine (only when ``read_adapters``)."""
         if self.read_adapters:
             check_adapter(Path(path), max_rank=self.max_lora_rank)
 
     def allocate_adapter_id(self) -> int:
+        """A fresh LoRA id (never reused)."""
         return next(self._ids)
 
     async def add_adapter(self, name: str, lora_id: int, path: Path) -> float:
+        """Load adapter ``name`` (made by ``clora.sampler.actor.adapter_name``) as ``lora_id``; seconds taken."""
         return await self._load(name, lora_id, Path(path), "add")
 
     async def reload_adapter(self, name: str, lora_id: int, path: Path) -> float:
+        """Replace what ``lora_id`` serves (an in-place update); seconds taken."""
         return await self._load(name, lora_id, Path(path), "reload")
 
     async def remove_adapter(self, lora_id: int) -> None:
+        """``lora_id`` serves nothing any more."""
         self._check_alive()
         self.serving.pop(lora_id, None)
 
     async def loaded_adapter_ids(self) -> set[int]:
+        """The LoRA ids serving an adapter now."""
         return set(self.serving)
 
     def shutdown(self) -> None:

@@ -34,9 +34,11 @@ class ToyEpisode:
         self._fail = fail
 
     def initial_messages(self) -> list[dict[str, str]]:
+        """The question as one user message."""
         return [{"role": "user", "content": self.problem.question}]
 
     def step(self, assistant_text: str) -> Outcome:
+        """Done, with the reward of ``assistant_text`` and its length as ``info["chars"]``."""
         if self._fail:
             raise RuntimeError("this env is broken on purpose")
         return Outcome(done=True, reward=self._reward(assistant_text), info={"chars": len(assistant_text)})
@@ -70,14 +72,17 @@ class ToyEnv:
         self.started = 0
 
     def train_problems(self, rng: random.Random, n: int) -> list[Problem]:
+        """``n`` problems drawn with ``rng`` (recorded in ``drawn``)."""
         problems = [Problem(id=f"p{k}", question=self.question.format(k=k), answer="0")
                     for k in (rng.randrange(1000) for _ in range(n))]
         self.drawn.append([p.id for p in problems])
         return problems
 
     def held_out(self) -> list[Problem]:
+        """The fixed evaluation problems."""
         return [Problem(id=f"h{k}", question=f"say {k}", answer="0") for k in range(self.held_out_size)]
 
     def start(self, problem: Problem) -> ToyEpisode:
+        """A fresh episode (broken after ``fail_after`` starts)."""
         self.started += 1
         return ToyEpisode(problem, self.reward, fail=self.fail_after is not None and self.started > self.fail_after)
