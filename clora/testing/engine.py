@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from clora.checkpoint.peft_dir import read_peft_dir
 from clora.config import EngineConfig, ModelConfig
 from clora.errors import AdapterMismatchError, EngineDeadError
 from clora.messages import Completion, SamplingSpec
 from clora.sampler.actor import parse_adapter_name
-from clora.sampler.adapter_files import check_adapter, read_adapter_config
+from clora.sampler.adapter_files import check_adapter
 from clora.sampler.engine import BASE_ADAPTER_ID, GenerationOutput, check_prompt_fits
 
 __all__ = ["FakeEngine", "FakeRequest", "LoadedAdapter", "Reply", "Script"]
@@ -279,8 +280,8 @@ class FakeEngine:
             from safetensors.torch import load_file
 
             self.check_adapter(path)
-            config = read_adapter_config(path)
-            tensors = load_file(str(path / "adapter_model.safetensors"))
+            folder = read_peft_dir(path, AdapterMismatchError)
+            config, tensors = folder.config, load_file(str(folder.weights_file))
         loaded = LoadedAdapter(tenant=tenant, version=version, lora_id=lora_id, name=name, path=path, kind=kind,
                                tensors=tensors, config=config)
         self.adapters.append(loaded)
