@@ -1,15 +1,15 @@
-"""An experiment's schedule and loss settings reach the trainer resolved (scripted sampler, real trainer)."""
+"""An experiment's schedule and loss settings reach the trainer resolved (scripted engine, real trainer)."""
 
 from __future__ import annotations
 
 import pytest
+from transformers import AutoTokenizer
 
 import clora.runtime
 from clora import events
 from clora.config import EnvConfig, ExperimentConfig, LoraConfig, LossConfig, ModelConfig, OptimConfig, RuntimeConfig
+from clora.testing import Events, FakeEngine, ToyEnv
 from clora.trainer import scheduled_lr
-
-from test_faults import FaultyEnv, ScriptedSampler  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,13 +26,13 @@ async def test_experiment_schedule_and_loss_settings_reach_the_trainer(tiny_mode
                         normalize="constant"),
     )
     config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir)), run_dir=str(tmp_path))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(clora.runtime, "SamplerActor", ScriptedSampler)
-        ScriptedSampler.instances.clear()
-        async with clora.runtime.Runtime(config, console_level="critical") as rt:
-            result = await rt.run(exp, env=FaultyEnv())
+    # a group's two answers differ in length parity: ToyEnv's rewards spread, every step trains
+    engine = FakeEngine(lambda request: "ab" if request.repeat % 2 == 0 else "abc",
+                        tokenizer=AutoTokenizer.from_pretrained(str(tiny_model_dir)))
+    async with clora.runtime.Runtime(config, console_level="critical", engine=engine) as rt:
+        result = await rt.run(exp, env=ToyEnv())
     assert len(result.steps) == 4 and all(s.trained for s in result.steps)
-    steps = [e for e in events.read_events(tmp_path) if e["event"] == events.TRAINER_STEP and e.get("tenant") == "sched"]
+    steps = Events.from_run(tmp_path).named(events.TRAINER_STEP, tenant="sched")
     assert [e["lr"] for e in steps] == pytest.approx([scheduled_lr(exp.resolved_optim, n) for n in range(4)])
     assert steps[0]["lr"] == 1e-2 and steps[-1]["lr"] < 1e-2  # warmup of 1 step, then the cosine decay
     assert all("kl" in e and "time/base_fwd" in e for e in steps)
