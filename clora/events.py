@@ -91,9 +91,11 @@ TENANT_STEP: Final = "tenant.step"
 """The canonical line of one RL step: ``step``, ``adapter_version``, ``duration_s``, ``queue_depth``,
 ``reward/mean``, ``time/rollout``, ``time/train``, ``time/sync``, ``train/sequences`` and the trainer's values as ``train/*``."""
 TENANT_EVAL: Final = "tenant.eval"
-"""Held-out ``accuracy`` of a tenant at a ``step`` (greedy, one sample per problem; ``problems``, ``duration_s``)."""
+"""Held-out ``accuracy`` of a tenant at a ``step``: ``correct`` of ``problems`` (greedy, one sample per problem,
+all in flight at once), its 95% Wilson interval ``ci_low`` .. ``ci_high``, ``duration_s``."""
 TENANT_FINISHED: Final = "tenant.finished"
-"""A tenant's experiment completed: ``accuracy_start``, ``accuracy_end``, ``steps``, ``duration_s``."""
+"""A tenant's experiment completed: ``accuracy_start``, ``accuracy_end`` on ``problems`` held-out problems
+with its 95% Wilson interval ``ci_low`` .. ``ci_high``, ``steps``, ``duration_s``."""
 TENANT_FAILED: Final = "tenant.failed"
 """A tenant's experiment ended with an ``error``; the others go on."""
 TENANT_STEP_SKIPPED: Final = "tenant.step_skipped"

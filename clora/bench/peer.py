@@ -31,6 +31,7 @@ from clora.rl import (
     token_logprobs,
     token_loss,
 )
+from clora.rl.accuracy import HeldOutScore
 from clora.rl.step import EpisodeSettings, evaluate, sample_groups, to_training_data
 from clora.tenant.actor import ExperimentResult, StepRecord
 
@@ -167,8 +168,8 @@ class PeerLoop:
             sampling=SamplingSpec(max_tokens=self.experiment.max_tokens, temperature=temperature),
         )
 
-    async def evaluate(self) -> float:
-        """Held-out accuracy: greedy, one episode per problem (as a clora tenant measures it)."""
+    async def evaluate(self) -> HeldOutScore:
+        """Held-out score: greedy, one episode per problem (as a clora tenant measures it)."""
         return await evaluate(self._sample, self.renderer, self.env, self.env.held_out(), self._episode_settings(0.0))
 
     def train(self, data: list[Datum]) -> None:
@@ -231,14 +232,14 @@ async def run_peer_experiment(
     started = time.time()
     model_dir = await asyncio.to_thread(resolve_model, model)
     loop = await asyncio.to_thread(PeerLoop, experiment, str(model_dir), model.max_model_len)
-    accuracy_start = await loop.evaluate()
+    score_start = await loop.evaluate()
     records = []
     for step in range(1, experiment.steps + 1):
         record = await loop.step(step)
         records.append(record)
         if on_step is not None:
             on_step(experiment.name, record)
-    accuracy_end = await loop.evaluate()
-    return ExperimentResult(tenant=experiment.name, steps=records, accuracy_start=accuracy_start,
-                            accuracy_end=accuracy_end, started_at=started, finished_at=time.time(),
-                            tokens_sampled=loop.tokens_sampled)
+    score_end = await loop.evaluate()
+    return ExperimentResult(tenant=experiment.name, steps=records, accuracy_start=score_start.accuracy,
+                            accuracy_end=score_end.accuracy, started_at=started, finished_at=time.time(),
+                            tokens_sampled=loop.tokens_sampled, held_out=score_end.total)

@@ -5,7 +5,7 @@ and the held-out evaluation. The TenantActor and the peer baseline both run exac
     groups = await sample_groups(sample, renderer, env, problems, group_size, **episode)   # (P, G)
     batch = to_training_data(problems, groups, advantage="grpo")                           # rewards, data
     ... train on batch.data ...
-    accuracy = await evaluate(sample, renderer, env, env.held_out(), **episode)
+    score = await evaluate(sample, renderer, env, env.held_out(), **episode)               # correct of total
 
 Sampling is injected (``SampleFn``), so the same path runs on vLLM, on HF generate and on fakes.
 """
@@ -21,6 +21,7 @@ import torch
 from actors.gather import gather_first_error
 from clora.envs.base import Env, Problem
 from clora.messages import Datum, SamplingSpec
+from clora.rl.accuracy import HeldOutScore
 from clora.rl.advantages import AdvantageKind, group_advantages
 from clora.rl.chat import ChatRenderer
 from clora.rl.rollout import SampleFn, StepFn, Trajectory, run_episode, run_group, start_episode, to_datum
@@ -100,9 +101,10 @@ async def evaluate(
     settings: EpisodeSettings,
     *,
     step_env: StepFn = step_on_loop,
-) -> float:
-    """Accuracy on ``problems``: one episode each with ``settings.sampling`` (greedy for held-out
-    evaluation), all at once; a problem counts when its reward is at least 1.0."""
+) -> HeldOutScore:
+    """How many of ``problems`` are solved: one episode each with ``settings.sampling`` (greedy for
+    held-out evaluation), every problem in flight at once (the sampler batches them); a problem
+    counts when its reward is at least 1.0."""
     stop = tuple(dict.fromkeys((*settings.sampling.stop, *getattr(env, "stop_sequences", ()))))
     spec = msgspec.structs.replace(settings.sampling, stop=stop)
     trajectories = await gather_first_error(
@@ -112,4 +114,4 @@ async def evaluate(
         )
         for problem in problems
     )
-    return sum(1.0 for t in trajectories if t.reward >= 1.0) / max(1, len(trajectories))
+    return HeldOutScore(correct=sum(1 for t in trajectories if t.reward >= 1.0), total=len(trajectories))

@@ -51,6 +51,7 @@ from clora.messages import (
     TrainStep,
     TrainStepResult,
 )
+from clora.rl.accuracy import HeldOutScore
 from clora.rl.step import EpisodeSettings, evaluate, sample_groups, to_training_data
 from clora.tenant.checkpoints import TenantCheckpoints
 
@@ -83,10 +84,21 @@ class ExperimentResult(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: float
     tokens_sampled: int
     resumed_from_step: int | None = None  # the checkpointed step this run continued from
+    held_out: int = 0  # problems in each held-out evaluation (accuracy = correct / held_out); 0: not known
 
     @property
     def duration_s(self) -> float:
         return self.finished_at - self.started_at
+
+    @property
+    def score_start(self) -> HeldOutScore:
+        """The first evaluation as a count, with its 95% interval (``.interval``)."""
+        return HeldOutScore.from_accuracy(self.accuracy_start, self.held_out)
+
+    @property
+    def score_end(self) -> HeldOutScore:
+        """The last evaluation as a count, with its 95% interval (``.interval``)."""
+        return HeldOutScore.from_accuracy(self.accuracy_end, self.held_out)
 
 
 class TenantActor(Actor):
@@ -171,7 +183,7 @@ class TenantActor(Actor):
         try:
             if resumed is None:
                 started = time.time()
-                accuracy_start = await self.evaluate(step=0)
+                accuracy_start = (await self.evaluate(step=0)).accuracy
                 records: list[StepRecord] = []
                 self._commit(0, started, accuracy_start, records)
                 await self._checkpoint_after(0)
@@ -181,7 +193,7 @@ class TenantActor(Actor):
             for step in range(len(records) + 1, exp.steps + 1):
                 record = await self._step(step)
                 if exp.eval_every and step % exp.eval_every == 0 and step != exp.steps:
-                    record = msgspec.structs.replace(record, accuracy=await self.evaluate(step=step))
+                    record = msgspec.structs.replace(record, accuracy=(await self.evaluate(step=step)).accuracy)
                 records.append(record)
                 self._commit(step, started, accuracy_start, records)
                 if self._on_step is not None:
@@ -192,33 +204,38 @@ class TenantActor(Actor):
             if self._checkpoints is not None:
                 await self._checkpoints.on_stop()
             raise
-        accuracy_end = await self.evaluate(step=exp.steps)
+        score_end = await self.evaluate(step=exp.steps)
+        accuracy_end = score_end.accuracy
         if self._adapter_dir is not None:
             await self._trainer.ask(ExportAdapter(tenant=self.tenant, out_dir=str(self._adapter_dir)))
         result = ExperimentResult(
             tenant=self.tenant, steps=records, accuracy_start=accuracy_start, accuracy_end=accuracy_end,
             started_at=started, finished_at=time.time(), tokens_sampled=self._tokens_sampled,
-            resumed_from_step=None if resumed is None else resumed.step,
+            resumed_from_step=None if resumed is None else resumed.step, held_out=score_end.total,
         )
+        low, high = score_end.interval
         self.log.info(
             events.TENANT_FINISHED, tenant=self.tenant, accuracy_start=accuracy_start, accuracy_end=accuracy_end,
+            problems=score_end.total, ci_low=round(low, 4), ci_high=round(high, 4),
             steps=len(records), duration_s=round(result.duration_s, 3), adapter_version=self._version,
         )
         return result
 
-    async def evaluate(self, step: int) -> float:
-        """Held-out accuracy of the serving version: greedy, one episode per problem."""
+    async def evaluate(self, step: int) -> HeldOutScore:
+        """Held-out score of the serving version: greedy, one episode per problem, all in flight at once."""
         started = time.perf_counter()
         problems = self._env.held_out()
         settings = self._episode_settings(temperature=0.0)
-        accuracy = await self._retrying(step, "eval", lambda: evaluate(
+        score = await self._retrying(step, "eval", lambda: evaluate(
             self._sample, self._renderer, self._env, problems, settings, step_env=self._env_steps
         ))
+        low, high = score.interval
         self.log.info(
-            events.TENANT_EVAL, tenant=self.tenant, step=step, adapter_version=self._version, accuracy=accuracy,
-            problems=len(problems), duration_s=round(time.perf_counter() - started, 3),
+            events.TENANT_EVAL, tenant=self.tenant, step=step, adapter_version=self._version,
+            accuracy=score.accuracy, correct=score.correct, problems=score.total, ci_low=round(low, 4),
+            ci_high=round(high, 4), duration_s=round(time.perf_counter() - started, 3),
         )
-        return accuracy
+        return score
 
     async def _step(self, step: int) -> StepRecord:
         exp = self.experiment
