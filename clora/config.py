@@ -28,6 +28,7 @@ __all__ = [
     "RuntimeConfig",
     "DEFAULT_TARGET_MODULES",
     "VLLM_LORA_RANKS",
+    "ExampleStyle",
     "validate_tenant_name",
     "load_toml",
     "dump_toml",
@@ -40,6 +41,9 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 
 # The max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks in vLLM 0.32).
 VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+ExampleStyle = Literal["each_op", "addition", "none"]
+"""Which worked examples open an episode of a tool-use env (clora.envs.tools.worked_examples)."""
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -254,8 +258,9 @@ class EnvConfig(_Config):
     path: str | None = None  # jsonl file for gsm8k
     max_turns: int = 3
     seed: int = 0
-    held_out_size: int = 32
+    held_out_size: int = 32  # problems in each held-out evaluation; one problem is 100 / held_out_size points
     step_timeout_s: float = 60.0  # one env step (tool calls, reward) must return within this; 0: no limit
+    examples: ExampleStyle = "each_op"  # worked examples before each question: each_op, addition, none (docs/envs.md)
 
     def validate(self) -> None:
         if self.kind == "gsm8k" and not self.path:
@@ -266,6 +271,8 @@ class EnvConfig(_Config):
             _fail("env.max_turns", f"must be >= 1, got {self.max_turns}")
         if self.step_timeout_s < 0:
             _fail("env.step_timeout_s", f"must be >= 0 (0: no limit), got {self.step_timeout_s}")
+        if self.held_out_size < 1:
+            _fail("env.held_out_size", f"must be >= 1, got {self.held_out_size}")
 
 
 class ExperimentConfig(_Config):

@@ -177,16 +177,18 @@ def test_episode_opens_with_system_and_user_messages():
     assert messages[1]["content"] == PROBLEM.question
 
 
-def test_few_shot_example_is_a_solved_conversation_in_the_tool_format():
+def test_few_shot_examples_are_solved_conversations_in_the_tool_format():
     messages = ToolUseEpisode(PROBLEM, tool_role="user").initial_messages()
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert messages[-1]["content"] == PROBLEM.question
-    # replaying the example through a fresh episode of its own question earns the reward
-    example = Problem(id="shot", question=messages[1]["content"], answer=messages[3]["content"])
-    replay = ToolUseEpisode(example)
-    first = replay.step(messages[2]["content"])
-    assert first.tool_messages[0]["content"] == messages[3]["content"]
-    assert replay.step(messages[4]["content"]).reward == 1.0
+    shots = messages[1:-1]
+    assert messages[0]["role"] == "system" and len(shots) == 16  # one example of each of + - * /
+    assert [m["role"] for m in shots] == ["user", "assistant", "user", "assistant"] * 4
+    assert messages[-1] == {"role": "user", "content": PROBLEM.question}
+    for k in range(0, len(shots), 4):  # replaying each example through an episode of its own question earns the reward
+        question, call, result, answer = (m["content"] for m in shots[k:k + 4])
+        replay = ToolUseEpisode(Problem(id="shot", question=question, answer=result))
+        first = replay.step(call)
+        assert first.tool_messages[0]["content"] == result
+        assert replay.step(answer).reward == 1.0
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,15 @@ from clora.envs.tools import (
     CALCULATOR,
     FINAL_ANSWER,
     TOOL_STOP_SEQUENCES,
+    TOOL_INSTRUCTIONS,
     TOOL_SYSTEM_PROMPT,
+    ExampleStyle,
     ToolCall,
     ToolUseEpisode,
+    WorkedExample,
     parse_tool_call,
+    tool_system_prompt,
+    worked_examples,
 )
 from clora.errors import ConfigError
 
@@ -38,6 +43,11 @@ __all__ = [
     "parse_tool_call",
     "ToolUseEpisode",
     "TOOL_SYSTEM_PROMPT",
+    "TOOL_INSTRUCTIONS",
+    "ExampleStyle",
+    "WorkedExample",
+    "worked_examples",
+    "tool_system_prompt",
     "TOOL_STOP_SEQUENCES",
     "CALCULATOR",
     "FINAL_ANSWER",
@@ -53,9 +63,11 @@ __all__ = [
 def make_env(cfg: EnvConfig) -> Env:
     """The env named by ``cfg.kind``; a bad file or value raises ``ConfigError``."""
     if cfg.kind == "arithmetic":
-        return ArithmeticEnv(difficulty=cfg.difficulty, seed=cfg.seed, held_out_size=cfg.held_out_size)
+        return ArithmeticEnv(
+            difficulty=cfg.difficulty, seed=cfg.seed, held_out_size=cfg.held_out_size, examples=cfg.examples
+        )
     if cfg.kind == "gsm8k":
         if not cfg.path:
             raise ConfigError("env.path: the gsm8k env needs a jsonl file path")
-        return Gsm8kEnv.from_file(cfg.path, held_out_size=cfg.held_out_size)
+        return Gsm8kEnv.from_file(cfg.path, held_out_size=cfg.held_out_size, examples=cfg.examples)
     raise ConfigError(f"env.kind: unknown env {cfg.kind!r} (use 'arithmetic' or 'gsm8k')")

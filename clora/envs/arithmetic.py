@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 
 from clora.envs.base import Episode, Problem, problem_id
-from clora.envs.tools import TOOL_STOP_SEQUENCES, ToolUseEpisode
+from clora.envs.tools import TOOL_STOP_SEQUENCES, ExampleStyle, ToolUseEpisode, tool_system_prompt, worked_examples
 from clora.errors import EnvError
 
 __all__ = ["ArithmeticEnv", "generate_problem"]
@@ -92,12 +92,18 @@ class ArithmeticEnv:
     name = "arithmetic"
     stop_sequences = TOOL_STOP_SEQUENCES
 
-    def __init__(self, *, difficulty: int = 1, seed: int = 0, held_out_size: int = 32, tool_role: str = "tool"):
+    def __init__(
+        self, *, difficulty: int = 1, seed: int = 0, held_out_size: int = 32, tool_role: str = "tool",
+        examples: ExampleStyle = "each_op",
+    ):
+        """``examples``: the worked examples every episode opens with (clora.envs.tools.worked_examples)."""
         if difficulty < 0:
             raise ValueError(f"difficulty must be >= 0, got {difficulty}")
         self.difficulty = difficulty
         self.seed = seed
         self._tool_role = tool_role
+        self.examples = worked_examples(examples, difficulty)  # the same for every problem: a shared prompt prefix
+        self._system_prompt = tool_system_prompt(examples)
         held_rng = random.Random(f"clora-arithmetic-held-out/{seed}/{difficulty}")
         held: dict[str, Problem] = {}
         for _ in range(_MAX_TRIES):
@@ -122,4 +128,6 @@ class ArithmeticEnv:
         raise EnvError(f"arithmetic env: could not draw {n} training problems outside the held-out split")
 
     def start(self, problem: Problem) -> Episode:
-        return ToolUseEpisode(problem, tool_role=self._tool_role)
+        return ToolUseEpisode(
+            problem, tool_role=self._tool_role, system_prompt=self._system_prompt, examples=self.examples
+        )

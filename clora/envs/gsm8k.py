@@ -16,7 +16,7 @@ from pathlib import Path
 
 from clora.envs.base import Episode, Problem, parse_number, problem_id
 from clora.envs.calculator import format_number
-from clora.envs.tools import TOOL_STOP_SEQUENCES, ToolUseEpisode
+from clora.envs.tools import TOOL_STOP_SEQUENCES, ExampleStyle, ToolUseEpisode, tool_system_prompt, worked_examples
 from clora.errors import ConfigError
 
 __all__ = ["load_jsonl_problems", "parse_answer", "Gsm8kEnv"]
@@ -87,7 +87,10 @@ class Gsm8kEnv:
     name = "gsm8k"
     stop_sequences = TOOL_STOP_SEQUENCES
 
-    def __init__(self, problems: list[Problem], *, held_out_size: int = 32, tool_role: str = "tool"):
+    def __init__(
+        self, problems: list[Problem], *, held_out_size: int = 32, tool_role: str = "tool",
+        examples: ExampleStyle = "each_op",
+    ):
         if len(problems) < 2:
             raise ConfigError(f"gsm8k env needs at least 2 problems (train and held-out), got {len(problems)}")
         ranked = sorted(problems, key=_split_key)
@@ -96,10 +99,14 @@ class Gsm8kEnv:
         held_ids = {p.id for p in self._held_out}
         self._train = [p for p in problems if p.id not in held_ids]
         self._tool_role = tool_role
+        self.examples = worked_examples(examples, None)  # multi-step stories
+        self._system_prompt = tool_system_prompt(examples)
 
     @classmethod
-    def from_file(cls, path: str | Path, *, held_out_size: int = 32, tool_role: str = "tool") -> "Gsm8kEnv":
-        return cls(load_jsonl_problems(path), held_out_size=held_out_size, tool_role=tool_role)
+    def from_file(
+        cls, path: str | Path, *, held_out_size: int = 32, tool_role: str = "tool", examples: ExampleStyle = "each_op"
+    ) -> "Gsm8kEnv":
+        return cls(load_jsonl_problems(path), held_out_size=held_out_size, tool_role=tool_role, examples=examples)
 
     def held_out(self) -> list[Problem]:
         return list(self._held_out)
@@ -110,4 +117,6 @@ class Gsm8kEnv:
         return rng.choices(self._train, k=n)
 
     def start(self, problem: Problem) -> Episode:
-        return ToolUseEpisode(problem, tool_role=self._tool_role)
+        return ToolUseEpisode(
+            problem, tool_role=self._tool_role, system_prompt=self._system_prompt, examples=self.examples
+        )
