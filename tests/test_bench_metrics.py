@@ -125,3 +125,15 @@ def test_modes_pick_which_rows_run():
     for bad in ("concurent", "", "peer"):
         with pytest.raises(SystemExit, match="--modes: choose from serial_cold, serial_warm, concurrent"):
             settings_from_args(build_parser().parse_args(["--modes", bad]))
+
+
+def test_task_sets_the_env_of_every_experiment_and_full_size_evaluates_64_problems():
+    default = settings_from_args(build_parser().parse_args([]))
+    assert default.task == "arith0" and default.held_out_size >= 64  # one problem is at most ~1.6 points
+    assert {e.env.difficulty for e in experiments(default, 2)} == {0}
+    for task, difficulty in (("arith1", 1), ("story2", 2)):
+        s = settings_from_args(build_parser().parse_args(["--task", task, "--held-out-size", "80"]))
+        exps = experiments(s, 3)
+        assert {(e.env.kind, e.env.difficulty, e.env.held_out_size) for e in exps} == {("arithmetic", difficulty, 80)}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--task", "gsm9k"])

@@ -9,6 +9,9 @@ config in every mode; the tenants differ in seed and learning rate, as in a swee
 * ``concurrent``: N experiments at once on one runtime, for each N in ``--n``.
 * ``peer`` (``--peer``): a single-tenant loop from HF transformers + peft (clora.bench.peer).
 
+``--task`` picks every experiment's env: ``arith0`` (default: one + or - on numbers to 10),
+``arith1`` (one of + - * / on numbers to 99) or ``story2`` (two-step stories, GSM8K-like).
+
 ``--modes`` runs a subset of the first three (e.g. ``--modes concurrent --n 8`` to measure one
 change quickly); rows without a ``serial_cold`` row of the same N in the same run get no ratios.
 
@@ -49,8 +52,8 @@ from clora.config import (
 )
 from clora.tenant.actor import ExperimentResult, StepRecord
 
-__all__ = ["BenchSettings", "MODES", "QUICK", "FULL", "experiments", "runtime_config", "run_benchmark", "build_parser",
-           "main"]
+__all__ = ["BenchSettings", "MODES", "TASKS", "QUICK", "FULL", "experiments", "task_env", "runtime_config",
+           "run_benchmark", "build_parser", "main"]
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +62,11 @@ LEARNING_RATES = (1e-3, 2e-3, 5e-4, 1e-3, 2e-3, 5e-4, 1e-3, 2e-3)
 
 MODES = ("serial_cold", "serial_warm", "concurrent")
 """The clora modes ``--modes`` chooses from (ratios need serial_cold)."""
+
+TASKS: dict[str, int] = {"arith0": 0, "arith1": 1, "story2": 2}
+"""``--task``: the arithmetic env's difficulty (clora.envs.arithmetic) of every experiment."""
+
+HELD_OUT_SIZE = 64  # one held-out problem is 1.6 points of accuracy
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,8 @@ class BenchSettings:
     prompts_per_step: int = 4
     group_size: int = 4
     max_tokens: int = 48
-    held_out_size: int = 32
-    difficulty: int = 0
+    held_out_size: int = HELD_OUT_SIZE
+    task: str = "arith0"  # a key of TASKS
     rank: int = 8
     max_model_len: int = 1024
     kv_cache_gib: float = 2.0
@@ -88,8 +96,14 @@ class BenchSettings:
 
 QUICK = BenchSettings(model="tiny", ns=(1, 2), steps=2, prompts_per_step=2, group_size=2, max_tokens=16,
                       held_out_size=4, kv_cache_gib=1.0, reuse_runtime=True)
-FULL = BenchSettings(prompts_per_step=2, group_size=4, max_tokens=32, held_out_size=16, dtype="bfloat16",
-                     autocast_bf16=True)
+FULL = BenchSettings(prompts_per_step=2, group_size=4, max_tokens=32, dtype="bfloat16", autocast_bf16=True)
+
+
+def task_env(task: str, held_out_size: int) -> EnvConfig:
+    """The env of ``--task``: the arithmetic tool-use env at the task's difficulty, one held-out set (seed 7)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    return EnvConfig(kind="arithmetic", difficulty=TASKS[task], held_out_size=held_out_size, seed=7)
 
 
 def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
@@ -99,7 +113,7 @@ def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
             name=f"exp{i}",
             lora=LoraConfig(rank=s.rank, alpha=2.0 * s.rank),
             optim=OptimConfig(lr=LEARNING_RATES[i % len(LEARNING_RATES)]),
-            env=EnvConfig(kind="arithmetic", difficulty=s.difficulty, held_out_size=s.held_out_size, seed=7),
+            env=task_env(s.task, s.held_out_size),
             steps=s.steps,
             prompts_per_step=s.prompts_per_step,
             group_size=s.group_size,
@@ -285,7 +299,8 @@ def _peer_comparison(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _title(s: BenchSettings) -> str:
-    return (f"clora concurrency on {s.model} ({s.dtype}): {s.steps} steps x {s.prompts_per_step} prompts x "
+    return (f"clora concurrency on {s.model} ({s.dtype}), task {s.task}: {s.steps} steps x {s.prompts_per_step} "
+            f"prompts x "
             f"{s.group_size} samples at T={s.temperature:g}, max_tokens {s.max_tokens}, held-out {s.held_out_size}, "
             f"trainer bf16 {s.autocast_bf16}, fuse_max {s.fuse_max}, {os.cpu_count()} CPUs")
 
@@ -294,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clora bench concurrency", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI size: tiny model, N=1,2, 2 steps (minutes)")
     p.add_argument("--model", help="'smollm2', 'tiny' or a HF model directory")
+    p.add_argument("--task", choices=tuple(TASKS), help="every experiment's env: arith0 (default; + or - to 10), "
+                                                        "arith1 (+ - * / to 99), story2 (two-step stories)")
     p.add_argument("--n", help="comma-separated N list, e.g. 1,2,4,8")
     for name in ("steps", "prompts-per-step", "group-size", "max-tokens", "held-out-size", "fuse-max",
                  "peer-experiments"):
@@ -315,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     s = QUICK if args.quick else FULL
     changes: dict[str, Any] = {}
-    for field in ("model", "steps", "prompts_per_step", "group_size", "max_tokens", "held_out_size", "fuse_max",
+    for field in ("model", "task", "steps", "prompts_per_step", "group_size", "max_tokens", "held_out_size", "fuse_max",
                   "peer_experiments", "reuse_runtime", "dtype", "temperature", "checkpoint_every"):
         value = getattr(args, field)
         if value is not None:
