@@ -2,6 +2,7 @@
 
     clora run experiments.toml              # progress bar per tenant; Ctrl-C stops cleanly (exit 130)
     clora run experiments.toml --resume     # continue each tenant from its checkpoint after a crash
+    clora sweep examples/sweep.toml         # a grid of overrides x seeds at once, ranked by held-out accuracy
     clora events runs/latest --timeline t.png --curves c.png
     clora export runs/latest lr0.001 out/adapter
     clora sample out/adapter "What is 2+3?"
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from clora.cli.run import cmd_run, load_runtime_class
+from clora.cli.sweep import add_sweep_parser
 from clora.errors import CloraError, ConfigError
 from clora.cli.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from clora.observe.artifacts import ArtifactError
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                      help="events at or above this level also print to stderr (all go to events.jsonl)")
     run.set_defaults(handler=cmd_run)
+
+    add_sweep_parser(sub)
 
     events = sub.add_parser("events", help="summarize a run folder's events; draw its timeline and curves")
     events.add_argument("run_dir", help="run folder (or an events.jsonl file)")
