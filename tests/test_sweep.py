@@ -130,7 +130,8 @@ def test_many_tenants_keep_every_adapter_in_the_engine_cpu_cache():
      r"^grid\.optim\.lr: expected float, got str \(value 'fast', tenant 'lr-fast_s0'\)"),
     ('[grid]\n"optim.lr" = [-1.0]', r"^grid\.optim\.lr: must be > 0, got -1\.0"),
     ('[grid]\n"loss.kind" = ["ppo", "grpo"]', r"^grid\.loss\.kind: invalid value 'grpo'; use one of"),
-    ('[grid]\n"lora.rank" = [8, 32]', r"^grid\.lora\.rank: 32 exceeds engine\.max_lora_rank 16"),
+    ('[grid]\n"lora.rank" = [8, 32]',
+     r"^grid\.lora\.rank: 32 exceeds engine\.max_lora_rank 16 \(value 32, tenant 'rank-32_s0'\)$"),
     ('[grid]\nseed = [1, 2]', r"^grid\.seed: the experiment seed is the sweep's seed axis: set `seeds = N`"),
     ('[grid]\nname = ["a"]', r"^grid\.name: a sweep names its tenants from their overrides"),
     ('[base]\nname = "x"', r"^base\.name: a sweep names its tenants"),
@@ -292,3 +293,11 @@ def test_a_bad_sweep_file_exits_2_with_one_line_naming_file_and_field(tmp_path, 
     assert len(lines) == 1 and lines[0].startswith(f"clora sweep: error: {path}: grid.optim.lrr: unknown field")
     assert main(["sweep", str(tmp_path / "missing.toml")]) == EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_help_lists_the_sweep_command(capsys):
+    assert main(["--help"]) == EXIT_OK
+    assert "sweep" in capsys.readouterr().out
+    assert main(["sweep", "--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "--check" in out and "--resume" in out and "--run-dir" in out

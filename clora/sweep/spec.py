@@ -324,6 +324,7 @@ def expand(file: SweepFile, *, run_dir: str = "runs/sweep") -> Sweep:
         if found is None:
             raise
         tenant = tenants[int(found[1])]
-        raise _problem(points[tenant.point], f"{found[2]}: {e.problem}", tenant.name) from None
+        problem = re.sub(r"\s*\(tenant '[^']*'\)$", "", e.problem)  # _problem names the tenant
+        raise _problem(points[tenant.point], f"{found[2]}: {problem}", tenant.name) from None
     return Sweep(runtime=runtime, points=points, seeds=seeds, tenants=tenants)
 
