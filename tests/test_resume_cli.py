@@ -25,7 +25,7 @@ RUN = """
 run_dir = "{run_dir}"
 [model]
 source = "{model}"
-max_model_len = 512
+max_model_len = 1024  # the default env's prompt (four worked examples) is ~620 tokens of the tiny tokenizer
 [engine]
 max_loras = 2
 max_lora_rank = 8
