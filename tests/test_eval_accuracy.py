@@ -7,16 +7,17 @@ import asyncio
 
 import pytest
 
+from transformers import AutoTokenizer
+
 import clora.runtime
 from clora import events
 from clora.config import EnvConfig, ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, RuntimeConfig
-from clora.envs import ArithmeticEnv, Problem
+from clora.envs import ArithmeticEnv
 from clora.messages import Completion, SamplingSpec
 from clora.rl.accuracy import Z_95, HeldOutScore, wilson_interval
 from clora.rl.chat import ChatRenderer
 from clora.rl.step import EpisodeSettings, evaluate
-
-from test_faults import ScriptedSampler, _Episode  # noqa: E402
+from clora.testing import Events, FakeEngine, ToyEnv
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,8 +73,6 @@ class CountingSampler:
 
 
 async def test_evaluation_has_every_held_out_problem_in_flight_at_once(tiny_model_dir):
-    from transformers import AutoTokenizer
-
     renderer = ChatRenderer(AutoTokenizer.from_pretrained(str(tiny_model_dir)))
     env = ArithmeticEnv(difficulty=0, seed=7, held_out_size=64)
     problems = env.held_out()
@@ -86,40 +85,30 @@ async def test_evaluation_has_every_held_out_problem_in_flight_at_once(tiny_mode
     assert 0 < score.correct < 64  # the count is of right answers, not of episodes
 
 
-class HeldOutEnv:
-    """Parity rewards (test_faults' scripted tenants alternate right, wrong, ...); four held-out problems."""
-
-    name = "held-out"
-    stop_sequences: tuple[str, ...] = ()
-
-    def train_problems(self, rng, n: int) -> list[Problem]:
-        return [Problem(id=f"s{i}", question=f"question {rng.randrange(1000)}", answer="4") for i in range(n)]
-
-    def held_out(self) -> list[Problem]:
-        return [Problem(id=f"h{i}", question=f"held out {i}", answer="4") for i in range(4)]
-
-    def start(self, problem: Problem) -> _Episode:
-        return _Episode(problem, None, 1.0, self)
-
-
 async def test_a_tenant_reports_its_held_out_count_and_interval(tiny_model_dir, tmp_path):
     exp = ExperimentConfig(
         name="counted", lora=LoraConfig(rank=4, alpha=8.0), optim=OptimConfig(lr=1e-2), env=EnvConfig(max_turns=1),
         steps=1, prompts_per_step=1, group_size=2, max_tokens=8, advantage="grpo_no_std",
     )
     config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir)), run_dir=str(tmp_path))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(clora.runtime, "SamplerActor", ScriptedSampler)
-        ScriptedSampler.instances.clear()
-        async with clora.runtime.Runtime(config, console_level="critical") as rt:
-            result = await rt.run(exp, env=HeldOutEnv())
-    # the scripted sampler alternates right and wrong answers: 2 of the 4 held-out problems, each eval
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+    def reply(request) -> str:  # ToyEnv's parity reward: held-out "say 1" and "say 3" get an odd answer
+        prompt = tokenizer.decode(request.prompt_token_ids)
+        if "say " in prompt:
+            return "abc" if ("say 1" in prompt or "say 3" in prompt) else "ab"
+        return "ab" if request.repeat % 2 == 0 else "abc"  # training groups have spread
+
+    async with clora.runtime.Runtime(config, console_level="critical",
+                                     engine=FakeEngine(reply, tokenizer=tokenizer)) as rt:
+        result = await rt.run(exp, env=ToyEnv(held_out=4))
+    # 2 of the 4 held-out problems right, at each evaluation
     assert result.held_out == 4 and result.score_end == HeldOutScore(correct=2, total=4)
     assert result.score_start == HeldOutScore(correct=2, total=4)
-    log = list(events.read_events(tmp_path))
-    evals = [e for e in log if e["event"] == events.TENANT_EVAL]
+    run = Events.from_run(tmp_path)
+    evals = run.named(events.TENANT_EVAL)
     low, high = wilson_interval(2, 4)
     assert [(e["correct"], e["problems"], e["accuracy"]) for e in evals] == [(2, 4, 0.5), (2, 4, 0.5)]
     assert all((e["ci_low"], e["ci_high"]) == (round(low, 4), round(high, 4)) for e in evals)
-    (finished,) = [e for e in log if e["event"] == events.TENANT_FINISHED]
+    (finished,) = run.named(events.TENANT_FINISHED)
     assert (finished["problems"], finished["ci_low"], finished["ci_high"]) == (4, round(low, 4), round(high, 4))
