@@ -32,6 +32,41 @@ DEVICES_ENV = "CLORA_TEST_DEVICES"
 TEST_DEVICES = [d.strip() for d in os.environ.get(DEVICES_ENV, "cpu,cuda").split(",") if d.strip()]
 
 
+LEFTOVER_TEST_TASK_GRACE_S = 180
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """An async test stopped from outside its coroutine (pytest-timeout raises in the main thread
+    while the session's event loop waits) leaves its task pending in the shared session loop, and
+    with it a Runtime whose engine keeps computing and slows every later test. Cancel that task and
+    let its ``async with`` blocks clean up before the next test starts."""
+    try:
+        return (yield)
+    except BaseException:
+        _cancel_leftover_test_task(item)
+        raise
+
+
+def _cancel_leftover_test_task(item: pytest.Item) -> None:
+    import asyncio
+    import inspect
+
+    code = getattr(inspect.unwrap(getattr(item, "obj", None)), "__code__", None)
+    request = getattr(item, "_request", None)  # pytest-asyncio's runner of the session loop
+    if code is None or request is None or not inspect.iscoroutinefunction(inspect.unwrap(item.obj)):
+        return
+    runner = request.getfixturevalue("_session_scoped_runner")
+    loop = runner.get_loop()
+    if loop.is_closed() or loop.is_running():
+        return
+    leftover = [t for t in asyncio.all_tasks(loop) if getattr(t.get_coro(), "cr_code", None) is code]
+    for task in leftover:
+        task.cancel()
+    if leftover:
+        loop.run_until_complete(asyncio.wait(leftover, timeout=LEFTOVER_TEST_TASK_GRACE_S))
+
+
 @pytest.fixture(scope="session", params=[pytest.param(d, id=d, marks=pytest.mark.cuda) for d in TEST_DEVICES])
 def device(request: pytest.FixtureRequest):
     """A torch.device from CLORA_TEST_DEVICES. CUDA missing: skip by default, fail when the
