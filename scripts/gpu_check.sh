@@ -5,6 +5,7 @@
 #   scripts/gpu_check.sh OUT_DIR            a machine with torch + CUDA; no network, no build step
 #   scripts/gpu_check.sh --dry-run OUT_DIR  on CPU: the same phases with a tiny shape (the test suite runs this)
 #   options: --tests run|collect|skip (default run), --budget-s N (whole run; default 470, dry run 3x: 1410)
+#   CLORA_COMMIT=<sha>: the commit to report where the tree's .git is missing or stale (scripts/tree_commit.sh)
 #
 # Run from anywhere; it works in the repository root. Carried wheels (.gpu-wheels/) are installed
 # into .gpu-site/ first. Each phase runs in its own process under its own time limit, cut so the
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
     --tests=*) TESTS="${1#*=}" ;;
     --budget-s) BUDGET="${2:-}"; shift ;;
     --budget-s=*) BUDGET="${1#*=}" ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     -*) echo "$usage" >&2; exit 2 ;;
     *) OUT="$1" ;;
   esac
@@ -37,6 +38,10 @@ BUDGET="${BUDGET:-$(( 470 * SCALE ))}"
 case "$BUDGET" in *[!0-9]*) echo "--budget-s takes whole seconds" >&2; exit 2 ;; esac
 
 PY="${PYTHON:-python3}"
+# the commit these files are (before OUT exists: OUT may be inside the tree). Not plain `git rev-parse`:
+# the device tool's copy of the tree carried a .git from an older commit (the H200 run of 2026-11-29
+# from e4bc2ff printed 9867702); set CLORA_COMMIT=<sha> in the command where the tree has no true .git
+export CLORA_CHECK_COMMIT="$(bash scripts/tree_commit.sh .)"
 mkdir -p "$OUT/logs" || exit 2
 OUT="$(cd "$OUT" && pwd)"
 : > "$OUT/phases.tsv"
@@ -75,7 +80,7 @@ phase() {
 }
 
 {
-  echo "clora GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(uname -n), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "clora GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(uname -n), commit $CLORA_CHECK_COMMIT"
   echo "python: $(command -v "$PY") ($("$PY" -V 2>&1)); dry run: $DRY; tests: $TESTS; budget: $BUDGET s"
   if command -v nvidia-smi > /dev/null; then timeout 15 nvidia-smi -L; fi
 } 2>&1 | tee "$OUT/logs/header.log"

@@ -24,7 +24,7 @@ def test_the_dry_run_writes_every_phase_and_the_expected_rows(tmp_path):
     """The script as the GPU run uses it, on CPU with the tiny shape; the test subset is only
     collected here (this suite runs those tests itself), the benchmark runs whole."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable}
+    env = {**os.environ, "PYTHON": sys.executable, "CLORA_COMMIT": "0123abc"}
     done = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--tests", "collect", str(out)],
                           env=env, capture_output=True, text=True, timeout=1550)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -51,6 +51,33 @@ def test_the_dry_run_writes_every_phase_and_the_expected_rows(tmp_path):
     markdown = (out / "gpu_check.md").read_text()
     assert "| bench-tiny | ok |" in markdown and "| 2 | fused | grouped |" in markdown
     assert "| pageable |" in markdown and f"({len(collected)} collected" in markdown
+    assert "commit 0123abc (from CLORA_COMMIT)" in done.stdout and "; commit 0123abc (from CLORA_COMMIT)." in markdown
+
+
+def test_the_reported_commit_is_the_files_or_unknown(tmp_path):
+    """scripts/tree_commit.sh: HEAD only when the files are HEAD's; a .git older than the files (as
+    the device tool's copy had: e4bc2ff's files reported as 9867702) gives unknown, never HEAD."""
+    script = ROOT / "scripts" / "tree_commit.sh"
+    env = {k: v for k, v in os.environ.items() if k != "CLORA_COMMIT"}
+
+    def commit(**extra: str) -> str:
+        return subprocess.run(["bash", str(script), str(tmp_path)], env={**env, **extra}, capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+
+    assert commit() == "unknown (git finds no repository here)"
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (tmp_path / "a.py").write_text("old\n")
+    for args in (["init", "-q"], ["add", "a.py"], ["commit", "-q", "-m", "old"]):
+        subprocess.run(git + args, check=True, capture_output=True, timeout=30)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert commit() == head
+    (tmp_path / "a.py").write_text("new\n")  # newer files under the old .git
+    assert commit() == f"unknown (the files differ from git HEAD {head} in 1 paths)"
+    (tmp_path / "a.py").write_text("old\n")
+    (tmp_path / "b.py").write_text("added\n")  # an untracked file: not HEAD's tree either
+    assert commit().startswith("unknown (the files differ")
+    assert commit(CLORA_COMMIT="e4bc2ff") == "e4bc2ff (from CLORA_COMMIT)"
 
 
 def _parametrizes_device(func: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:

@@ -180,6 +180,7 @@ def env_phase(out: Path, expect_cuda: bool) -> int:
         "python": sys.version.split()[0], "torch": torch.__version__, "cuda_build": torch.version.cuda,
         "transformers": transformers.__version__, "cuda_available": torch.cuda.is_available(),
         "cpu_count": os.cpu_count(), "distributions": {},
+        "commit": os.environ.get("CLORA_CHECK_COMMIT"),  # scripts/tree_commit.sh, from gpu_check.sh
     }
     for name in (*IMAGE_DISTRIBUTIONS, *carried_distributions()):
         try:

@@ -150,7 +150,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     else:
         where = f"no GPU (dry run on cpu), torch {env.get('torch')}"
     lines = ["# clora GPU check", "", f"{where}, transformers {env.get('transformers')}, Python {env.get('python')}, "
-             f"{env.get('cpu_count')} CPUs.", "", "| phase | status | seconds | limit s |", "|---|---|---:|---:|"]
+             f"{env.get('cpu_count')} CPUs; commit {env.get('commit') or 'unknown'}.", "", "| phase | status | seconds | limit s |", "|---|---|---:|---:|"]
     for p in report["phases"]:
         lines.append(f"| {p['phase']} | {p['status']} | {_fmt(p['seconds'], '.0f')} | {_fmt(p['limit_s'], '.0f')} |")
     tests = report.get("tests")
