@@ -68,6 +68,8 @@ __all__ = [
     "ENGINE_STARTED",
     "ENGINE_STOPPED",
     "ENGINE_DIED",
+    "ENGINE_STATS",
+    "ENGINE_TOTALS",
     "ADAPTER_REGISTERED",
     "ADAPTER_LOADED",
     "ADAPTER_REMOVED",
@@ -148,6 +150,14 @@ ENGINE_STOPPED: Final = "sampler.engine_stopped"
 """The sampler shut its engine down cleanly."""
 ENGINE_DIED: Final = "sampler.engine_died"
 """The vLLM engine process died (``error``); the sampler crashes (fatal for the runtime)."""
+ENGINE_STATS: Final = "sampler.engine_stats"
+"""What the vLLM engine did in the ``window_s`` seconds since the previous such line, as the fields of
+EngineStatsSnapshot: prompt_tokens, prompt_tokens_computed, prompt_tokens_cached (served from the prefix cache),
+cached_fraction, generation_tokens, steps, busy_s, decode_batch_mean / decode_batch_max, decode_batches (steps per
+decode batch size), waiting_max. Logged as requests finish, at most once per interval."""
+ENGINE_TOTALS: Final = "sampler.engine_totals"
+"""The same counters as sampler.engine_stats over the sampler's whole life, logged when it stops (clora events
+prints them)."""
 ADAPTER_REGISTERED: Final = "sampler.adapter_registered"
 """A tenant's adapter serves for the first time: ``tenant``, ``version``, ``lora_id``, ``duration_s``."""
 ADAPTER_LOADED: Final = "sampler.adapter_loaded"

@@ -98,10 +98,12 @@ class _StartedLLM:
 
     errored = False
     seen: list[dict[str, str]] = []
+    stat_loggers: list[list] = []
 
     @classmethod
-    def from_engine_args(cls, args) -> _StartedLLM:
+    def from_engine_args(cls, args, stat_loggers=None) -> _StartedLLM:
         cls.seen.append(dict(os.environ))
+        cls.stat_loggers.append(list(stat_loggers or []))
         os.environ["LD_PRELOAD"] = os.environ.get("LD_PRELOAD", "") + ":/vllm/libs/libgomp.so"  # as vLLM does
         return cls()
 
@@ -124,6 +126,7 @@ async def test_two_engines_started_in_one_process_each_get_their_own_environment
 
     user_env.setattr(AsyncLLM, "from_engine_args", _StartedLLM.from_engine_args)
     user_env.setattr(_StartedLLM, "seen", [])
+    user_env.setattr(_StartedLLM, "stat_loggers", [])
     before = dict(os.environ)
     engines = []
     for gib in (3, 5):
@@ -134,6 +137,14 @@ async def test_two_engines_started_in_one_process_each_get_their_own_environment
     assert all(seen["CLORA_ENGINE_OWNER_PID"] == str(os.getpid()) for seen in _StartedLLM.seen)
     # the grouped ops are on for these engines (clora's default), though this process's env lacks the flag
     assert all(engine.base_rows_without_lora for engine in engines)
+    # each engine hands vLLM one stat logger, and it feeds that engine's own counters
+    from vllm.v1.metrics.stats import IterationStats
+
+    assert [len(loggers) for loggers in _StartedLLM.stat_loggers] == [1, 1]
+    iteration = IterationStats()
+    iteration.prompt_token_stats.total = 7
+    _StartedLLM.stat_loggers[1][0](None, 0).record(None, iteration)
+    assert [engine.stats.snapshot().prompt_tokens for engine in engines] == [0, 7]
     for engine in engines:
         engine.shutdown()
 

@@ -118,3 +118,34 @@ async def test_engine_death_crashes_the_sampler_and_escalates():
             await asyncio.sleep(1)  # the crash cancels this body
     assert isinstance(crashed.value.cause, EngineDeadError)
     assert "sampler stops" in str(crashed.value)
+
+
+async def test_engine_stats_lines_carry_what_the_engine_did_and_the_totals_at_stop():
+    from clora import events
+    from clora.sampler.engine_stats import EngineStats
+    from clora.testing import capture_events
+
+    gate = Gate()
+    gate.engine.stats = EngineStats()  # the real engine's counters, fed by hand here
+    stats = gate.engine.stats
+    actor = SamplerActor(Path("model"), ModelConfig(source="tiny"), EngineConfig(), shared_engine=gate.engine,
+                         stats_interval_s=0.0)
+    with capture_events() as logged:
+        async with ActorSystem("t") as system:
+            ref = await system.start(actor, name="sampler", supervision=Supervision.ESCALATE)
+            stats.observe_outputs(prompt_tokens=999, computed=999, cached=0, generated=0)  # after the start: counted
+            await ref.ask(RegisterAdapter(tenant="t", path="p0", version=0))
+            request = _ask(ref, "t", 1)
+            await asyncio.sleep(0.01)
+            stats.observe_outputs(prompt_tokens=240, computed=112, cached=128, generated=4)
+            stats.observe_step(running=4, waiting=0, prefix_requests=4, prefix_queries=960, prefix_hits=512,
+                               prefill_requests=0, decode_requests=4, now=1.0)
+            gate.release.setdefault(1, asyncio.Event()).set()
+            await request
+            assert actor.engine_stats().prompt_tokens == 240 + 999
+            stats.observe_outputs(prompt_tokens=10, computed=10, cached=0, generated=1)
+    windows = logged.named(events.ENGINE_STATS)
+    totals = logged.named(events.ENGINE_TOTALS)
+    assert windows.field("prompt_tokens") == [999 + 240, 10]  # one line per request (interval 0), one at stop
+    assert windows[0]["prompt_tokens_cached"] == 128 and windows[0]["decode_batches"] == {"4-7": 1}
+    assert len(totals) == 1 and totals[0]["prompt_tokens"] == 999 + 250 and totals[0]["generation_tokens"] == 5

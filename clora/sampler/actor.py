@@ -27,6 +27,7 @@ from actors import Actor, handler
 from clora import events
 from clora.config import EngineConfig, ModelConfig
 from clora.sampler.engine import Engine
+from clora.sampler.engine_stats import EngineStats, EngineStatsSnapshot
 from clora.errors import DuplicateTenantError, EngineDeadError, UnknownTenantError
 from clora.messages import (
     AdapterLoaded,
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 BASE_VERSION = -1  # SampleResult.adapter_version of base-model requests
+STATS_INTERVAL_S = 10.0  # at most one sampler.engine_stats line per interval (logged as requests finish)
 
 
 
@@ -109,6 +111,7 @@ class SamplerActor(Actor):
         *,
         work_dir: Path | None = None,
         shared_engine: Engine | None = None,
+        stats_interval_s: float = STATS_INTERVAL_S,
     ) -> None:
         self._model_dir = Path(model_dir)
         self._model_cfg = model
@@ -125,6 +128,10 @@ class SamplerActor(Actor):
         # max_loras tenants have requests in the engine at once; the others wait here (FIFO).
         self._lora_slots = asyncio.Semaphore(engine.max_loras)
         self._dead = False
+        self._stats_interval_s = stats_interval_s
+        self._stats_first: EngineStatsSnapshot | None = None  # the engine's counters when we started
+        self._stats_last: EngineStatsSnapshot | None = None  # ... at the last sampler.engine_stats line
+        self._stats_last_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -136,6 +143,7 @@ class SamplerActor(Actor):
 
     async def on_start(self) -> None:
         if not self._owns_engine:
+            self._start_stats()
             return
         if self._work_dir is None:
             self._work_dir = Path(tempfile.mkdtemp(prefix="clora-sampler-"))
@@ -151,8 +159,10 @@ class SamplerActor(Actor):
             max_loras=self._engine_cfg.max_loras, max_lora_rank=self._engine_cfg.max_lora_rank,
             duration_s=round(time.perf_counter() - started, 3),
         )
+        self._start_stats()
 
     async def on_stop(self) -> None:
+        self._log_engine_stats(final=True)
         if self._owns_engine:
             self._shutdown()
             self.log.info(events.ENGINE_STOPPED)
@@ -174,6 +184,41 @@ class SamplerActor(Actor):
             self._engine = None
         if self._owns_work_dir and self._work_dir is not None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ engine statistics
+
+    def _engine_stats(self) -> EngineStats | None:
+        return getattr(self._engine, "stats", None)  # fake engines in tests may keep none
+
+    def _start_stats(self) -> None:
+        stats = self._engine_stats()
+        if stats is not None:
+            self._stats_first = self._stats_last = stats.snapshot()
+            self._stats_last_at = time.monotonic()
+
+    def _log_engine_stats(self, *, final: bool = False) -> None:
+        """Log what the engine did since the last line (at most once per interval), and on
+        ``final`` also the totals of this sampler's life."""
+        stats = self._engine_stats()
+        if stats is None or self._stats_last is None or self._stats_first is None:
+            return
+        now = time.monotonic()
+        if not final and now - self._stats_last_at < self._stats_interval_s:
+            return
+        window = stats.window(self._stats_last)
+        if window.steps or window.prompt_tokens:
+            self.log.info(events.ENGINE_STATS, window_s=round(now - self._stats_last_at, 3), **window.fields())
+        self._stats_last, self._stats_last_at = stats.snapshot(), now
+        if final:
+            totals = stats.window(self._stats_first)
+            self.log.info(events.ENGINE_TOTALS, **totals.fields())
+
+    def engine_stats(self) -> EngineStatsSnapshot | None:
+        """The engine's counters since this sampler started (None for an engine without stats)."""
+        stats = self._engine_stats()
+        if stats is None or self._stats_first is None:
+            return None
+        return stats.window(self._stats_first)
 
     # ------------------------------------------------------------------ queries (sync, for tests and stats)
 
@@ -223,6 +268,7 @@ class SamplerActor(Actor):
             completion_tokens=sum(len(c.token_ids) for c in output.completions),
             duration_s=round(time.perf_counter() - started, 4),
         )
+        self._log_engine_stats()
         return SampleResult(
             tenant=msg.tenant, adapter_version=version,
             prompt_token_ids=output.prompt_token_ids, completions=output.completions,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clora.sampler import cpu_lora_ops, parent_watch
+from clora.sampler.engine_stats import EngineStats, stat_logger_factory
 from clora.sampler.spawn_guard import check_main_guard
 from clora.config import EngineConfig, ModelConfig
 from clora.sampler.adapter_files import (
@@ -162,7 +163,10 @@ def engine_args(model_dir: Path, model: ModelConfig, engine: EngineConfig):
         max_lora_rank=engine.max_lora_rank,
         max_cpu_loras=max_cpu_loras,
         seed=model.seed,
+        # vLLM's own stat loggers stay off; clora's (clora.sampler.engine_stats) turns stats on in the
+        # engine core, and iteration details give each step's prefill / decode request counts.
         disable_log_stats=True,
+        enable_logging_iteration_details=True,
     )
 
 
@@ -196,6 +200,7 @@ class Engine:
         self._adapter_ids = itertools.count(BASE_ADAPTER_ID + 1)
         self._closed = False
         self._zero_dir: Path | None = None
+        self.stats = EngineStats()  # what the engine computed, cached and batched (fed by vLLM's stats)
         # With clora's grouped CPU LoRA ops in vLLM's processes a row without adapter is exact, so
         # base rows skip LoRA entirely; without them they go to the all-zero adapter (vLLM's -1 bug).
         self.base_rows_without_lora = False
@@ -210,11 +215,12 @@ class Engine:
         zero_dir = write_zero_adapter(model_dir, Path(work_dir) / "zero-adapter")
         args = engine_args(model_dir, model, engine)
         started_env: dict[str, str] = {}
+        stats = EngineStats()
 
         def construct_in_engine_environment():
             with engine_environment(engine) as env:
                 started_env.update(env)
-                return AsyncLLM.from_engine_args(args)
+                return AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(stats)])
 
         # Construction blocks for 20-30 s (engine process start, model load): keep the event loop
         # free. AsyncLLM starts its asyncio tasks lazily on first use, in this loop.
@@ -230,6 +236,7 @@ class Engine:
         self = cls(llm, model_dir=Path(model_dir), max_model_len=model.max_model_len,
                    max_lora_rank=engine.max_lora_rank)
         self._zero_dir = zero_dir
+        self.stats = stats
         self.base_rows_without_lora = cpu_lora_ops.active_for_new_engines(started_env)
         try:
             await self._call(llm.add_lora(self._lora_request(BASE_ADAPTER_NAME, BASE_ADAPTER_ID, zero_dir)))
