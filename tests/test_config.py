@@ -33,6 +33,7 @@ def test_toml_round_trip_keeps_every_field():
         (b"[model]\nsourc = 'tiny'\n", "sourc"),
         (b"[engine]\nmax_loras = 'four'\n", "max_loras"),
         (b"[engine]\nmax_loras = 0\n", "engine.max_loras"),
+        (b"[engine]\nblock_size = 24\n", "engine.block_size"),
         (b"[trainer]\nqueue_size = 0\n", "trainer.queue_size"),
         (b"[[experiments]]\nname = 'a'\n[experiments.optim]\nlr = -1.0\n", "optim.lr"),
         (b"[[experiments]]\nname = 'a'\n[experiments.lora]\nrank = 64\n", "lora.rank"),

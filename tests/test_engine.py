@@ -8,18 +8,27 @@ from pathlib import Path
 
 import pytest
 
-from clora.config import EngineConfig
+from clora.config import EngineConfig, ModelConfig
 from clora.sampler import cpu_lora_ops
 from clora.sampler.engine import (
     Engine,
     _cpu_list,
     check_adapter,
+    engine_args,
     engine_env,
     engine_environment,
     write_zero_adapter,
 )
 from clora.errors import AdapterMismatchError, EngineDeadError, PromptTooLongError
 from clora.messages import SamplingSpec
+
+
+def test_engine_args_pass_the_block_size_only_when_set():
+    model = ModelConfig(source="tiny")
+    assert engine_args(Path("m"), model, EngineConfig(block_size=32)).block_size == 32
+    assert engine_args(Path("m"), model, EngineConfig()).block_size is None  # vLLM picks (128 on CPU)
+    args = engine_args(Path("m"), model, EngineConfig(max_loras=3))
+    assert args.max_loras == 4 and args.enable_logging_iteration_details  # + the zero adapter; stats need details
 
 
 def test_cpu_list_compresses_runs():

@@ -152,6 +152,7 @@ def engine_args(model_dir: Path, model: ModelConfig, engine: EngineConfig):
 
     max_loras = engine.max_loras + 1  # + the reserved zero adapter
     max_cpu_loras = engine.max_cpu_loras + 1 if engine.max_cpu_loras else max_loras + _MAX_CPU_LORAS_HEADROOM
+    extra = {} if engine.block_size is None else {"block_size": engine.block_size}
     return AsyncEngineArgs(
         model=str(model_dir),
         dtype=model.dtype,
@@ -167,6 +168,7 @@ def engine_args(model_dir: Path, model: ModelConfig, engine: EngineConfig):
         # engine core, and iteration details give each step's prefill / decode request counts.
         disable_log_stats=True,
         enable_logging_iteration_details=True,
+        **extra,
     )
 
 
