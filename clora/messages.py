@@ -28,6 +28,7 @@ __all__ = [
     "LoadAdapter",
     "RemoveAdapter",
     "AdapterLoaded",
+    "GetEngineStats",
     "SamplerMsg",
     "Datum",
     "AddTenant",
@@ -119,7 +120,12 @@ class AdapterLoaded(_Msg):
     duration_s: float
 
 
-SamplerMsg = Union[SampleRequest, RegisterAdapter, LoadAdapter, RemoveAdapter]
+class GetEngineStats(_Msg):
+    """Ask for the engine's counters since the sampler started (``clora.sampler.engine_stats.EngineStatsSnapshot``:
+    prompt tokens computed / cached, decode batch sizes, ...), or None when its engine keeps none."""
+
+
+SamplerMsg = Union[SampleRequest, RegisterAdapter, LoadAdapter, RemoveAdapter, GetEngineStats]
 
 
 # ----------------------------------------------------------------------------- trainer

@@ -27,10 +27,11 @@ from clora.checkpoint.format import BaseModelIdentity, base_model_identity
 from clora.config import ExperimentConfig, LoraConfig, OptimConfig, RuntimeConfig, validate_tenant_name
 from clora.envs import Env, make_env
 from clora.errors import AdapterMismatchError, DuplicateTenantError
-from clora.messages import AddTenant, Publish
+from clora.messages import AddTenant, GetEngineStats, Publish
 from clora.models import resolve_model
 from clora.sampler.actor import SamplerActor
 from clora.sampler.engine import Engine
+from clora.sampler.engine_stats import EngineStatsSnapshot
 from clora.sampler.sync import SyncActor
 from clora.tenant.actor import ExperimentResult, RunExperiment, StepRecord, TenantActor, release_tenant
 from clora.tenant.handle import TenantHandle
@@ -107,6 +108,11 @@ class Runtime:
         if self._system is not None:
             self._system.log.info(events.RUNTIME_STOPPED, duration_s=round(time.time() - self._started, 3))
         return await self._stack.__aexit__(*exc_info)
+
+    async def engine_stats(self) -> EngineStatsSnapshot | None:
+        """What the vLLM engine computed, served from its prefix cache and batched since the runtime
+        started (take two and ``newer.minus(older)`` for a stretch of time); None without stats."""
+        return await self.ask(GetEngineStats())
 
     # ------------------------------------------------------------------ experiments
 

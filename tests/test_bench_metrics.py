@@ -96,6 +96,18 @@ def test_rows_with_ratios_order_and_json(tmp_path):
     assert loaded["bad"] is None and loaded["rows"][0]["mode"] == "serial_cold"
 
 
+def test_markdown_rows_show_the_engine_stats_where_measured():
+    from clora.bench.report import markdown_table
+    from clora.sampler.engine_stats import EngineStatsSnapshot
+
+    engine = EngineStatsSnapshot(prompt_tokens=3000, prompt_tokens_computed=1200, prompt_tokens_cached=1800,
+                                 decode_steps=4, decode_rows=90).fields()
+    rows = [aggregate("serial_cold", [A], T0), aggregate("concurrent", [A], T0, engine=engine)]
+    lines = markdown_table(rows_with_ratios(rows)).splitlines()
+    assert "prompt tok computed / cached | decode batch" in lines[0]
+    assert "| 1,200 / 1,800 | 22.5 |" in lines[3] and "| - | - |" in lines[2]
+
+
 def test_settings_and_configs_from_arguments():
     args = build_parser().parse_args(["--quick", "--n", "2,1,2", "--steps", "3", "--peer"])
     s = settings_from_args(args)

@@ -90,3 +90,37 @@ def test_the_vllm_stat_logger_feeds_the_counters():
     assert (snap.prefix_queries, snap.prefix_hits, snap.requests_admitted) == (240, 128, 1)
     assert (snap.prompt_tokens, snap.prompt_tokens_computed, snap.prompt_tokens_cached) == (240, 112, 128)
     assert snap.generation_tokens == 6
+
+
+def test_minus_is_the_stretch_between_two_snapshots_with_life_long_maxima():
+    stats = EngineStats()
+    _step(stats, now=0.0, running=8, decode=8, waiting=3)
+    older = stats.snapshot()
+    _step(stats, now=0.1, running=2, decode=2)
+    stats.observe_outputs(prompt_tokens=30, computed=30, cached=0, generated=2)
+    stretch = stats.snapshot().minus(older)
+    assert (stretch.decode_rows, stretch.decode_batches, stretch.prompt_tokens) == (2, {"2-3": 1}, 30)
+    assert (stretch.decode_batch_max, stretch.waiting_max) == (8, 3)  # maxima are not differences
+
+
+async def test_the_runtime_reports_the_engines_counters_since_it_started(tiny_model_dir, tmp_path):
+    """Runtime.engine_stats asks the sampler (GetEngineStats); the run's events end with the totals line."""
+    import clora.runtime
+    from clora import events
+    from clora.config import ModelConfig, RuntimeConfig
+    from clora.testing import Events, FakeEngine
+
+    engine = FakeEngine(["ab"], read_adapters=False)
+    engine.stats = EngineStats()
+    engine.stats.observe_outputs(prompt_tokens=500, computed=500, cached=0, generated=0)  # before: not counted
+    config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir)), run_dir=str(tmp_path))
+    async with clora.runtime.Runtime(config, console_level="critical", engine=engine) as rt:
+        start = await rt.engine_stats()
+        engine.stats.observe_outputs(prompt_tokens=240, computed=112, cached=128, generated=3)
+        now = await rt.engine_stats()
+        assert (start.prompt_tokens, now.prompt_tokens, now.minus(start).prompt_tokens_cached) == (0, 240, 128)
+    totals = Events.from_run(tmp_path).named(events.ENGINE_TOTALS)
+    assert totals.field("prompt_tokens") == [240] and totals.field("prompt_tokens_computed") == [112]
+    async with clora.runtime.Runtime(config, console_level="critical",
+                                     engine=FakeEngine(["ab"], read_adapters=False)) as rt:
+        assert await rt.engine_stats() is None  # an engine that keeps no counters

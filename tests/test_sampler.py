@@ -10,7 +10,7 @@ import pytest
 from actors import ActorCrashed, ActorSystem, Supervision
 from clora.config import EngineConfig, ModelConfig
 from clora.errors import DuplicateTenantError, EngineDeadError, PromptTooLongError, UnknownTenantError
-from clora.messages import Completion, LoadAdapter, RegisterAdapter, SampleRequest, SamplingSpec
+from clora.messages import Completion, GetEngineStats, LoadAdapter, RegisterAdapter, SampleRequest, SamplingSpec
 from clora.sampler.actor import SamplerActor
 from clora.testing import FakeEngine, FakeRequest
 
@@ -93,6 +93,7 @@ async def test_request_errors_concern_that_request_only():
     gate = Gate()
     async with ActorSystem("t") as system:
         ref = await system.start(_sampler(gate.engine), name="sampler", supervision=Supervision.ESCALATE)
+        assert await ref.ask(GetEngineStats()) is None  # this engine keeps no statistics
         await ref.ask(RegisterAdapter(tenant="t", path="p0", version=0))
         with pytest.raises(DuplicateTenantError):
             await ref.ask(RegisterAdapter(tenant="t", path="p0", version=0))
@@ -142,7 +143,8 @@ async def test_engine_stats_lines_carry_what_the_engine_did_and_the_totals_at_st
                                prefill_requests=0, decode_requests=4, now=1.0)
             gate.release.setdefault(1, asyncio.Event()).set()
             await request
-            assert actor.engine_stats().prompt_tokens == 240 + 999
+            asked = await ref.ask(GetEngineStats())
+            assert (asked.prompt_tokens, asked.prompt_tokens_cached, asked.decode_rows) == (240 + 999, 128, 4)
             stats.observe_outputs(prompt_tokens=10, computed=10, cached=0, generated=1)
     windows = logged.named(events.ENGINE_STATS)
     totals = logged.named(events.ENGINE_TOTALS)

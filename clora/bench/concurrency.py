@@ -182,17 +182,28 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
                 runtime_config(s, max(s.ns)), run_dir=out / "runs" / "shared", console_level="warning"))
             shared_start = time.time() - began
 
+        engine: dict[str, Any] = {}  # what the engine did in the last mode
+
+        async def measured(rt: Any, run: Any) -> list[ExperimentResult]:
+            before = await rt.engine_stats()
+            results = await run(rt)
+            after = await rt.engine_stats()
+            engine.clear()
+            if before is not None and after is not None:
+                engine.update(after.minus(before).fields())
+            return results
+
         async def mode(name: str, n: int, run: Any, settings: BenchSettings = s,
                        ) -> tuple[list[ExperimentResult], float, float, int]:
             with PeakRss() as peak:
                 t0 = time.time()
                 if shared is not None and settings is s:
-                    results = await run(shared)
+                    results = await measured(shared, run)
                     return results, t0 - shared_start, shared_start, peak.bytes
                 async with clora.Runtime(runtime_config(settings, n), run_dir=out / "runs" / f"{name}_{n}",
                                          console_level="warning") as rt:
                     start_s = time.time() - t0
-                    results = await run(rt)
+                    results = await measured(rt, run)
             return results, t0, start_s, peak.bytes
 
         async def serial(rt: Any) -> list[ExperimentResult]:
@@ -209,7 +220,8 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
                 return _checked(await rt.run_many(batch, on_step=_Progress(console, f"concurrent N={n}")), "concurrent")
 
             results, t0, start_s, peak = await mode("concurrent", n, concurrent)
-            rows.append(aggregate("concurrent", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s))
+            rows.append(aggregate("concurrent", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s,
+                                  engine=engine))
             log.info(events.BENCH_MODE_DONE, mode="concurrent", n=n, final_s=round(rows[-1].final_s, 1))
         for n in s.fused_ns:  # the same N tenants, their train steps fused up to N at a time (its own runtime)
             async def fused(rt: Any, n: int = n) -> list[ExperimentResult]:
@@ -217,7 +229,8 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
                 return _checked(await rt.run_many(batch, on_step=_Progress(console, f"fused N={n}")), "fused")
 
             results, t0, start_s, peak = await mode("concurrent_fused", n, fused, replace(s, fuse_max=n))
-            rows.append(aggregate("concurrent_fused", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s))
+            rows.append(aggregate("concurrent_fused", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s,
+                                  engine=engine))
             log.info(events.BENCH_MODE_DONE, mode="concurrent_fused", n=n, final_s=round(rows[-1].final_s, 1))
     return rows
 

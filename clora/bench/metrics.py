@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from clora.tenant.actor import ExperimentResult
 
@@ -37,6 +37,9 @@ class ModeRow:
     accuracy_end: list[float] = field(default_factory=list)
     reward_curve: list[float] = field(default_factory=list)  # mean reward over experiments, per step
     runtime_start_s: float = 0.0  # total runtime start time inside this mode's clock
+    # What the vLLM engine did during the mode (EngineStatsSnapshot.fields(): prompt_tokens,
+    # prompt_tokens_computed, prompt_tokens_cached, decode_batch_mean, busy_s, ...); empty when not measured.
+    engine: dict[str, Any] = field(default_factory=dict)
 
 
 def reward_curve(results: Sequence[ExperimentResult]) -> list[float]:
@@ -56,6 +59,7 @@ def aggregate(
     *,
     peak_rss_bytes: int = 0,
     runtime_start_s: float = 0.0,
+    engine: dict[str, Any] | None = None,
 ) -> ModeRow:
     """The metrics of ``results`` (all of one mode) against the mode's start ``t0``."""
     if not results:
@@ -82,6 +86,7 @@ def aggregate(
         accuracy_end=[r.accuracy_end for r in results],
         reward_curve=reward_curve(results),
         runtime_start_s=runtime_start_s,
+        engine=dict(engine or {}),
     )
 
 

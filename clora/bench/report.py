@@ -58,6 +58,14 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _engine_cells(engine: dict[str, Any]) -> list[str]:
+    """'computed / cached' prompt tokens and the mean decode batch, '-' when the mode did not measure them."""
+    if not engine:
+        return ["-", "-"]
+    return [f"{engine['prompt_tokens_computed']:,} / {engine['prompt_tokens_cached']:,}",
+            _fmt(float(engine["decode_batch_mean"]))]
+
+
 def write_json(path: Path, document: dict[str, Any]) -> Path:
     """NaN is written as null, so the file is strict JSON."""
     def clean(value: Any) -> Any:
@@ -119,7 +127,8 @@ def plot(items: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
 def markdown_table(items: Sequence[dict[str, Any]]) -> str:
     """The results table as GitHub markdown (for docs/benchmarks.md)."""
     head = ("| mode | N | first s | mean s | final s | final x | mean x | first x | step s | rollout s | train s "
-            "| sync s | tok/s | peak RSS GB | accuracy start -> end (per experiment) |")
+            "| sync s | tok/s | peak RSS GB | prompt tok computed / cached | decode batch "
+            "| accuracy start -> end (per experiment) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for item in items:
         r = item["ratios"]
@@ -128,6 +137,6 @@ def markdown_table(items: Sequence[dict[str, Any]]) -> str:
                  _fmt(r.get("final_speedup"), ".2f"), _fmt(r.get("mean_speedup"), ".2f"),
                  _fmt(r.get("first_speedup"), ".2f"), _fmt(item["step_s"]), _fmt(item["rollout_s"]),
                  _fmt(item["train_s"]), _fmt(item["sync_s"], ".2f"), _fmt(item["tokens_per_s"]),
-                 _fmt(item["peak_rss_gb"], ".2f"), acc]
+                 _fmt(item["peak_rss_gb"], ".2f"), *_engine_cells(item.get("engine") or {}), acc]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from clora.sampler.engine_stats import EngineStats, EngineStatsSnapshot
 from clora.errors import DuplicateTenantError, EngineDeadError, UnknownTenantError
 from clora.messages import (
     AdapterLoaded,
+    GetEngineStats,
     LoadAdapter,
     RegisterAdapter,
     RemoveAdapter,
@@ -219,6 +220,10 @@ class SamplerActor(Actor):
         if stats is None or self._stats_first is None:
             return None
         return stats.window(self._stats_first)
+
+    @handler
+    async def get_engine_stats(self, msg: GetEngineStats) -> EngineStatsSnapshot | None:
+        return self.engine_stats()
 
     # ------------------------------------------------------------------ queries (sync, for tests and stats)
 

@@ -68,6 +68,20 @@ class EngineStatsSnapshot(msgspec.Struct, frozen=True, kw_only=True):
         """Mean number of requests decoding per step that decoded."""
         return self.decode_rows / self.decode_steps if self.decode_steps else 0.0
 
+    def minus(self, previous: EngineStatsSnapshot) -> EngineStatsSnapshot:
+        """The counters from ``previous`` (an older snapshot of the same engine) to this one;
+        ``decode_batch_max`` and ``waiting_max`` stay this snapshot's (life-long) values."""
+        diff: dict[str, Any] = {}
+        for name in EngineStatsSnapshot.__struct_fields__:
+            value, old = getattr(self, name), getattr(previous, name)
+            if name in ("decode_batch_max", "waiting_max"):
+                diff[name] = value
+            elif name == "decode_batches":
+                diff[name] = {k: v - old.get(k, 0) for k, v in value.items() if v - old.get(k, 0)}
+            else:
+                diff[name] = value - old
+        return EngineStatsSnapshot(**diff)
+
     def fields(self) -> dict[str, Any]:
         """Flat, rounded fields for an event line."""
         out = msgspec.structs.asdict(self)
@@ -157,17 +171,7 @@ class EngineStats:
 
     def window(self, previous: EngineStatsSnapshot) -> EngineStatsSnapshot:
         """What happened since ``previous`` (a snapshot of this object); maxima are life-long."""
-        now = self.snapshot()
-        diff: dict[str, Any] = {}
-        for name in EngineStatsSnapshot.__struct_fields__:
-            value, old = getattr(now, name), getattr(previous, name)
-            if name in ("decode_batch_max", "waiting_max"):
-                diff[name] = value
-            elif name == "decode_batches":
-                diff[name] = {k: v - old.get(k, 0) for k, v in value.items() if v - old.get(k, 0)}
-            else:
-                diff[name] = value - old
-        return EngineStatsSnapshot(**diff)
+        return self.snapshot().minus(previous)
 
 
 def stat_logger_factory(stats: EngineStats):
