@@ -171,6 +171,20 @@ def test_events_summary_as_json_has_the_hand_computed_numbers(tmp_path, capsys, 
     assert [r["tenant"] for r in json.loads(capsys.readouterr().out.splitlines()[0])] == ["old", "a", "b"]
 
 
+def test_events_prints_what_the_engine_did_when_the_run_logged_it(tmp_path, capsys, hand_made_run):
+    run = hand_made_run.write(tmp_path / "run")
+    assert main(["events", str(run)]) == EXIT_OK
+    assert "prefix cache" not in capsys.readouterr().out  # a run without engine statistics: no engine line
+    totals = {"ts": 1021.0, "level": "info", "event": "sampler.engine_totals", "prompt_tokens": 2000,
+              "prompt_tokens_computed": 500, "prompt_tokens_cached": 1500, "generation_tokens": 300,
+              "decode_steps": 40, "decode_rows": 240, "decode_batch_mean": 6.0, "decode_batch_max": 12, "busy_s": 9.0}
+    hand_made_run.write(tmp_path / "run", [*hand_made_run.run, totals])
+    assert main(["events", str(run)]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())  # rich may wrap the line
+    assert "2,000 prompt tokens (500 computed, 1,500 from the prefix cache = 75%)" in out
+    assert "decode batch mean 6.0 (max 12)" in out
+
+
 def test_events_draws_timeline_and_curves(tmp_path, capsys, hand_made_run):
     run = hand_made_run.write(tmp_path / "run")
     code = main(["events", str(run), "--timeline", str(tmp_path / "t.png"), "--curves", str(tmp_path / "c.png")])

@@ -213,3 +213,26 @@ def test_a_fused_trainer_step_counts_once_for_the_trainer_and_fully_for_each_ten
     assert info.marks == sum(hand_made_run.expected_spans.values()) - 1
     busy = [s for s in all_spans(fused) if s.row == "trainer"]
     assert sorted((s.tenant, s.start, s.end) for s in busy) == [("a", 1010.0, 1013.0), ("b", 1010.0, 1013.0)]
+
+
+def test_engine_summary_prefers_the_totals_line_and_else_sums_the_windows():
+    from clora.events import ENGINE_STATS, ENGINE_TOTALS
+    from clora.observe import engine_line, engine_summary
+
+    windows = [
+        {"event": ENGINE_STATS, "prompt_tokens": 1000, "prompt_tokens_computed": 400, "prompt_tokens_cached": 600,
+         "generation_tokens": 50, "decode_steps": 10, "decode_rows": 80, "decode_batch_max": 8, "busy_s": 2.0,
+         "decode_batches": {"8-15": 10}},
+        {"event": ENGINE_STATS, "prompt_tokens": 500, "prompt_tokens_computed": 500, "prompt_tokens_cached": 0,
+         "generation_tokens": 30, "decode_steps": 30, "decode_rows": 60, "decode_batch_max": 16, "busy_s": 1.5,
+         "decode_batches": {"2-3": 30}},
+    ]
+    assert engine_summary([{"event": "tenant.step"}]) is None
+    summed = engine_summary(windows)
+    assert (summed["prompt_tokens"], summed["prompt_tokens_cached"], summed["decode_rows"]) == (1500, 600, 140)
+    assert summed["decode_batch_mean"] == 140 / 40 and summed["decode_batch_max"] == 16
+    assert summed["decode_batches"] == {"8-15": 10, "2-3": 30}
+    line = engine_line(summed)
+    assert "1,500 prompt tokens (900 computed, 600 from the prefix cache = 40%)" in line and "mean 3.5" in line
+    totals = {"event": ENGINE_TOTALS, "prompt_tokens": 7, "prompt_tokens_cached": 0}
+    assert engine_summary([*windows, totals])["prompt_tokens"] == 7

@@ -70,6 +70,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     from clora.observe import (
         curves,
+        engine_line,
+        engine_summary,
         load_run_events,
         summarize,
         summary_table,
@@ -86,6 +88,9 @@ def cmd_events(args: argparse.Namespace) -> int:
         print(msgspec.json.encode(rows).decode())
     else:
         console.print(summary_table(rows, title=f"{args.run_dir}: {len(events)} events"))
+        engine = engine_summary(events)
+        if engine is not None:
+            console.print(engine_line(engine))
     try:
         if args.timeline:
             info = timeline(events, args.timeline)

@@ -6,6 +6,7 @@ Pure functions on event lists (``clora.events.read_events``); no runtime, torch 
 
 from __future__ import annotations
 
+from clora.observe.engine import engine_line, engine_summary
 from clora.observe.plots import PlotInfo, curves, timeline
 from clora.observe.spans import Span, all_spans, last_run, load_run_events
 from clora.observe.summary import TenantSummary, summarize, summary_table
@@ -18,6 +19,8 @@ __all__ = [
     "TensorBoardUnavailable",
     "all_spans",
     "curves",
+    "engine_line",
+    "engine_summary",
     "last_run",
     "load_run_events",
     "summarize",
