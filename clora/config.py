@@ -30,6 +30,7 @@ __all__ = [
     "VLLM_LORA_RANKS",
     "ExampleStyle",
     "validate_tenant_name",
+    "parse_cpu_list",
     "load_toml",
     "dump_toml",
     "decode_config",
@@ -55,6 +56,17 @@ def _fail(field: str, problem: str, *, local: str | None = None) -> None:
 def _positive(field: str, value: float) -> None:
     if not (value > 0):
         _fail(field, f"must be > 0, got {value!r}")
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """'0-2,5' -> {0, 1, 2, 5}: the syntax of ``taskset -c`` and VLLM_CPU_OMP_THREADS_BIND; ConfigError if malformed."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and (not high.isdigit() or int(low) > int(high))):
+            raise ConfigError(f"bad CPU list {text!r}: use numbers and ranges like '0-2,5'")
+        cpus.update(range(int(low), int(high if dash else low) + 1))
+    return cpus
 
 
 def validate_tenant_name(name: str) -> str:
@@ -244,6 +256,8 @@ class TrainerConfig(_Config):
     queue_size: int = 16
     num_threads: int | None = None
     fuse_max: int = 1  # most TrainSteps of different tenants fused into one step; 1 = off
+    cpus: str | None = None  # e.g. "1": the trainer's threads run only on these cores; None: any
+    nice: int = 0  # added to the trainer threads' nice value (0-19): a contested core goes to the engine first
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:
@@ -252,6 +266,13 @@ class TrainerConfig(_Config):
             _fail("trainer.queue_size", f"must be >= 1 (0 would be unbounded), got {self.queue_size}")
         if self.fuse_max < 1:
             _fail("trainer.fuse_max", f"must be >= 1 (1 = no fusion), got {self.fuse_max}")
+        if not 0 <= self.nice <= 19:
+            _fail("trainer.nice", f"must be 0-19 (added to the threads' nice value), got {self.nice}")
+        if self.cpus is not None:
+            try:
+                parse_cpu_list(self.cpus)
+            except ConfigError:
+                _fail("trainer.cpus", f"must be CPU numbers and ranges like '0-2,5', got {self.cpus!r}")
 
 
 class EnvConfig(_Config):

@@ -102,6 +102,24 @@ async def test_non_finite_step_fails_only_that_tenant(tiny_model_dir, device):
     assert len(rejected) == 1 and rejected[0]["tenant"] == "bad"
 
 
+async def test_the_worker_thread_runs_under_the_configured_cpu_policy(tiny_model_dir):
+    """TrainerConfig.cpus / nice / num_threads act on the trainer's worker thread (trainer.started reports
+    what that thread runs under); the event loop's thread keeps its own policy."""
+    import os
+
+    from clora.events import TRAINER_STARTED
+    from clora.trainer.cpu_policy import thread_policy
+
+    cpu = max(os.sched_getaffinity(0))
+    before = thread_policy()
+    with capture_logs() as logs:
+        async with ActorSystem("trainer-cpus") as system:
+            await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(cpus=str(cpu), nice=3, num_threads=1))
+    started = [e for e in logs if e["event"] == TRAINER_STARTED]
+    assert [(e["cpus"], e["nice"], e["threads"]) for e in started] == [([cpu], min(19, before["nice"] + 3), 1)]
+    assert thread_policy() == before
+
+
 async def test_a_step_does_not_block_the_event_loop(tiny_model_dir):
     async with ActorSystem("trainer-loop") as system:
         ref = await TrainerActor.start_in(system, tiny_model_dir)

@@ -38,6 +38,7 @@ from clora import events
 from clora.config import ModelConfig, TrainerConfig
 from clora.errors import NonFiniteError
 from clora.trainer.core import TrainerCore
+from clora.trainer.cpu_policy import apply_thread_policy, thread_policy
 from clora.trainer.memory import release_free_memory
 from clora.trainer.step_queue import GroupOutcome, PendingStep, StepQueue, train_group
 from clora.messages import (
@@ -97,6 +98,7 @@ class TrainerActor(Actor):
         self.device_lock = asyncio.Lock()
         self.core: TrainerCore | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._thread_policy: dict[str, Any] = {}  # the worker thread's CPUs, nice value and torch threads
         self._steps = StepQueue(config.fuse_max)
 
     @classmethod
@@ -129,6 +131,9 @@ class TrainerActor(Actor):
             autocast_bf16=self.config.autocast_bf16,
             micro_batch_size=self.config.micro_batch_size,
             load_s=round(time.perf_counter() - start, 3),
+            cpus=self._thread_policy["cpus"],
+            nice=self._thread_policy["nice"],
+            threads=self._thread_policy["threads"],
         )
 
     async def on_stop(self) -> None:
@@ -143,8 +148,11 @@ class TrainerActor(Actor):
             self._executor = None
 
     def _load(self) -> TrainerCore:
+        # In the worker thread, before torch starts its intra-op threads from it: they inherit this.
+        apply_thread_policy(cpus=self.config.cpus, nice=self.config.nice)
         if self.config.num_threads is not None:
             torch.set_num_threads(self.config.num_threads)
+        self._thread_policy = {**thread_policy(), "threads": torch.get_num_threads()}
         from clora.models import check_model_dir, resolve_model
 
         if isinstance(self.model, ModelConfig):
