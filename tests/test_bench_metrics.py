@@ -130,6 +130,16 @@ def test_fused_rows_engine_dtype_temperature_and_checkpoints_from_arguments():
         settings_from_args(build_parser().parse_args(["--n", "1,2", "--fused-n", "8"]))
 
 
+def test_engine_and_trainer_cpu_settings_from_arguments():
+    args = build_parser().parse_args(["--block-size", "32", "--engine-cpus", "0", "--trainer-cpus", "1",
+                                      "--trainer-threads", "1", "--trainer-nice", "10"])
+    cfg = runtime_config(settings_from_args(args), 8)
+    assert (cfg.engine.block_size, cfg.engine.omp_threads_bind) == (32, "0")
+    assert (cfg.trainer.cpus, cfg.trainer.num_threads, cfg.trainer.nice) == ("1", 1, 10)
+    default = runtime_config(settings_from_args(build_parser().parse_args([])), 8)
+    assert (default.engine.block_size, default.trainer.cpus, default.trainer.nice) == (None, None, 0)
+
+
 def test_modes_pick_which_rows_run():
     assert settings_from_args(build_parser().parse_args([])).modes == ("serial_cold", "serial_warm", "concurrent")
     s = settings_from_args(build_parser().parse_args(["--modes", "concurrent, serial_warm,concurrent"]))

@@ -92,6 +92,12 @@ class BenchSettings:
     peer: bool = False
     peer_experiments: int = 1
     modes: tuple[str, ...] = MODES
+    # How the engine and the trainer share the cores (None / 0: the runtime's defaults)
+    block_size: int | None = None  # EngineConfig.block_size
+    engine_cpus: str | None = None  # EngineConfig.omp_threads_bind
+    trainer_cpus: str | None = None  # TrainerConfig.cpus
+    trainer_threads: int | None = None  # TrainerConfig.num_threads
+    trainer_nice: int = 0  # TrainerConfig.nice
 
 
 QUICK = BenchSettings(model="tiny", ns=(1, 2), steps=2, prompts_per_step=2, group_size=2, max_tokens=16,
@@ -127,13 +133,12 @@ def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
 
 
 def runtime_config(s: BenchSettings, max_loras: int) -> RuntimeConfig:
-    trainer = {"autocast_bf16": s.autocast_bf16}
-    if "fuse_max" in TrainerConfig.__struct_fields__:
-        trainer["fuse_max"] = s.fuse_max
     return RuntimeConfig(
         model=ModelConfig(source=s.model, dtype=s.dtype, max_model_len=s.max_model_len),
-        engine=EngineConfig(max_loras=max(1, max_loras), max_lora_rank=max(8, s.rank), kv_cache_gib=s.kv_cache_gib),
-        trainer=TrainerConfig(**trainer),
+        engine=EngineConfig(max_loras=max(1, max_loras), max_lora_rank=max(8, s.rank), kv_cache_gib=s.kv_cache_gib,
+                            block_size=s.block_size, omp_threads_bind=s.engine_cpus),
+        trainer=TrainerConfig(autocast_bf16=s.autocast_bf16, fuse_max=s.fuse_max, cpus=s.trainer_cpus,
+                              num_threads=s.trainer_threads, nice=s.trainer_nice),
     )
 
 
@@ -315,7 +320,15 @@ def _title(s: BenchSettings) -> str:
     return (f"clora concurrency on {s.model} ({s.dtype}), task {s.task}: {s.steps} steps x {s.prompts_per_step} "
             f"prompts x "
             f"{s.group_size} samples at T={s.temperature:g}, max_tokens {s.max_tokens}, held-out {s.held_out_size}, "
-            f"trainer bf16 {s.autocast_bf16}, fuse_max {s.fuse_max}, {os.cpu_count()} CPUs")
+            f"trainer bf16 {s.autocast_bf16}, fuse_max {s.fuse_max}, {os.cpu_count()} CPUs{_cpu_note(s)}")
+
+
+def _cpu_note(s: BenchSettings) -> str:
+    """The engine / trainer settings of this run that differ from the runtime's defaults."""
+    parts = [f"{name} {value}" for name, value in (
+        ("block", s.block_size), ("engine cpus", s.engine_cpus), ("trainer cpus", s.trainer_cpus),
+        ("trainer threads", s.trainer_threads), ("trainer nice", s.trainer_nice or None)) if value is not None]
+    return ", " + ", ".join(parts) if parts else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-runtime", action=argparse.BooleanOptionalAction, default=None,
                    help="warm and concurrent modes share one runtime (default with --quick)")
     p.add_argument("--peer", action="store_true", help="also run the HF transformers + peft single-tenant loop")
+    p.add_argument("--block-size", type=int, help="engine KV block size = prefix cache unit (default: vLLM's)")
+    p.add_argument("--engine-cpus", help="cores for the engine's threads, e.g. 0 (default: all)")
+    p.add_argument("--trainer-cpus", help="cores for the trainer's threads, e.g. 1 (default: all)")
+    p.add_argument("--trainer-threads", type=int, help="torch threads of the trainer (default: torch's)")
+    p.add_argument("--trainer-nice", type=int, help="added to the trainer threads' nice value, 0-19 (default 0)")
     p.add_argument("--out", default="runs/bench_concurrency", help="output folder (results.json, concurrency.png)")
     return p
 
@@ -346,7 +364,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     s = QUICK if args.quick else FULL
     changes: dict[str, Any] = {}
     for field in ("model", "task", "steps", "prompts_per_step", "group_size", "max_tokens", "held_out_size", "fuse_max",
-                  "peer_experiments", "reuse_runtime", "dtype", "temperature", "checkpoint_every"):
+                  "peer_experiments", "reuse_runtime", "dtype", "temperature", "checkpoint_every", "block_size",
+                  "engine_cpus", "trainer_cpus", "trainer_threads", "trainer_nice"):
         value = getattr(args, field)
         if value is not None:
             changes[field] = value
