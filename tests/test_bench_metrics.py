@@ -136,7 +136,10 @@ def test_engine_and_trainer_cpu_settings_from_arguments():
     cfg = runtime_config(settings_from_args(args), 8)
     assert (cfg.engine.block_size, cfg.engine.omp_threads_bind) == (32, "0")
     assert (cfg.trainer.cpus, cfg.trainer.num_threads, cfg.trainer.nice) == ("1", 1, 10)
+    assert runtime_config(settings_from_args(build_parser().parse_args(["--no-bf16"])), 8).trainer.autocast_bf16 is False
+    assert runtime_config(settings_from_args(build_parser().parse_args(["--quick", "--bf16"])), 8).trainer.autocast_bf16
     default = runtime_config(settings_from_args(build_parser().parse_args([])), 8)
+    assert default.trainer.autocast_bf16 is True  # the full size
     assert (default.engine.block_size, default.trainer.cpus, default.trainer.nice) == (None, None, 0)
 
 

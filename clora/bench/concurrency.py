@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("steps", "prompts-per-step", "group-size", "max-tokens", "held-out-size", "fuse-max",
                  "peer-experiments"):
         p.add_argument(f"--{name}", type=int)
-    p.add_argument("--bf16", action="store_true", help="trainer bf16 autocast")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="trainer bf16 autocast (full size: on; --no-bf16 where the CPU lacks fast bf16, e.g. AVX2 only)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="the engine's weights")
     p.add_argument("--temperature", type=float, help="rollout temperature")
     p.add_argument("--checkpoint-every", type=int, help="tenant checkpoints every K steps (default 0: none)")
@@ -385,8 +386,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         if not modes or unknown:
             raise SystemExit(f"--modes: choose from {', '.join(MODES)}, got {args.modes!r}")
         changes["modes"] = modes
-    if args.bf16:
-        changes["autocast_bf16"] = True
+    if args.bf16 is not None:
+        changes["autocast_bf16"] = args.bf16
     if args.peer:
         changes["peer"] = True
     return replace(s, **changes)
