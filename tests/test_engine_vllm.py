@@ -200,3 +200,20 @@ async def test_adapter_with_unknown_target_module_is_refused(tiny_engine, tiny_a
 
 async def test_zero_adapter_is_registered_and_pinned(tiny_engine):
     assert BASE_ADAPTER_ID in await tiny_engine.loaded_adapter_ids()
+
+
+async def test_engine_stats_count_computed_and_cached_prompt_tokens_and_decode_batches(tiny_engine, loaded):
+    prompt = [(7 * i) % 500 + 3 for i in range(300)]  # over two 128-token blocks (vLLM-CPU's default block)
+    spec = SamplingSpec(max_tokens=4, temperature=1.0, n=3, ignore_eos=True)
+    name, lora_id, path = loaded["a3"]
+    adapter = (f"{name}#stats", lora_id, path)  # a name of its own: nothing of it is cached yet
+    before = tiny_engine.stats.snapshot()
+    await tiny_engine.generate(prompt, spec, adapter)
+    first = tiny_engine.stats.window(before)
+    # 3 samples of one prompt: the first computes it, the other two reuse its two full blocks
+    assert (first.prompt_tokens, first.prompt_tokens_cached) == (900, 2 * 256)
+    assert first.prompt_tokens_computed == 900 - 512 and first.generation_tokens == 12
+    assert first.decode_steps >= 3 and first.decode_batch_max == 3 and first.decode_rows == 9  # 1 + 3 decoded each
+    again = tiny_engine.stats.snapshot()
+    await tiny_engine.generate(prompt, SamplingSpec(max_tokens=2, temperature=0.0), adapter)
+    assert tiny_engine.stats.window(again).prompt_tokens_cached == 256  # served from the cache of the same adapter
