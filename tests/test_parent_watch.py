@@ -34,7 +34,8 @@ if __name__ == "__main__":
     else:
         worker = multiprocessing.get_context(sys.argv[1]).Process(target=parent_watch_worker.run)
         worker.start()
-    print(worker.pid, flush=True)
+    sys.stdout.write(f"{{worker.pid}}\\n")  # one write: the worker shares this pipe
+    sys.stdout.flush()
     time.sleep(60)
 """
 
@@ -46,8 +47,11 @@ def _start_chain(owner: str, tmp_path: Path, method: str = "spawn") -> tuple[sub
     script.write_text(RUNTIME)
     runtime = subprocess.Popen([sys.executable, str(script), method], stdout=subprocess.PIPE, text=True,
                                env=dict(os.environ, OWNER=owner))
-    worker_pid = int(runtime.stdout.readline())
-    assert runtime.stdout.readline().strip() == "registered"  # the worker ran the plugin's hook
+    # The runtime's pid line and the worker's "registered" line come in either order (a forked worker
+    # may be first); each is one write, so lines never mix.
+    lines = sorted(runtime.stdout.readline().strip() for _ in range(2))
+    assert lines[1] == "registered"  # the worker ran the plugin's hook
+    worker_pid = int(lines[0])
     return runtime, worker_pid
 
 
