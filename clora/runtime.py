@@ -29,6 +29,7 @@ from clora.envs import Env, make_env
 from clora.errors import AdapterMismatchError, DuplicateTenantError
 from clora.messages import AddTenant, GetEngineStats, Publish
 from clora.models import resolve_model
+from clora.preflight import check_experiment, check_run
 from clora.sampler.actor import SamplerActor
 from clora.sampler.engine import Engine
 from clora.sampler.engine_stats import EngineStatsSnapshot
@@ -75,11 +76,13 @@ class Runtime:
     async def __aenter__(self) -> "Runtime":
         started = time.time()
         cfg = self.config
+        # Bad input fails here, before the run folder or the engine exist (clora.preflight).
+        self.model_dir = await asyncio.to_thread(resolve_model, cfg.model)
+        await asyncio.to_thread(check_run, cfg, self.model_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         sink = events.JsonlSink(self.run_dir / "events.jsonl")
         self._stack.callback(sink.close)
         try:
-            self.model_dir = await asyncio.to_thread(resolve_model, cfg.model)
             self.base_model = await asyncio.to_thread(base_model_identity, self.model_dir)
             self.tokenizer = await asyncio.to_thread(_load_tokenizer, self.model_dir)
             self.renderer = ChatRenderer(self.tokenizer)
@@ -128,6 +131,7 @@ class Runtime:
         ``env`` overrides the built-in environment named by ``experiment.env``. With ``resume``,
         an experiment that has a checkpoint continues from it (``result.resumed_from_step``).
         """
+        check_experiment(experiment, self.config, model_dir=self.model_dir, env=env is None)
         self._claim(experiment.name, experiment.lora)
         ref = None
         try:

@@ -95,6 +95,56 @@ def test_run_check_validates_without_starting_anything(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+# What `--check` used to pass and the real run failed on only after the engine start (exit 1).
+PREFLIGHT_FAILURES = {
+    "unknown-target": ("[[experiments]]\nname = 'a'\nlora = {{ target_modules = ['q_proj', 'qkv_proj'] }}\n",
+                       "experiments.a.lora.target_modules: target module 'qkv_proj' does not exist in the base "
+                       "model (its linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, "
+                       "up_proj, v_proj)"),
+    "gsm8k-file": ("[[experiments]]\nname = 'a'\nenv = {{ kind = 'gsm8k', path = '{tmp}/nope.jsonl' }}\n",
+                   "experiments.a.env.path: problem file '{tmp}/nope.jsonl' does not exist"),
+    "model-dir": ("[[experiments]]\nname = 'a'\n", "model directory '{tmp}/no-model' does not exist"),
+    "rank-too-big": ("[[experiments]]\nname = 'a'\nlora = {{ rank = 16, alpha = 32.0 }}\n",
+                     "experiments.a.lora.target_modules: rank 16 is larger than"),
+}
+
+
+def _preflight_case(tmp_path: Path, case: str) -> tuple[Path, str]:
+    body, message = PREFLIGHT_FAILURES[case]
+    model = {"model-dir": f"{tmp_path}/no-model", "rank-too-big": "tiny-narrow"}.get(case, "tiny")
+    if model == "tiny-narrow":  # a model folder whose layers are narrower than the rank
+        model = str(_narrow_model(tmp_path / "narrow"))
+    path = tmp_path / "bad.toml"
+    path.write_text(f'run_dir = "{tmp_path / "run"}"\n[model]\nsource = "{model}"\n' + body.format(tmp=tmp_path))
+    return path, message.format(tmp=tmp_path)
+
+
+def _narrow_model(folder: Path) -> Path:
+    """A model folder (config, tokenizer, safetensors header) whose linear layers are 8 wide."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 32,
+        "max_position_embeddings": 1024, "tie_word_embeddings": True}))
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("case", sorted(PREFLIGHT_FAILURES))
+def test_run_check_catches_what_would_fail_after_the_engine_start(tmp_path, capsys, monkeypatch, case):
+    path, message = _preflight_case(tmp_path, case)
+    assert main(["run", str(path), "--check"]) == EXIT_USAGE
+    line = _one_error_line(capsys.readouterr().err, "run")
+    assert line.startswith(f"clora run: error: {path}: {message}"), line
+    # The real run refuses it the same way before the runtime starts, and leaves no run folder behind.
+    seen = {}
+    monkeypatch.setitem(sys.modules, "clora.runtime", _fake_runtime_module({}, seen))
+    assert main(["run", str(path)]) == EXIT_USAGE
+    assert message in _one_error_line(capsys.readouterr().err, "run")
+    assert "entered" not in seen and not (tmp_path / "run").exists()
+
+
 def test_the_example_experiments_file_is_valid(capsys):
     assert main(["run", str(ROOT / "examples" / "experiments.toml"), "--check"]) == EXIT_OK
 

@@ -67,7 +67,7 @@ def test_smollm2_is_converted_once_then_reused(tmp_path, monkeypatch):
         calls.append(gguf)
         _fake_model_dir(out)
 
-    monkeypatch.setattr(models, "_find_smollm2_gguf", lambda: Path("SmolLM2.gguf"))
+    monkeypatch.setattr(models, "find_smollm2_gguf", lambda: Path("SmolLM2.gguf"))
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
     first = resolve_model(ModelConfig(source="smollm2"), cache_dir=tmp_path)
     second = resolve_model(ModelConfig(source="smollm2"), cache_dir=tmp_path)

@@ -14,7 +14,7 @@ from typing import Any
 from clora.errors import ConfigError
 from clora.cli.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 
-__all__ = ["checkpointed_tenants", "cmd_run", "load_run_config", "print_run_summary", "run_experiments",
+__all__ = ["check_before_start", "checkpointed_tenants", "cmd_run", "load_run_config", "print_run_summary", "run_experiments",
            "load_runtime_class"]
 
 
@@ -53,9 +53,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     console = Console()
     names = ", ".join(e.name for e in config.experiments)
+    check_before_start(args, config)
     if args.check:
         console.print(f"[green]ok[/]: {args.config} is valid: {len(config.experiments)} experiments ({names}) "
-                      f"on {config.model.source}, run folder {config.run_dir}")
+                      f"on {config.model.source}, run folder {config.run_dir} (base model, envs and LoRA targets "
+                      "checked; nothing started)")
         return EXIT_OK
     run_dir = Path(config.run_dir)
     checkpointed = checkpointed_tenants(run_dir, config)
@@ -83,6 +85,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"adapters: {run_dir / 'tenants'}/<tenant>/adapter; picture: clora events {run_dir} "
                   f"--timeline {run_dir / 'timeline.png'} --curves {run_dir / 'curves.png'}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def check_before_start(args: argparse.Namespace, config: Any) -> None:
+    """What can fail before the engine starts fails here, naming the file (clora.preflight)."""
+    from clora.preflight import check_run
+
+    run_dir = Path(config.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{args.config}: run_dir {str(run_dir)!r} exists and is not a folder")
+    try:
+        check_run(config)
+    except ConfigError as e:
+        raise type(e)(f"{args.config}: {e}") from None
 
 
 def checkpointed_tenants(run_dir: Path, config: Any) -> list[str]:
