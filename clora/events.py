@@ -43,6 +43,8 @@ __all__ = [
     "RUNTIME_STARTED",
     "RUNTIME_STOPPED",
     "TENANT_STARTED",
+    "TENANT_OPENED",
+    "TENANT_CLOSED",
     "TENANT_STEP",
     "TENANT_EVAL",
     "TENANT_FINISHED",
@@ -89,6 +91,11 @@ RUNTIME_STOPPED: Final = "runtime.stopped"
 TENANT_STARTED: Final = "tenant.started"
 """A tenant's experiment began: its config in brief (``steps``, ``lr``, ``rank``, ``group_size``,
 ``prompts_per_step``, ``env``)."""
+TENANT_OPENED: Final = "tenant.opened"
+"""A scripted tenant (rt.tenant) is registered and serving: ``rank``, ``lr``, ``adapter_version``."""
+TENANT_CLOSED: Final = "tenant.closed"
+"""A scripted tenant was closed (by its handle's close() or the runtime's exit): the trainer's
+``adapter_version`` written to the ``adapter`` folder, ``duration_s`` since it opened."""
 TENANT_STEP: Final = "tenant.step"
 """The canonical line of one RL step: ``step``, ``adapter_version``, ``duration_s``, ``queue_depth``,
 ``reward/mean``, ``time/rollout``, ``time/train``, ``time/sync``, ``train/sequences`` and the trainer's values as ``train/*``."""

@@ -27,7 +27,7 @@ from clora.checkpoint.format import BaseModelIdentity, base_model_identity
 from clora.config import ExperimentConfig, LoraConfig, OptimConfig, RuntimeConfig, validate_tenant_name
 from clora.envs import Env, make_env
 from clora.errors import AdapterMismatchError, DuplicateTenantError
-from clora.messages import AddTenant, GetEngineStats, Publish
+from clora.messages import AddTenant, ExportAdapter, GetEngineStats, Publish
 from clora.models import resolve_model
 from clora.preflight import check_experiment, check_run
 from clora.sampler.actor import SamplerActor
@@ -64,6 +64,7 @@ class Runtime:
         self.run_dir = Path(run_dir if run_dir is not None else self.config.run_dir)
         self._stack = contextlib.AsyncExitStack()
         self._tenants: set[str] = set()
+        self._opened: dict[str, float] = {}  # scripted tenants still open: when they opened (perf_counter)
         self._system: ActorSystem | None = None
         self.sampler: ActorRef | None = None
         self.trainer: ActorRef | None = None
@@ -109,6 +110,12 @@ class Runtime:
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         if self._system is not None:
+            for name in list(self._opened):  # scripted tenants leave their adapter like experiments
+                try:
+                    await self.close_tenant(name)
+                except Exception as e:  # the runtime is going down anyway; the log says what was lost
+                    self._system.log.warning(events.TENANT_RELEASE_INCOMPLETE, tenant=name, step="close",
+                                             error=f"{type(e).__name__}: {e}")
             self._system.log.info(events.RUNTIME_STOPPED, duration_s=round(time.time() - self._started, 3))
         return await self._stack.__aexit__(*exc_info)
 
@@ -143,7 +150,7 @@ class Runtime:
                 trainer=self.trainer,
                 sync=self.sync,
                 max_model_len=self.config.model.max_model_len,
-                adapter_dir=self.run_dir / "tenants" / experiment.name / "adapter",
+                adapter_dir=self.adapter_dir(experiment.name),
                 on_step=on_step,
                 checkpoint_dir=self.checkpoint_dir(experiment.name),
                 base_model=self.base_model,
@@ -182,11 +189,15 @@ class Runtime:
     async def tenant(
         self, name: str, *, lora: LoraConfig | None = None, optim: OptimConfig | None = None
     ) -> TenantHandle:
-        """A scripted tenant: its adapter is registered with the trainer and serving as version 0."""
+        """A scripted tenant: its adapter is registered with the trainer and serving as version 0.
+
+        ``close()`` (or the runtime's exit) writes its adapter to ``<run_dir>/tenants/<name>/adapter``,
+        where ``clora export`` finds it, and frees the name."""
         lora = lora or LoraConfig()
+        optim = optim or OptimConfig()
         self._claim(name, lora)
         try:
-            await self.trainer.ask(AddTenant(tenant=name, lora=lora, optim=optim or OptimConfig()))
+            await self.trainer.ask(AddTenant(tenant=name, lora=lora, optim=optim))
         except BaseException:
             self._tenants.discard(name)
             raise
@@ -195,7 +206,14 @@ class Runtime:
         except BaseException:
             await asyncio.shield(self.release(name))
             raise
+        self._opened[name] = time.perf_counter()
+        self._system.log.info(events.TENANT_OPENED, tenant=name, rank=lora.rank, lr=optim.lr,
+                              adapter_version=published.version)
         return TenantHandle(self, name, published.version)
+
+    def adapter_dir(self, name: str) -> Path:
+        """Where tenant ``name``'s final adapter is written (PEFT format; ``clora export`` reads it)."""
+        return self.run_dir / "tenants" / validate_tenant_name(name) / "adapter"
 
     async def ask(self, message: Any) -> Any:
         """Send an actor message to the runtime actor whose declared inbox holds its type (sampler,
@@ -214,6 +232,20 @@ class Runtime:
         if name in self._tenants:
             raise DuplicateTenantError(f"tenant {name!r} already exists in this runtime")
         self._tenants.add(name)
+
+    async def close_tenant(self, name: str) -> None:
+        """The end of scripted tenant ``name`` (``TenantHandle.close``): its adapter is written to
+        ``adapter_dir(name)``, ``tenant.closed`` logged, and the tenant released. Twice does nothing."""
+        opened = self._opened.pop(name, None)
+        if opened is None:
+            return
+        try:
+            adapter = self.adapter_dir(name)
+            version = await self.trainer.ask(ExportAdapter(tenant=name, out_dir=str(adapter)))
+            self._system.log.info(events.TENANT_CLOSED, tenant=name, adapter_version=version, adapter=str(adapter),
+                                  duration_s=round(time.perf_counter() - opened, 3))
+        finally:
+            await self.release(name)
 
     async def release(self, name: str) -> None:
         """Unload tenant ``name`` from the engine and drop its trainer state; the name is free again."""

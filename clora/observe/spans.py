@@ -33,6 +33,8 @@ __all__ = [
     "last_run",
     "load_run_events",
     "tenant_names",
+    "scripted_tenants",
+    "scripted_spans",
     "trainer_steps_by_version",
     "split_step",
     "tenant_spans",
@@ -90,7 +92,7 @@ def last_run(events: Iterable[Event]) -> list[Event]:
     return [e for e in events if e.get("ts", 0.0) >= begin]
 
 
-_TENANT_ACTIVITY = (names.TRAINER_STEP, names.TRAINER_FORWARD_BACKWARD, names.ADAPTER_PUBLISHED)
+_TENANT_ACTIVITY = (names.TRAINER_STEP, names.TRAINER_FORWARD_BACKWARD, names.ADAPTER_PUBLISHED, names.SAMPLE_DONE)
 
 
 def load_run_events(path: str | Path, *, all_runs: bool = False) -> list[Event]:
@@ -108,8 +110,8 @@ def load_run_events(path: str | Path, *, all_runs: bool = False) -> list[Event]:
 
 
 def tenant_names(events: Iterable[Event]) -> list[str]:
-    """Tenants in order of first appearance (tenant.* events, and trainer steps and publishes, which
-    scripted tenants have too)."""
+    """Tenants in order of first appearance (tenant.* events, and samples, trainer steps and publishes,
+    which scripted tenants have too)."""
     seen: dict[str, None] = {}
     for e in events:
         kind = str(e.get("event", ""))
@@ -149,15 +151,61 @@ def split_step(step: Event, trainer_step: Event | None) -> list[Span]:
     return [s for s in spans if s.end > s.start]
 
 
+def scripted_tenants(events: Iterable[Event]) -> set[str]:
+    """Tenants driven by a script (``Runtime.tenant``): they act (sample, train, publish) but run no
+    experiment, so they have no ``tenant.started``."""
+    events = list(events)
+    experiments = {str(e["tenant"]) for e in events if e.get("event") == names.TENANT_STARTED and "tenant" in e}
+    return set(tenant_names(events)) - experiments
+
+
+_SCRIPTED_WORK = {
+    names.SAMPLE_DONE: ROLLOUT,
+    names.TRAINER_STEP: TRAINING,
+    names.TRAINER_FORWARD_BACKWARD: TRAINING,
+    names.ADAPTER_PUBLISHED: PUBLISHING,
+    names.TRAINER_EXPORTED: EXPORTING,
+}
+
+
+def _union(spans: list[Span]) -> list[Span]:
+    """Overlapping spans of one row and kind merged (concurrent samples of one tenant are one busy span)."""
+    merged: list[Span] = []
+    for s in sorted(spans, key=lambda s: s.start):
+        if merged and s.start <= merged[-1].end:
+            last = merged[-1]
+            merged[-1] = Span(row=last.row, kind=last.kind, start=last.start, end=max(last.end, s.end))
+        else:
+            merged.append(s)
+    return merged
+
+
+def scripted_spans(events: Sequence[Event]) -> list[Span]:
+    """A scripted tenant's own row: sampling (as rollout), training, publishing and exporting, from the
+    sampler's, trainer's and sync actor's events about it."""
+    scripted = scripted_tenants(events)
+    spans: dict[tuple[str, str], list[Span]] = {}
+    for e in events:
+        kind, tenant = _SCRIPTED_WORK.get(e.get("event")), e.get("tenant")
+        if kind is None or tenant is None or str(tenant) not in scripted:
+            continue
+        end = float(e["ts"])
+        spans.setdefault((str(tenant), kind), []).append(
+            Span(row=str(tenant), kind=kind, start=end - _f(e, "duration_s"), end=end)
+        )
+    return [s for group in spans.values() for s in _union(group) if s.end > s.start]
+
+
 def tenant_spans(events: Sequence[Event]) -> list[Span]:
-    """Every tenant's rollout / waiting / training / publishing / evaluating spans.
+    """Every tenant's rollout / waiting / training / publishing / evaluating spans (scripted tenants'
+    from ``scripted_spans``).
 
     A skipped step (no learning signal) has no duration of its own: its rollout is taken to run
     from the tenant's previous activity to the skip event (a tenant's steps run back to back).
     """
     by_version = trainer_steps_by_version(events)
     previous_end: dict[str, float] = {}
-    spans: list[Span] = []
+    spans: list[Span] = scripted_spans(events)
     for e in sorted(events, key=lambda e: e.get("ts", 0.0)):
         kind, tenant = e.get("event"), e.get("tenant")
         if tenant is None:

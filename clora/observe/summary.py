@@ -15,6 +15,7 @@ from clora.observe.spans import (
     TRAINING,
     WAITING,
     Event,
+    scripted_tenants,
     tenant_names,
     tenant_spans,
 )
@@ -27,8 +28,9 @@ class TenantSummary(msgspec.Struct, kw_only=True):
     (the same split the timeline draws; a skipped step's rollout included)."""
 
     tenant: str
-    status: str = "running"  # running | finished | failed
-    steps: int = 0  # tenant.step + tenant.step_skipped
+    status: str = "running"  # running | finished | failed | stopped (the runtime stopped while it ran)
+    scripted: bool = False  # driven by a script (Runtime.tenant): steps are its optimizer steps
+    steps: int = 0  # tenant.step + tenant.step_skipped (scripted: trainer.step)
     trained: int = 0  # steps that ran a train step (tenant.step)
     skipped: int = 0  # steps without learning signal
     reward_start: float | None = None  # reward/mean of the first step
@@ -65,17 +67,27 @@ def _num(event: Event, key: str) -> float:
 def summarize(events: Sequence[Event]) -> list[TenantSummary]:
     """Per-tenant rows, in order of each tenant's first appearance."""
     events = sorted(events, key=lambda e: e.get("ts", 0.0))
-    rows = {name: TenantSummary(tenant=name) for name in tenant_names(events)}
+    scripted = scripted_tenants(events)
+    rows = {name: TenantSummary(tenant=name, scripted=name in scripted) for name in tenant_names(events)}
     first_ts: dict[str, float] = {}
     last_ts: dict[str, float] = {}
     for e in events:
         tenant = e.get("tenant")
+        if e.get("event") == names.RUNTIME_STOPPED:
+            for row in rows.values():
+                if row.status == "running" and row.tenant in first_ts:
+                    row.status = "stopped"
         row = rows.get(str(tenant)) if tenant is not None else None
         if row is None:
             continue
         first_ts.setdefault(row.tenant, e["ts"])
         last_ts[row.tenant] = e["ts"]
         kind = e.get("event")
+        if kind in (names.TENANT_STARTED, names.TENANT_OPENED):
+            row.status = "running"
+        elif kind == names.TRAINER_STEP and row.scripted:
+            row.steps += 1
+            row.trained += 1
         if kind in (names.TENANT_STEP, names.TENANT_STEP_SKIPPED):
             row.steps += 1
             if e.get("reward/mean") is not None:
@@ -93,7 +105,7 @@ def summarize(events: Sequence[Event]) -> list[TenantSummary]:
         elif kind == names.ADAPTER_PUBLISHED:
             row.versions_published += 1
             row.last_version = int(e["adapter_version"])
-        elif kind == names.TENANT_FINISHED:
+        elif kind in (names.TENANT_FINISHED, names.TENANT_CLOSED):
             row.status = "finished"
             row.duration_s = _num(e, "duration_s")
         elif kind in _FAILURE_EVENTS:
@@ -130,7 +142,10 @@ def summary_table(rows: Sequence[TenantSummary], title: str | None = None) -> An
         time.add_column(column, justify="left" if column == "tenant" else "right", no_wrap=True)
     failures = []
     for r in rows:
-        status = {"failed": "[red]failed[/]", "finished": "[green]finished[/]"}.get(r.status, r.status)
+        status = {"failed": "[red]failed[/]", "finished": "[green]finished[/]", "stopped": "[yellow]stopped[/]"}.get(
+            r.status, r.status)
+        if r.scripted:
+            status += " (script)"
         progress.add_row(
             r.tenant, status, str(r.steps), str(r.skipped),
             f"{_fmt(r.reward_start, '.2f')}→{_fmt(r.reward_end, '.2f')}",

@@ -123,6 +123,8 @@ class TenantHandle:
         return await self.publish()
 
     async def close(self) -> None:
-        """Unload the adapter from the engine and drop the tenant's trainer state; the name is free again."""
-        await self.runtime.release(self.name)
+        """Write the adapter to ``<run_dir>/tenants/<name>/adapter`` (where ``clora export`` finds it),
+        unload it from the engine and drop the tenant's trainer state; the name is free again. Closing
+        twice does nothing; the runtime's exit closes a handle left open."""
+        await self.runtime.close_tenant(self.name)
 
