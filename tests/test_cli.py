@@ -7,6 +7,7 @@ command's own work is tested: validation, progress callbacks, exit codes, the su
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -338,3 +339,34 @@ def test_a_bench_whose_argparse_exits_returns_that_code_under_its_own_name(monke
     assert main(["bench", "fake2", "--bogus"]) == EXIT_USAGE
     assert "usage: clora bench fake2" in capsys.readouterr().err
     assert sys.argv[0] == before
+
+
+def test_run_resume_counts_the_whole_run(tmp_path, capsys, monkeypatch):
+    """After --resume the bar ends at 6/6 and the summary says 6 steps for a 6-step run, not 2."""
+    import clora.checkpoint.format
+    from test_observe import _resumed_run
+
+    seen = {}
+    module = _fake_runtime_module({"a": object()}, seen)
+
+    class Resumed(module.Runtime):
+        def __init__(self, config, *, console_level="info", resume=False):
+            super().__init__(config, console_level=console_level)
+            seen["resume"] = resume
+
+        async def run_many(self, experiments, on_step=None):
+            for step in (5, 6):
+                on_step("a", _Record(step=step, adapter_version=step, reward_mean=0.5))
+            write_run(Path(self.config.run_dir), _resumed_run("sigkill"))
+            return {"a": object()}
+
+    module.Runtime = Resumed
+    monkeypatch.setitem(sys.modules, "clora.runtime", module)
+    monkeypatch.setattr(clora.checkpoint.format, "checkpoint_steps", lambda run_dir, names: {"a": 4})
+    path = tmp_path / "ok.toml"
+    path.write_text(f'run_dir = "{tmp_path / "run"}"\n[model]\nsource = "tiny"\n[[experiments]]\nname = "a"\nsteps = 6\n')
+    assert main(["run", str(path), "--resume"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert seen["resume"] is True and "resuming: a (step 4/6)" in out
+    assert re.search(r"step 6 .* 6/6 ", out)  # the bar counts from the checkpoint, not from 0
+    assert re.search(r"\ba +finished +6 +0 +0\.10→0\.60", out), out  # both runs' steps, each once

@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--timeline", metavar="PNG", help="Gantt chart: what each tenant and actor did when")
     events.add_argument("--curves", metavar="PNG", help="reward/mean and held-out accuracy per tenant vs step")
     events.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard scalars (needs tensorboard)")
-    events.add_argument("--all-runs", action="store_true", help="every run appended to the file, not the last")
+    events.add_argument("--all-runs", action="store_true",
+                        help="every run appended to the file, not only the last (a --resume continues its run)")
     events.add_argument("--json", action="store_true", help="print the summary rows as JSON")
     events.set_defaults(handler=cmd_events)
 

@@ -60,6 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "checked; nothing started)")
         return EXIT_OK
     run_dir = Path(config.run_dir)
+    from clora.checkpoint.format import checkpoint_steps
+
+    done = checkpoint_steps(run_dir, [e.name for e in config.experiments]) if args.resume else {}
     checkpointed = checkpointed_tenants(run_dir, config)
     if checkpointed and not (args.resume or args.fresh):
         raise ConfigError(
@@ -74,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         console.print(f"resuming: {', '.join(checkpointed) or 'no checkpoints yet, every tenant starts fresh'}")
     try:
-        results = run_experiments(config, console, args.log_level, resume=args.resume)
+        results = run_experiments(config, console, args.log_level, resume=args.resume, done=done)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: the runtime stopped cleanly; events so far in {run_dir}")
         return EXIT_INTERRUPTED
@@ -109,8 +112,10 @@ def checkpointed_tenants(run_dir: Path, config: Any) -> list[str]:
     return [f"{name} (step {'?' if step is None else step}/{total[name]})" for name, step in steps.items()]
 
 
-def run_experiments(config: Any, console: Any, log_level: str, *, resume: bool = False) -> dict[str, Any]:
-    """All experiments on one runtime with a progress bar each.
+def run_experiments(
+    config: Any, console: Any, log_level: str, *, resume: bool = False, done: dict[str, int | None] | None = None
+) -> dict[str, Any]:
+    """All experiments on one runtime with a progress bar each (``done``: steps already completed).
 
     Ctrl-C cancels the main task, so the runtime leaves through its context manager (actors
     aborted, engine shut down) and KeyboardInterrupt comes out of here. A terminal's Ctrl-C also
@@ -141,7 +146,7 @@ def run_experiments(config: Any, console: Any, log_level: str, *, resume: bool =
                     runtime = await stack.enter_async_context(
                         runtime_class(config, console_level=log_level, **options)
                     )
-                with ProgressBars(console, config.experiments) as progress:
+                with ProgressBars(console, config.experiments, done=done) as progress:
                     return await runtime.run_many(config.experiments, on_step=progress.on_step)
         finally:
             signal.signal(signal.SIGINT, previous)

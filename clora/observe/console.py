@@ -46,14 +46,21 @@ class ProgressBars:
             await rt.run_many(config.experiments, on_step=progress.on_step)
     """
 
-    def __init__(self, console: Any, experiments: Iterable[Any]) -> None:
+    def __init__(self, console: Any, experiments: Iterable[Any], *, done: dict[str, int | None] | None = None) -> None:
+        """``done``: steps each tenant completed before (its checkpoint's step, when resuming)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.experiments = {e.name: e for e in experiments}
+        done = done or {}
         columns = (TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self._progress = Progress(*columns, console=console)
-        self._bars = {name: self._progress.add_task(f"{name} evaluating", total=e.steps)
-                      for name, e in self.experiments.items()}
+        self._bars = {
+            name: self._progress.add_task(
+                f"{name} resuming after step {done[name]}" if done.get(name) else f"{name} evaluating",
+                total=e.steps, completed=done.get(name) or 0,
+            )
+            for name, e in self.experiments.items()
+        }
 
     def __enter__(self) -> "ProgressBars":
         self._progress.__enter__()
@@ -65,7 +72,7 @@ class ProgressBars:
     def on_step(self, tenant: str, record: Any) -> None:
         skipped = "" if record.trained else " (skipped)"
         last = " - final eval" if record.step == self.experiments[tenant].steps else ""
-        self._progress.update(self._bars[tenant], advance=1, description=(
+        self._progress.update(self._bars[tenant], completed=record.step, description=(
             f"{tenant} step {record.step} reward {record.reward_mean:.2f} v{record.adapter_version}{skipped}{last}"
         ))
 

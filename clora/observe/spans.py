@@ -78,17 +78,21 @@ def _f(event: Event, key: str, default: float = 0.0) -> float:
 
 
 def last_run(events: Iterable[Event]) -> list[Event]:
-    """The events of the newest runtime in the list (a run folder's file is appended to).
+    """The events of the newest run in the list (a run folder's file is appended to).
 
     A run starts at its ``runtime.started`` event minus that event's ``duration_s`` (the start-up
-    time); with no such event every event counts.
+    time); with no such event every event counts. A runtime started with ``resume`` continues the
+    run before it (``clora run --resume`` after a crash or Ctrl-C): to its user that is one run, so
+    the run reaches back to the last start without ``resume``.
     """
     events = list(events)
-    starts = [e for e in events if e.get("event") == names.RUNTIME_STARTED]
+    starts = sorted((e for e in events if e.get("event") == names.RUNTIME_STARTED), key=lambda e: e["ts"])
     if not starts:
         return events
-    newest = max(starts, key=lambda e: e["ts"])
-    begin = newest["ts"] - _f(newest, "duration_s")
+    first = len(starts) - 1
+    while first > 0 and starts[first].get("resume"):
+        first -= 1
+    begin = starts[first]["ts"] - _f(starts[first], "duration_s")
     return [e for e in events if e.get("ts", 0.0) >= begin]
 
 

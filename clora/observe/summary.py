@@ -30,7 +30,7 @@ class TenantSummary(msgspec.Struct, kw_only=True):
     tenant: str
     status: str = "running"  # running | finished | failed | stopped (the runtime stopped while it ran)
     scripted: bool = False  # driven by a script (Runtime.tenant): steps are its optimizer steps
-    steps: int = 0  # tenant.step + tenant.step_skipped (scripted: trainer.step)
+    steps: int = 0  # steps done: tenant.step + tenant.step_skipped, each step once (scripted: trainer.step)
     trained: int = 0  # steps that ran a train step (tenant.step)
     skipped: int = 0  # steps without learning signal
     reward_start: float | None = None  # reward/mean of the first step
@@ -50,6 +50,7 @@ class TenantSummary(msgspec.Struct, kw_only=True):
 
 
 _FAILURE_EVENTS = (names.TENANT_FAILED, names.TRAINER_STEP_REJECTED, names.PUBLISH_FAILED)
+_STOPPED_ERRORS = ("CancelledError", "KeyboardInterrupt", "SystemExit")
 _TIME_FIELDS = {
     ROLLOUT: "time_rollout_s",
     WAITING: "time_waiting_s",
@@ -71,6 +72,7 @@ def summarize(events: Sequence[Event]) -> list[TenantSummary]:
     rows = {name: TenantSummary(tenant=name, scripted=name in scripted) for name in tenant_names(events)}
     first_ts: dict[str, float] = {}
     last_ts: dict[str, float] = {}
+    done: dict[str, dict[int, Event]] = {}  # tenant -> step -> its tenant.step / tenant.step_skipped
     for e in events:
         tenant = e.get("tenant")
         if e.get("event") == names.RUNTIME_STOPPED:
@@ -89,15 +91,8 @@ def summarize(events: Sequence[Event]) -> list[TenantSummary]:
             row.steps += 1
             row.trained += 1
         if kind in (names.TENANT_STEP, names.TENANT_STEP_SKIPPED):
-            row.steps += 1
-            if e.get("reward/mean") is not None:
-                if row.reward_start is None:
-                    row.reward_start = float(e["reward/mean"])
-                row.reward_end = float(e["reward/mean"])
-        if kind == names.TENANT_STEP_SKIPPED:
-            row.skipped += 1
-        elif kind == names.TENANT_STEP:
-            row.trained += 1
+            # A step done again after a resume (it ran, but its checkpoint was not written) counts once: its last try.
+            done.setdefault(row.tenant, {})[int(e.get("step", -1))] = e
         elif kind == names.TENANT_EVAL:
             if row.accuracy_start is None:
                 row.accuracy_start = float(e["accuracy"])
@@ -108,11 +103,21 @@ def summarize(events: Sequence[Event]) -> list[TenantSummary]:
         elif kind in (names.TENANT_FINISHED, names.TENANT_CLOSED):
             row.status = "finished"
             row.duration_s = _num(e, "duration_s")
+        elif kind == names.TENANT_FAILED and str(e.get("error", "")).startswith(_STOPPED_ERRORS):
+            row.status = "stopped"  # cancelled (Ctrl-C, the runtime stopping): no failure of its own
         elif kind in _FAILURE_EVENTS:
             row.failures += 1
             row.last_error = str(e.get("error", kind))
             if kind == names.TENANT_FAILED:
                 row.status = "failed"
+    for tenant, steps in done.items():
+        row = rows[tenant]
+        row.steps = len(steps)
+        row.trained = sum(1 for e in steps.values() if e["event"] == names.TENANT_STEP)
+        row.skipped = row.steps - row.trained
+        rewards = [float(steps[k]["reward/mean"]) for k in sorted(steps) if steps[k].get("reward/mean") is not None]
+        if rewards:
+            row.reward_start, row.reward_end = rewards[0], rewards[-1]
     for span in tenant_spans(events):
         row = rows.get(span.row)
         if row is not None and span.kind in _TIME_FIELDS:
