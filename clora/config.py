@@ -29,6 +29,8 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "VLLM_LORA_RANKS",
     "ExampleStyle",
+    "MAX_TEMPERATURE",
+    "check_fits_model",
     "validate_tenant_name",
     "parse_cpu_list",
     "load_toml",
@@ -39,6 +41,8 @@ __all__ = [
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
+
+MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuses a temperature above 2
 
 # The max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks in vLLM 0.32).
 VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -337,8 +341,8 @@ class ExperimentConfig(_Config):
                 f"experiments.{self.name}.checkpoint_every",
                 f"must be >= 0 (0: no checkpoints), got {self.checkpoint_every}",
             )
-        if not (0 < self.temperature and math.isfinite(self.temperature)):
-            _fail(f"experiments.{self.name}.temperature", f"must be > 0, got {self.temperature}")
+        if not (0 < self.temperature <= MAX_TEMPERATURE):
+            _fail(f"experiments.{self.name}.temperature", f"must be in (0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if self.optim.total_steps is None and self.optim.warmup_steps > self.steps:
             _fail(
                 f"experiments.{self.name}.optim.warmup_steps",
@@ -387,6 +391,18 @@ class RuntimeConfig(_Config):
                     f"experiments[{i}].lora.rank",
                     f"{e.lora.rank} exceeds engine.max_lora_rank {self.engine.max_lora_rank} (tenant {e.name!r})",
                 )
+            check_fits_model(e, self.model, field=f"experiments[{i}].max_tokens")
+
+
+def check_fits_model(experiment: ExperimentConfig, model: ModelConfig, *, field: str | None = None) -> None:
+    """An experiment's turns must leave room for a prompt in the model's context (max_tokens is never
+    silently cut to fit)."""
+    if experiment.max_tokens >= model.max_model_len:
+        _fail(
+            field or f"experiments.{experiment.name}.max_tokens",
+            f"{experiment.max_tokens} leaves no room for a prompt in model.max_model_len {model.max_model_len} "
+            f"(tenant {experiment.name!r})",
+        )
 
 
 def decode_config(data: bytes | str, type_: type = RuntimeConfig, *, fmt: str = "toml"):

@@ -17,7 +17,8 @@ from typing import Any, Union
 
 import msgspec
 
-from clora.config import LoraConfig, LossConfig, OptimConfig
+from clora.config import MAX_TEMPERATURE, LoraConfig, LossConfig, OptimConfig
+from clora.errors import field_error
 
 __all__ = [
     "SamplingSpec",
@@ -61,15 +62,34 @@ class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """What vLLM's SamplingParams needs; logprobs of the sampled tokens are always returned."""
+    """What vLLM's SamplingParams needs; logprobs of the sampled tokens are always returned.
+
+    Checked on creation (also when decoded or replaced): a bad value is one ``ConfigError`` naming
+    ``sampling.<field>``, before any request reaches the engine. ``seed`` makes the request's sampling
+    reproducible as far as the engine allows (docs/reliability.md#seeds)."""
 
     n: int = 1
     max_tokens: int = 64
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise field_error("sampling.n", f"must be >= 1 (completions per prompt), got {self.n}")
+        if self.max_tokens < 1:
+            raise field_error("sampling.max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if not (0.0 <= self.temperature <= MAX_TEMPERATURE):  # nan fails too
+            raise field_error("sampling.temperature",
+                              f"must be in [0, {MAX_TEMPERATURE:g}] (0 is greedy), got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise field_error("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise field_error("sampling.seed", f"must be in [0, 2**63) or None, got {self.seed}")
+        if any(not stop for stop in self.stop):
+            raise field_error("sampling.stop", "a stop string must not be empty")
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):

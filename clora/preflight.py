@@ -19,7 +19,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from clora.config import ExperimentConfig, ModelConfig, RuntimeConfig
+from clora.config import ExperimentConfig, ModelConfig, RuntimeConfig, check_fits_model
 from clora.errors import AdapterMismatchError, ConfigError
 
 __all__ = ["check_run", "check_experiment", "check_model_source"]
@@ -62,11 +62,7 @@ def check_experiment(
     """One experiment against the runtime it will run on: LoRA targets and rank, max_tokens, and its
     built-in env unless ``env`` is False (the caller brings its own)."""
     where = f"experiments.{experiment.name}"
-    if experiment.max_tokens >= config.model.max_model_len:
-        raise ConfigError(
-            f"{where}.max_tokens: {experiment.max_tokens} leaves no room for a prompt in "
-            f"model.max_model_len {config.model.max_model_len}"
-        )
+    check_fits_model(experiment, config.model)
     if experiment.lora.rank > config.engine.max_lora_rank:
         raise AdapterMismatchError(
             f"{where}.lora.rank: {experiment.lora.rank} exceeds engine.max_lora_rank {config.engine.max_lora_rank}"

@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -21,8 +22,10 @@ from clora.config import (
     VLLM_LORA_RANKS,
     EngineConfig,
     EnvConfig,
+    ExperimentConfig,
     LoraConfig,
     LossConfig,
+    ModelConfig,
     OptimConfig,
     RuntimeConfig,
     TrainerConfig,
@@ -321,3 +324,47 @@ def test_trainer_device_that_does_not_exist_names_the_field(device, message):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match=re.escape(message)):
         resolve_device(device)
+
+
+# ----------------------------------------------------------------------------- sampling parameters
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"n": 0}, "sampling.n: must be >= 1 (completions per prompt), got 0"),
+        ({"max_tokens": 0}, "sampling.max_tokens: must be >= 1, got 0"),
+        ({"temperature": -0.5}, "sampling.temperature: must be in [0, 2] (0 is greedy), got -0.5"),
+        ({"temperature": 2.5}, "sampling.temperature: must be in [0, 2] (0 is greedy), got 2.5"),
+        ({"temperature": float("nan")}, "sampling.temperature: must be in [0, 2] (0 is greedy), got nan"),
+        ({"top_p": 0.0}, "sampling.top_p: must be in (0, 1], got 0.0"),
+        ({"seed": -1}, "sampling.seed: must be in [0, 2**63) or None, got -1"),
+        ({"stop": ("</tool>", "")}, "sampling.stop: a stop string must not be empty"),
+    ],
+)
+def test_bad_sampling_parameters_are_one_config_error_naming_the_field(changes, message):
+    from clora.messages import SampleRequest, SamplingSpec
+
+    with pytest.raises(ConfigError) as err:
+        SamplingSpec(**changes)
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match=re.escape(message)):  # replacing a good one checks too
+        msgspec.structs.replace(SamplingSpec(), **changes)
+    if changes.get("temperature") == changes.get("temperature"):  # nan has no JSON form
+        wire = msgspec.json.encode({"type": "SampleRequest", "tenant": None, "prompt_token_ids": [1],
+                                    "sampling": {**msgspec.to_builtins(SamplingSpec()), **changes}})
+        with pytest.raises(msgspec.ValidationError, match=re.escape(message.split(": ", 1)[1])):
+            msgspec.json.decode(wire, type=SampleRequest)
+
+
+def test_an_experiment_whose_max_tokens_fill_the_context_is_refused_not_capped():
+    experiment = ExperimentConfig(name="a", max_tokens=2048)
+    with pytest.raises(ConfigError) as err:
+        RuntimeConfig(model=ModelConfig(max_model_len=1024), experiments=(experiment,))
+    assert str(err.value) == ("experiments[0].max_tokens: 2048 leaves no room for a prompt in model.max_model_len "
+                              "1024 (tenant 'a')")
+    toml = "[model]\nmax_model_len = 512\n[[experiments]]\nname = 'a'\nmax_tokens = 512\n"
+    with pytest.raises(ConfigError, match=re.escape("experiments[0].max_tokens: 512 leaves no room")):
+        decode_config(toml)
+    with pytest.raises(ConfigError, match=re.escape("experiments.a.temperature: must be in (0, 2], got 3.0")):
+        ExperimentConfig(name="a", temperature=3.0)

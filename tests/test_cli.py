@@ -370,3 +370,17 @@ def test_run_resume_counts_the_whole_run(tmp_path, capsys, monkeypatch):
     assert seen["resume"] is True and "resuming: a (step 4/6)" in out
     assert re.search(r"step 6 .* 6/6 ", out)  # the bar counts from the checkpoint, not from 0
     assert re.search(r"\ba +finished +6 +0 +0\.10→0\.60", out), out  # both runs' steps, each once
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["-n", "0"], "-n: must be >= 1 (completions per prompt), got 0"),
+        (["--temperature", "-1"], "--temperature: must be in [0, 2] (0 is greedy), got -1.0"),
+        (["--max-tokens", "2000"], "--max-tokens 2000 leaves no room for a prompt in --max-model-len 1024"),
+    ],
+)
+def test_sample_refuses_bad_sampling_options_before_starting_a_runtime(capsys, monkeypatch, options, message):
+    monkeypatch.setitem(sys.modules, "clora.runtime", None)  # importing it would fail the test
+    assert main(["sample", "--base", *options, "What is 2+3?"]) == EXIT_USAGE
+    assert _one_error_line(capsys.readouterr().err, "sample") == f"clora sample: error: {message}"

@@ -120,6 +120,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- sample
 
 
+_SAMPLE_OPTIONS = {"sampling.n": "-n", "sampling.max_tokens": "--max-tokens", "sampling.temperature": "--temperature"}
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from clora.observe.artifacts import check_peft_dir
 
@@ -131,6 +134,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         adapter, prompts = check_peft_dir(args.items[0]), list(args.items[1:])
     if not prompts:
         raise ConfigError("give at least one prompt")
+    from clora.messages import SamplingSpec
+
+    try:  # checked before any engine starts; the error names the option
+        SamplingSpec(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature)
+    except ConfigError as e:
+        option = _SAMPLE_OPTIONS.get(getattr(e, "field", ""))
+        raise ConfigError(f"{option}: {e.problem}" if option else str(e)) from None
+    if args.max_tokens >= args.max_model_len:
+        raise ConfigError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in --max-model-len "
+                          f"{args.max_model_len}")
     model = args.model
     if model is None:  # the base the adapter was trained on, when that folder is still here
         base = adapter.base_model if adapter is not None else None
