@@ -32,7 +32,7 @@ from clora.rl import (
     token_loss,
 )
 from clora.rl.accuracy import HeldOutScore
-from clora.rl.step import EpisodeSettings, evaluate, sample_groups, to_training_data
+from clora.rl.step import episode_settings, evaluate, sample_groups, to_training_data
 from clora.tenant.actor import ExperimentResult, StepRecord
 
 __all__ = ["HFBatchSampler", "PeerLoop", "run_peer_experiment"]
@@ -162,15 +162,10 @@ class PeerLoop:
         self.tokens_sampled += len(completion.token_ids)
         return completion, version
 
-    def _episode_settings(self, temperature: float) -> EpisodeSettings:
-        return EpisodeSettings(
-            max_turns=self.experiment.env.max_turns, max_model_len=self.max_model_len,
-            sampling=SamplingSpec(max_tokens=self.experiment.max_tokens, temperature=temperature),
-        )
-
-    async def evaluate(self) -> HeldOutScore:
+    async def evaluate(self, step: int) -> HeldOutScore:
         """Held-out score: greedy, one episode per problem (as a clora tenant measures it)."""
-        return await evaluate(self._sample, self.renderer, self.env, self.env.held_out(), self._episode_settings(0.0))
+        settings = episode_settings(self.experiment, self.max_model_len, step=step, evaluation=True)
+        return await evaluate(self._sample, self.renderer, self.env, self.env.held_out(), settings)
 
     def train(self, data: list[Datum]) -> None:
         """One optimizer step on ``data``: clora's loss, micro-batched gradient accumulation, clipping, AdamW."""
@@ -208,7 +203,8 @@ class PeerLoop:
         t0 = time.perf_counter()
         problems = self.env.train_problems(self.rng, exp.prompts_per_step)
         groups = await sample_groups(
-            self._sample, self.renderer, self.env, problems, exp.group_size, self._episode_settings(exp.temperature)
+            self._sample, self.renderer, self.env, problems, exp.group_size,
+            episode_settings(exp, self.max_model_len, step=step),
         )  # (P, G)
         batch = to_training_data(problems, groups, exp.advantage)
         data = batch.data
@@ -232,14 +228,14 @@ async def run_peer_experiment(
     started = time.time()
     model_dir = await asyncio.to_thread(resolve_model, model)
     loop = await asyncio.to_thread(PeerLoop, experiment, str(model_dir), model.max_model_len)
-    score_start = await loop.evaluate()
+    score_start = await loop.evaluate(0)
     records = []
     for step in range(1, experiment.steps + 1):
         record = await loop.step(step)
         records.append(record)
         if on_step is not None:
             on_step(experiment.name, record)
-    score_end = await loop.evaluate()
+    score_end = await loop.evaluate(experiment.steps)
     return ExperimentResult(tenant=experiment.name, steps=records, accuracy_start=score_start.accuracy,
                             accuracy_end=score_end.accuracy, started_at=started, finished_at=time.time(),
                             tokens_sampled=loop.tokens_sampled, held_out=score_end.total)

@@ -35,6 +35,7 @@ __all__ = [
     "StepFn",
     "Trajectory",
     "completion_datum",
+    "derive_seed",
     "run_episode",
     "run_group",
     "start_episode",
@@ -83,7 +84,9 @@ class Trajectory(msgspec.Struct, kw_only=True):
         return int(sum(self.loss_mask))
 
 
-def _turn_seed(seed: int | None, *salt: object) -> int | None:
+def derive_seed(seed: int | None, *salt: object) -> int | None:
+    """A seed for one part of a seeded whole (a step, a problem, an episode, a turn); None stays None.
+    Stable across processes and Python versions (sha256, not ``hash``)."""
     if seed is None:
         return None
     digest = hashlib.sha256(repr((seed, *salt)).encode()).digest()
@@ -153,7 +156,7 @@ async def run_episode(
             log.info(events.EPISODE_CONTEXT_FULL, problem=pid, turn=turn, tokens=len(tokens), max_model_len=max_model_len)
             break
         spec = msgspec.structs.replace(
-            sampling, n=1, max_tokens=min(sampling.max_tokens, room), seed=_turn_seed(sampling.seed, turn)
+            sampling, n=1, max_tokens=min(sampling.max_tokens, room), seed=derive_seed(sampling.seed, turn)
         )
         completion, version = await sample(list(tokens), spec)
         _check_completion(completion, spec, pid)
@@ -240,7 +243,7 @@ async def run_group(
             renderer,
             episode,
             max_turns=max_turns,
-            sampling=msgspec.structs.replace(sampling, stop=stops, seed=_turn_seed(sampling.seed, i)),
+            sampling=msgspec.structs.replace(sampling, stop=stops, seed=derive_seed(sampling.seed, i)),
             max_model_len=max_model_len,
             step_env=step_env,
         )

@@ -19,15 +19,25 @@ import msgspec
 import torch
 
 from actors.gather import gather_first_error
+from clora.config import ExperimentConfig
 from clora.envs.base import Env, Problem
 from clora.messages import Datum, SamplingSpec
 from clora.rl.accuracy import HeldOutScore
 from clora.rl.advantages import AdvantageKind, group_advantages
 from clora.rl.chat import ChatRenderer
-from clora.rl.rollout import SampleFn, StepFn, Trajectory, run_episode, run_group, start_episode, to_datum
+from clora.rl.rollout import (
+    SampleFn,
+    StepFn,
+    Trajectory,
+    derive_seed,
+    run_episode,
+    run_group,
+    start_episode,
+    to_datum,
+)
 from clora.envs.stepping import step_on_loop
 
-__all__ = ["EpisodeSettings", "TrainingBatch", "evaluate", "sample_groups", "to_training_data"]
+__all__ = ["EpisodeSettings", "TrainingBatch", "episode_settings", "evaluate", "sample_groups", "to_training_data"]
 
 
 class EpisodeSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +46,26 @@ class EpisodeSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_turns: int
     sampling: SamplingSpec
     max_model_len: int
+
+
+def episode_settings(
+    experiment: ExperimentConfig, max_model_len: int, *, step: int, evaluation: bool = False
+) -> EpisodeSettings:
+    """The episodes of one training step of ``experiment`` (or its held-out evaluation at ``step``:
+    greedy). Sampling is seeded from ``experiment.seed`` and the step; ``sample_groups`` / ``evaluate``
+    derive one seed per problem, ``run_group`` per episode and ``run_episode`` per turn, so a rerun of
+    the same config asks the engine for the same seeded requests (docs/reliability.md#seeds)."""
+    return EpisodeSettings(
+        max_turns=experiment.env.max_turns, max_model_len=max_model_len,
+        sampling=SamplingSpec(
+            n=1, max_tokens=experiment.max_tokens, temperature=0.0 if evaluation else experiment.temperature,
+            seed=derive_seed(experiment.seed, "eval" if evaluation else "train", step),
+        ),
+    )
+
+
+def _for_problem(sampling: SamplingSpec, index: int) -> SamplingSpec:
+    return msgspec.structs.replace(sampling, seed=derive_seed(sampling.seed, "problem", index))
 
 
 @dataclass(frozen=True)
@@ -72,10 +102,10 @@ async def sample_groups(
     cancels the rest and is raised as itself."""
     return await gather_first_error(
         run_group(
-            sample, renderer, env, problem, group_size, max_turns=settings.max_turns, sampling=settings.sampling,
-            max_model_len=settings.max_model_len, step_env=step_env,
+            sample, renderer, env, problem, group_size, max_turns=settings.max_turns,
+            sampling=_for_problem(settings.sampling, i), max_model_len=settings.max_model_len, step_env=step_env,
         )
-        for problem in problems
+        for i, problem in enumerate(problems)
     )
 
 
@@ -109,9 +139,9 @@ async def evaluate(
     spec = msgspec.structs.replace(settings.sampling, stop=stop)
     trajectories = await gather_first_error(
         run_episode(
-            sample, renderer, start_episode(env, problem), max_turns=settings.max_turns, sampling=spec,
-            max_model_len=settings.max_model_len, step_env=step_env,
+            sample, renderer, start_episode(env, problem), max_turns=settings.max_turns,
+            sampling=_for_problem(spec, i), max_model_len=settings.max_model_len, step_env=step_env,
         )
-        for problem in problems
+        for i, problem in enumerate(problems)
     )
     return HeldOutScore(correct=sum(1 for t in trajectories if t.reward >= 1.0), total=len(trajectories))

@@ -52,7 +52,7 @@ from clora.messages import (
     TrainStepResult,
 )
 from clora.rl.accuracy import HeldOutScore
-from clora.rl.step import EpisodeSettings, evaluate, sample_groups, to_training_data
+from clora.rl.step import episode_settings, evaluate, sample_groups, to_training_data
 from clora.tenant.checkpoints import TenantCheckpoints
 
 __all__ = ["ExperimentResult", "RunExperiment", "StepRecord", "TenantActor"]
@@ -225,7 +225,7 @@ class TenantActor(Actor):
         """Held-out score of the serving version: greedy, one episode per problem, all in flight at once."""
         started = time.perf_counter()
         problems = self._env.held_out()
-        settings = self._episode_settings(temperature=0.0)
+        settings = episode_settings(self.experiment, self._max_model_len, step=step, evaluation=True)
         score = await self._retrying(step, "eval", lambda: evaluate(
             self._sample, self._renderer, self._env, problems, settings, step_env=self._env_steps
         ))
@@ -241,7 +241,7 @@ class TenantActor(Actor):
         exp = self.experiment
         t0 = time.perf_counter()
         problems = self._env.train_problems(self._rng, exp.prompts_per_step)
-        settings = self._episode_settings(temperature=exp.temperature)
+        settings = episode_settings(exp, self._max_model_len, step=step)
         groups = await self._retrying(step, "rollout", lambda: sample_groups(
             self._sample, self._renderer, self._env, problems, exp.group_size, settings, step_env=self._env_steps
         ))  # (prompts, group_size)
@@ -333,13 +333,6 @@ class TenantActor(Actor):
                 )
                 await asyncio.sleep(backoff)
         raise AssertionError("unreachable")
-
-    def _episode_settings(self, temperature: float) -> EpisodeSettings:
-        exp = self.experiment
-        return EpisodeSettings(
-            max_turns=exp.env.max_turns, max_model_len=self._max_model_len,
-            sampling=SamplingSpec(n=1, max_tokens=exp.max_tokens, temperature=temperature),
-        )
 
     # ------------------------------------------------------------------ checkpoints
 

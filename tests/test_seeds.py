@@ -1,0 +1,65 @@
+"""ExperimentConfig.seed seeds an experiment end to end: the problems it draws and every rollout request
+(one seed per step, problem, episode and turn). Two runs of one config ask the engine for the same
+requests, so with a sampler that honours seeds they sample, score and train identically.
+
+The real Runtime and trainer on the tiny model; the sampler is tests/fake_sampler.py, whose completion
+is a function of the request's seed (as vLLM's seeded sampling is of the seed and the logits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from safetensors.torch import load_file
+
+import clora.runtime
+from clora.config import EnvConfig, ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, RuntimeConfig
+from fake_sampler import RecordingSampler
+from small_env import SmallEnv
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def experiment(name: str, seed: int) -> ExperimentConfig:
+    return ExperimentConfig(
+        name=name, seed=seed, steps=2, prompts_per_step=2, group_size=3, max_tokens=6,
+        lora=LoraConfig(rank=4, alpha=8.0), optim=OptimConfig(lr=1e-2), env=EnvConfig(max_turns=1),
+        advantage="grpo_no_std",
+    )
+
+
+def test_episode_settings_seed_each_step_and_evaluation_apart():
+    from clora.rl.step import episode_settings
+
+    exp = experiment("a", 3)
+    seeds = {episode_settings(exp, 512, step=s, evaluation=e).sampling.seed for s in (1, 2) for e in (False, True)}
+    assert None not in seeds and len(seeds) == 4
+    assert episode_settings(exp, 512, step=1).sampling.seed == episode_settings(experiment("b", 3), 512, step=1).sampling.seed
+    assert episode_settings(exp, 512, step=1).sampling.seed != episode_settings(experiment("c", 4), 512, step=1).sampling.seed
+    assert episode_settings(exp, 512, step=1, evaluation=True).sampling.temperature == 0.0
+
+
+async def test_two_tenants_with_one_config_sample_and_train_identically(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(clora.runtime, "SamplerActor", RecordingSampler)
+    RecordingSampler.instances.clear()
+    run = tmp_path / "run"
+    config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir), max_model_len=512), run_dir=str(run))
+    async with clora.runtime.Runtime(config, console_level="critical") as rt:
+        results = await asyncio.gather(*(rt.run(experiment(name, seed), env=SmallEnv())
+                                         for name, seed in (("a", 3), ("b", 3), ("c", 4))))
+    (sampler,) = RecordingSampler.instances
+    seeds = {t: [r.sampling.seed for r in sampler.requests if r.tenant == t] for t in "abc"}
+    assert len(seeds["a"]) == 2 * 2 * 3 + 2 * 1  # 2 steps x 2 problems x 3 episodes, and 2 held-out evals
+    assert None not in seeds["a"] and len(set(seeds["a"])) == len(seeds["a"])  # one seed per request
+    assert sorted(seeds["a"]) == sorted(seeds["b"])
+    assert not set(seeds["a"]) & set(seeds["c"])
+
+    a, b, c = results
+    assert [s.reward_mean for s in a.steps] == [s.reward_mean for s in b.steps]
+    assert [s.reward_mean for s in a.steps] != [s.reward_mean for s in c.steps]
+    assert any(s.trained for s in a.steps)
+    weights = {t: load_file(str(run / "tenants" / t / "adapter" / "adapter_model.safetensors")) for t in "abc"}
+    assert weights["a"].keys() == weights["b"].keys()
+    assert all((weights["a"][k] == weights["b"][k]).all() for k in weights["a"])  # bit-identical
+    assert any((weights["a"][k] != weights["c"][k]).any() for k in weights["a"])
