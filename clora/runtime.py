@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from actors import ActorRef, ActorSystem, Supervision, UnknownMessage
 from clora import events
@@ -26,7 +26,7 @@ from clora.rl.chat import ChatRenderer
 from clora.checkpoint.format import BaseModelIdentity, base_model_identity
 from clora.config import ExperimentConfig, LoraConfig, OptimConfig, RuntimeConfig, validate_tenant_name
 from clora.envs import Env, make_env
-from clora.errors import AdapterMismatchError, DuplicateTenantError
+from clora.errors import AdapterMismatchError, ConfigError, DuplicateTenantError
 from clora.messages import AddTenant, ExportAdapter, GetEngineStats, Publish
 from clora.models import resolve_model
 from clora.preflight import check_experiment, check_run
@@ -174,13 +174,26 @@ class Runtime:
         return self.run_dir / "tenants" / validate_tenant_name(name) / "checkpoint"
 
     async def run_many(
-        self, experiments: Sequence[ExperimentConfig], *, on_step: Callable[[str, StepRecord], None] | None = None
+        self,
+        experiments: Sequence[ExperimentConfig],
+        *,
+        envs: Mapping[str, Env] | None = None,
+        on_step: Callable[[str, StepRecord], None] | None = None,
     ) -> dict[str, ExperimentResult | BaseException]:
-        """Run experiments concurrently. One tenant's failure is its own result; the others go on."""
+        """Run experiments concurrently. One tenant's failure is its own result; the others go on.
+
+        ``envs``: your own environment for some experiments, by name (the others use ``experiment.env``)."""
         names = [e.name for e in experiments]
         if len(set(names)) != len(names):
             raise DuplicateTenantError(f"duplicate tenant names in {names}")
-        outcomes = await asyncio.gather(*(self.run(e, on_step=on_step) for e in experiments), return_exceptions=True)
+        envs = dict(envs or {})
+        unknown = sorted(set(envs) - set(names))
+        if unknown:
+            raise ConfigError(f"envs names {', '.join(map(repr, unknown))}, which is not an experiment here "
+                              f"(experiments: {', '.join(names)})")
+        outcomes = await asyncio.gather(
+            *(self.run(e, env=envs.get(e.name), on_step=on_step) for e in experiments), return_exceptions=True
+        )
         for outcome in outcomes:
             if isinstance(outcome, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
                 raise outcome

@@ -166,7 +166,7 @@ class TenantActor(Actor):
         self._version = published.version
         self.log.info(
             events.TENANT_STARTED, tenant=self.tenant, steps=exp.steps, lr=exp.optim.lr, rank=exp.lora.rank,
-            group_size=exp.group_size, prompts_per_step=exp.prompts_per_step, env=exp.env.kind,
+            group_size=exp.group_size, prompts_per_step=exp.prompts_per_step, env=env_name(self._env),
         )
 
     async def _sample(self, prompt_token_ids: list[int], spec: SamplingSpec) -> tuple[Completion, int]:
@@ -370,6 +370,12 @@ class TenantActor(Actor):
     async def on_failure(self, exc: BaseException) -> None:
         self._env_steps.close()
         await release_tenant(self.tenant, trainer=self._trainer, sync=self._sync, log=self.log)
+
+
+def env_name(env: Env) -> str:
+    """What an env calls itself (``Env.name``; its class name when it has none)."""
+    name = getattr(env, "name", None)
+    return name if isinstance(name, str) and name else type(env).__name__
 
 
 async def release_tenant(tenant: str, *, trainer: ActorRef, sync: ActorRef, log: Any) -> None:
