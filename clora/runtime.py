@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from clora.preflight import check_experiment, check_run
 from clora.sampler.actor import SamplerActor
 from clora.sampler.engine import Engine
 from clora.sampler.engine_stats import EngineStatsSnapshot
+from clora.sampler.engine_weights import engine_model_dir
 from clora.sampler.sync import SyncActor
 from clora.tenant.actor import ExperimentResult, RunExperiment, StepRecord, TenantActor, release_tenant
 from clora.tenant.handle import TenantHandle
@@ -49,11 +51,12 @@ class Runtime:
         config: RuntimeConfig | None = None,
         *,
         run_dir: str | Path | None = None,
-        console_level: str = "info",
+        console_level: str = "warning",
         resume: bool = False,
         engine: Engine | None = None,
     ) -> None:
-        """``console_level``: events below it reach only the run folder, not your structlog output.
+        """``console_level``: events below it reach only the run folder, not your structlog output (by
+        default only warnings and errors do: a library is quiet; every event is in events.jsonl).
         ``resume``: experiments continue from their checkpoints in ``run_dir`` (see the module doc).
         ``engine``: a running engine to borrow instead of starting one (the runtime neither starts nor
         shuts it down): one engine shared by several runtimes, or ``clora.testing.FakeEngine``."""
@@ -90,8 +93,12 @@ class Runtime:
             self._system = await self._stack.enter_async_context(
                 ActorSystem("clora", logger=events.run_logger(sink, self.console_level))
             )
+            # vLLM's own logging: errors only, unless VLLM_LOGGING_LEVEL says otherwise (a library is quiet).
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+            engine_dir = self.model_dir if self._engine is not None else await asyncio.to_thread(
+                engine_model_dir, self.model_dir, cfg.model.dtype)  # a bf16 engine loads bf16 weights
             self.sampler = await self._system.start(
-                SamplerActor(self.model_dir, cfg.model, cfg.engine, shared_engine=self._engine), name="sampler",
+                SamplerActor(engine_dir, cfg.model, cfg.engine, shared_engine=self._engine), name="sampler",
                 supervision=Supervision.ESCALATE,
             )
             self.trainer = await TrainerActor.start_in(self._system, self.model_dir, cfg.trainer)

@@ -9,7 +9,6 @@ interval of the final accuracy. Events: <run_dir>/events.jsonl.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from rich.console import Console
@@ -19,6 +18,7 @@ from rich.table import Table
 import actors
 import clora
 from clora.config import EnvConfig, ExperimentConfig, LossConfig, ModelConfig, OptimConfig, RuntimeConfig, TrainerConfig
+from clora.observe.console import configure_console_logging
 
 LEARNING_RATES = (5e-4, 1e-3, 2e-3, 3e-3)  # one tenant per learning rate
 HELD_OUT_SIZE = 64  # one problem is 1.6 points; all of them are evaluated at once
@@ -90,7 +90,7 @@ def cli() -> None:
     parser.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a HF model directory")
     parser.add_argument("--run-dir", default="runs/demo")
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the console for the progress bars
+    configure_console_logging("warning")  # the console is for the progress bars: vLLM errors only, no library bars
     try:
         actors.run(lambda: main(args))
     except KeyboardInterrupt:  # the runtime already stopped its actors and the engine on the way out

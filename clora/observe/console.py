@@ -24,11 +24,15 @@ class _StderrLogger:
 
 
 def configure_console_logging(level: str = "warning") -> None:
-    """Readable structlog lines on stderr. vLLM's own logging follows ``level`` unless
-    VLLM_LOGGING_LEVEL is already set (vLLM reads it when imported)."""
+    """Readable structlog lines on stderr. vLLM's own logging shows errors only unless ``level`` is
+    debug or info (then that level), and library progress bars (transformers' weight loading) are off;
+    an environment variable set already (VLLM_LOGGING_LEVEL, HF_HUB_DISABLE_PROGRESS_BARS) wins."""
     import structlog
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper())
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper() if level in ("debug", "info") else "ERROR")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # vLLM's engine leaves a shared-memory segment to Python's resource tracker, which warns at exit.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -168,6 +168,7 @@ def engine_args(model_dir: Path, model: ModelConfig, engine: EngineConfig):
         # engine core, and iteration details give each step's prefill / decode request counts.
         disable_log_stats=True,
         enable_logging_iteration_details=True,
+        use_tqdm_on_load=False,  # no progress bar of vLLM's own in a library's output
         **extra,
     )
 
