@@ -17,6 +17,7 @@ import pytest
 import structlog
 
 from clora.cli.main import BENCHES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from clora.errors import EnvError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,13 +203,13 @@ def test_run_drives_every_tenant_and_prints_the_summary(tmp_path, capsys, monkey
 
 def test_run_exits_1_when_a_tenant_failed(tmp_path, capsys, monkeypatch, hand_made_run):
     seen = {}
-    outcomes = {"a": object(), "b": RuntimeError("env broke")}
+    outcomes = {"a": object(), "b": EnvError("boom")}  # the hand-made run's events say b failed with EnvError: boom
     monkeypatch.setitem(sys.modules, "clora.runtime", _fake_runtime_module(outcomes, seen, hand_made_run))
     path = tmp_path / "ok.toml"
     path.write_text(GOOD_TOML.format(run_dir=tmp_path / "run"))
     assert main(["run", str(path), "--run-dir", str(tmp_path / "other")]) == EXIT_FAILED
     out = capsys.readouterr().out
-    assert "b failed" in out and "env broke" in out
+    assert out.count("boom") == 1 and "b failed: EnvError: boom" in out  # each failure printed once
     assert (tmp_path / "other" / "events.jsonl").is_file()  # --run-dir overrides the file's run_dir
 
 
@@ -384,3 +385,35 @@ def test_sample_refuses_bad_sampling_options_before_starting_a_runtime(capsys, m
     monkeypatch.setitem(sys.modules, "clora.runtime", None)  # importing it would fail the test
     assert main(["sample", "--base", *options, "What is 2+3?"]) == EXIT_USAGE
     assert _one_error_line(capsys.readouterr().err, "sample") == f"clora sample: error: {message}"
+
+
+def test_python_dash_m_clora_is_the_clora_command():
+    import subprocess
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "clora", "bench", "nope"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == EXIT_USAGE and "clora bench: error: unknown benchmark 'nope'" in proc.stderr
+
+
+def test_sample_labels_the_adapter_with_the_version_it_was_trained_to(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    """The runtime serves a loaded file as its version 1; the label is the file's own version."""
+    cli = sys.modules["clora.cli.main"]
+    from clora.config import LoraConfig, OptimConfig, TrainerConfig
+    from clora.messages import Completion, SampleResult
+    from clora.trainer import TrainerCore
+
+    core = TrainerCore.from_model_dir(tiny_model_dir, TrainerConfig())
+    core.add_tenant("t", LoraConfig(rank=4, alpha=8.0), OptimConfig())
+    for _ in range(3):
+        core.store("t").replace_weights({k: t.clone() for k, t in core.store("t").params.items()})  # new versions
+    version = core.store("t").version
+    assert version >= 3
+    core.export_adapter("t", tmp_path / "adapter")
+
+    served = SampleResult(tenant="sample", adapter_version=1, prompt_token_ids=[1], completions=[
+        Completion(token_ids=[2], logprobs=[-1.0], text="42", finish_reason="stop")])
+    monkeypatch.setattr(cli, "_sample", lambda args, adapter, prompts, model: [served])
+    assert main(["sample", str(tmp_path / "adapter"), "What is 6 times 7?"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"adapter version {version}" in out and "version 1" not in out

@@ -6,7 +6,8 @@ The trainer (import, export), the sampler (before vLLM loads an adapter) and ``c
 - ``read_peft_dir(path, error)``: the folder exists, holds both files, and its config is a JSON
   object. Weights are read as safetensors only: ``adapter_model.bin`` is pickle and never read.
 - ``config_target_modules(config)``: the config's ``target_modules`` as a list.
-- ``safetensors_names(path, error)``: the tensor names in a safetensors header (no tensor is loaded).
+- ``safetensors_names(path, error)``: the tensor names in a safetensors header (no tensor is loaded);
+  ``adapter_version(path, error)``: the trainer's version clora wrote into the header's metadata.
 
 Each check raises ``error`` (the caller's CloraError subclass) with a message naming the file and
 what is wrong with it.
@@ -27,11 +28,15 @@ __all__ = [
     "read_peft_dir",
     "config_target_modules",
     "safetensors_names",
+    "safetensors_header",
+    "adapter_version",
+    "VERSION_METADATA",
 ]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"  # pickle: refused, named in the error
+VERSION_METADATA = "clora_adapter_version"  # safetensors metadata: the trainer's version of the weights
 
 
 class PeftDir(NamedTuple):
@@ -76,7 +81,18 @@ def config_target_modules(config: dict[str, Any]) -> list[str]:
 
 
 def safetensors_names(path: Path, error: type[Exception]) -> list[str]:
-    """Tensor names from a safetensors header (8-byte little-endian length, then JSON)."""
+    """Tensor names from a safetensors header."""
+    return [k for k in safetensors_header(path, error) if k != "__metadata__"]
+
+
+def adapter_version(path: Path, error: type[Exception]) -> int | None:
+    """The trainer's adapter version clora wrote into a weights file's metadata (None: not written by clora)."""
+    version = (safetensors_header(path, error).get("__metadata__") or {}).get(VERSION_METADATA)
+    return int(version) if isinstance(version, str) and version.isdigit() else None
+
+
+def safetensors_header(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """A safetensors header (8-byte little-endian length, then JSON): tensor entries and ``__metadata__``."""
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -88,4 +104,6 @@ def safetensors_names(path: Path, error: type[Exception]) -> list[str]:
             header = json.loads(f.read(size))
         except ValueError as e:
             raise error(f"{str(path)!r} is not a safetensors file (bad header: {e})") from None
-    return [k for k in header if k != "__metadata__"]
+    if not isinstance(header, dict):
+        raise error(f"{str(path)!r} is not a safetensors file (its header is not a JSON object)")
+    return header

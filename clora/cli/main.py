@@ -111,7 +111,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from clora.observe.artifacts import export_tenant_adapter
 
     info = export_tenant_adapter(args.run_dir, args.tenant, args.out_dir, force=args.force)
-    print(f"exported {args.tenant!r}: rank {info.rank}, alpha {info.alpha:g}, {info.tensors} LoRA tensors, "
+    version = f"version {info.version}, " if info.version is not None else ""
+    print(f"exported {args.tenant!r}: {version}rank {info.rank}, alpha {info.alpha:g}, {info.tensors} LoRA tensors, "
           f"{len(info.target_modules)} target modules -> {info.path} (PEFT format: PeftModel.from_pretrained "
           f"or vLLM LoRARequest load it)")
     return EXIT_OK
@@ -161,10 +162,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     console = Console()
     console.print(f"{'adapter ' + str(adapter.path) if adapter is not None else 'the base model'} on {model}:")
+    # The runtime serves the loaded file as its own version 1; what the user wants is the file's version.
+    label = "base model" if adapter is None else (
+        f"adapter version {adapter.version}" if adapter.version is not None else "adapter")
     for prompt, result in zip(prompts, outputs):
         body = "\n---\n".join(c.text for c in result.completions)
-        version = "base" if result.adapter_version < 0 else f"version {result.adapter_version}"
-        console.print(Panel(body, title=prompt if len(prompt) <= 60 else prompt[:57] + "...", subtitle=version))
+        console.print(Panel(body, title=prompt if len(prompt) <= 60 else prompt[:57] + "...", subtitle=label))
     return EXIT_OK
 
 

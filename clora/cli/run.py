@@ -81,10 +81,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: the runtime stopped cleanly; events so far in {run_dir}")
         return EXIT_INTERRUPTED
-    print_run_summary(console, run_dir)
+    shown = print_run_summary(console, run_dir)
     failed = {name: r for name, r in results.items() if isinstance(r, BaseException)}
     for name, error in failed.items():
-        console.print(f"[red]{name} failed[/]: {type(error).__name__}: {error}")
+        if name not in shown:  # the summary names each failed tenant's error already: once is enough
+            console.print(f"[red]{name} failed[/]: {type(error).__name__}: {error}")
     console.print(f"adapters: {run_dir / 'tenants'}/<tenant>/adapter; picture: clora events {run_dir} "
                   f"--timeline {run_dir / 'timeline.png'} --curves {run_dir / 'curves.png'}")
     return EXIT_FAILED if failed else EXIT_OK
@@ -161,12 +162,15 @@ def run_experiments(
         raise KeyboardInterrupt from e
 
 
-def print_run_summary(console: Any, run_dir: Path) -> None:
+def print_run_summary(console: Any, run_dir: Path) -> set[str]:
+    """The run's summary tables; returns the tenants it shows as failed (with their error)."""
     from clora.observe import load_run_events, summarize, summary_table
 
     try:
         events = load_run_events(str(run_dir), all_runs=False)
     except ConfigError as e:
         console.print(f"[yellow]no summary[/]: {e}")
-        return
-    console.print(summary_table(summarize(events), title=f"run {run_dir}"))
+        return set()
+    rows = summarize(events)
+    console.print(summary_table(rows, title=f"run {run_dir}"))
+    return {r.tenant for r in rows if r.status == "failed"}

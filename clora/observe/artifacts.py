@@ -13,7 +13,13 @@ from pathlib import Path
 
 import msgspec
 
-from clora.checkpoint.peft_dir import CONFIG_FILE, config_target_modules, read_peft_dir, safetensors_names
+from clora.checkpoint.peft_dir import (
+    CONFIG_FILE,
+    adapter_version,
+    config_target_modules,
+    read_peft_dir,
+    safetensors_names,
+)
 from clora.errors import CloraError
 
 __all__ = [
@@ -35,6 +41,7 @@ class PeftAdapterInfo(msgspec.Struct, frozen=True, kw_only=True):
     target_modules: tuple[str, ...]
     base_model: str | None
     tensors: int  # lora_A + lora_B weights in the safetensors file
+    version: int | None = None  # the trainer's adapter version, when clora wrote the file
 
 
 def tenant_adapter_dir(run_dir: str | Path, tenant: str) -> Path:
@@ -73,6 +80,7 @@ def check_peft_dir(path: str | Path) -> PeftAdapterInfo:
         path=folder.path, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
         target_modules=tuple(sorted(config_target_modules(config))),
         base_model=config.get("base_model_name_or_path"), tensors=len(lora),
+        version=adapter_version(folder.weights_file, ArtifactError),
     )
 
 

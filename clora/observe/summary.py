@@ -163,5 +163,5 @@ def summary_table(rows: Sequence[TenantSummary], title: str | None = None) -> An
             f"{r.time_train_s:.1f}", f"{r.time_sync_s:.1f}", f"{r.time_eval_s:.1f}",
         )
         if r.last_error:
-            failures.append(Text(f"{r.tenant}: {r.last_error}", style="red"))
+            failures.append(Text(f"{r.tenant}{' failed' if r.status == 'failed' else ''}: {r.last_error}", style="red"))
     return Group(progress, time, *failures)

@@ -234,7 +234,7 @@ class TrainerCore:
     def export_adapter(self, tenant: str, out_dir: str | Path) -> AdapterSnapshot:
         """Write the tenant's current adapter as a PEFT directory; returns what was written."""
         snap = self.snapshot(tenant)
-        export_peft(snap.tensors, snap.peft_config, out_dir)
+        export_peft(snap.tensors, snap.peft_config, out_dir, version=snap.version)
         return snap
 
     def import_adapter(self, tenant: str, path: str | Path) -> int:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from clora.checkpoint.atomic import write_atomically
 from clora.checkpoint.compat import lora_shape_mismatch
-from clora.checkpoint.peft_dir import CONFIG_FILE, WEIGHTS_FILE, read_peft_dir
+from clora.checkpoint.peft_dir import CONFIG_FILE, VERSION_METADATA, WEIGHTS_FILE, read_peft_dir
 from clora.config import LoraConfig
 from clora.errors import AdapterMismatchError, ModelNotFoundError
 from clora.trainer.store import AdapterStore, check_adapter_layout, initial_lora_params
@@ -86,13 +86,16 @@ def peft_state_dict(store: AdapterStore) -> dict[str, torch.Tensor]:
 
 
 def export_peft(
-    tensors: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], out_dir: str | Path
+    tensors: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], out_dir: str | Path,
+    *, version: int | None = None,
 ) -> Path:
     """Write PEFT-named ``tensors`` and ``peft_config`` into ``out_dir``; each file is replaced
-    atomically, weights first, so a reader never sees a half-written file."""
+    atomically, weights first, so a reader never sees a half-written file. ``version`` (the trainer's
+    adapter version) goes into the safetensors metadata, where ``clora sample`` reads it back."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / WEIGHTS_FILE, lambda p: save_file(dict(tensors), p, metadata={"format": "pt"}))
+    metadata = {"format": "pt", **({VERSION_METADATA: str(version)} if version is not None else {})}
+    write_atomically(out / WEIGHTS_FILE, lambda p: save_file(dict(tensors), p, metadata=metadata))
     write_atomically(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dict(peft_config), indent=2) + "\n"))
     return out
 
