@@ -6,6 +6,7 @@ The real Runtime and trainer on the tiny model; the sampler is tests/fake_sample
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -51,12 +52,17 @@ async def test_the_runtime_prints_nothing_of_a_healthy_run_by_default(
 
 @pytest.mark.parametrize(("level", "vllm"), [("warning", "ERROR"), ("error", "ERROR"), ("info", "INFO")])
 def test_the_cli_shows_vllm_warnings_only_when_asked(monkeypatch, default_structlog, level, vllm):
-    for name in ("VLLM_LOGGING_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS", "PYTHONWARNINGS"):
+    for name in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS", "PYTHONWARNINGS"):
         monkeypatch.setenv(name, "")  # recorded, so the test leaves the variable as it found it
         monkeypatch.delenv(name)
+    monkeypatch.setattr(logging.getLogger("vllm"), "handlers", [])
     configure_console_logging(level)
     assert os.environ["VLLM_LOGGING_LEVEL"] == vllm
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == ("ERROR" if vllm == "ERROR" else "INFO")
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert "ignore:resource_tracker:UserWarning" in os.environ["PYTHONWARNINGS"]  # for the engine's processes
+    # vLLM's import-time warnings (before it configures its logging) go nowhere when it is to log errors only
+    assert bool(logging.getLogger("vllm").handlers) == (vllm == "ERROR")
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")  # the user's choice wins
     configure_console_logging(level)
     assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"

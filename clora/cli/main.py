@@ -26,6 +26,7 @@ from clora.cli.run import cmd_run, load_runtime_class
 from clora.cli.sweep import add_sweep_parser
 from clora.errors import CloraError, ConfigError
 from clora.cli.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from clora.observe import console as _console  # noqa: F401  (imported in engine processes too: quiets vLLM's import)
 from clora.observe.artifacts import ArtifactError
 from clora.observe.tensorboard import TensorBoardUnavailable
 

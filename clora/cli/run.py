@@ -53,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     console = Console()
     names = ", ".join(e.name for e in config.experiments)
+    configure_console_logging(args.log_level)  # before the checks import the ML stack, which reads its settings
     check_before_start(args, config)
     if args.check:
         console.print(f"[green]ok[/]: {args.config} is valid: {len(config.experiments)} experiments ({names}) "
@@ -71,7 +72,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_bytes(dump_toml(config))
-    configure_console_logging(args.log_level)
     console.print(f"[bold]clora run[/]: {len(config.experiments)} experiments ({names}) on {config.model.source}; "
                   f"events in {run_dir / 'events.jsonl'}")
     if args.resume:

@@ -6,8 +6,11 @@ The library never configures structlog; a command (``clora run``) or a script ca
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,16 +26,42 @@ class _StderrLogger:
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
 
+# Python warnings of the ML stack that say nothing to a clora user (the engine's processes get them
+# through PYTHONWARNINGS): vLLM's engine leaves a shared-memory segment to Python's resource tracker,
+# which warns at exit; vLLM's Triton dispatcher uses a deprecated torch name.
+_IGNORED_WARNINGS = (
+    ("resource_tracker", UserWarning),
+    ("`torch.distributed.reduce_op` is deprecated", FutureWarning),
+)
+
+
+def _silence_vllm_import_warnings() -> None:
+    """vLLM logs a few warnings while it is imported, before it configures its logging; with no handler
+    anywhere Python prints them bare on stderr (logging.lastResort). When vLLM is to log errors only,
+    a NullHandler takes them. vLLM's own configuration replaces its handlers later."""
+    if os.environ.get("VLLM_LOGGING_LEVEL", "").upper() in ("ERROR", "CRITICAL"):
+        logging.getLogger("vllm").addHandler(logging.NullHandler())
+
+
+_silence_vllm_import_warnings()  # in an engine process that imports this script's modules again, too
+
+
 def configure_console_logging(level: str = "warning") -> None:
-    """Readable structlog lines on stderr. vLLM's own logging shows errors only unless ``level`` is
-    debug or info (then that level), and library progress bars (transformers' weight loading) are off;
-    an environment variable set already (VLLM_LOGGING_LEVEL, HF_HUB_DISABLE_PROGRESS_BARS) wins."""
+    """Readable structlog lines on stderr, and a quiet ML stack: vLLM logs errors only unless ``level``
+    is debug or info (then that level), torch's C++ warnings, library progress bars (transformers'
+    weight loading) and a few meaningless Python warnings are off, here and in the engine's processes.
+    An environment variable set already (VLLM_LOGGING_LEVEL, TORCH_CPP_LOG_LEVEL,
+    HF_HUB_DISABLE_PROGRESS_BARS, PYTHONWARNINGS) wins."""
     import structlog
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper() if level in ("debug", "info") else "ERROR")
+    verbose = level in ("debug", "info")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper() if verbose else "ERROR")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "INFO" if verbose else "ERROR")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # vLLM's engine leaves a shared-memory segment to Python's resource tracker, which warns at exit.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
+    os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore:{m}:{c.__name__}" for m, c in _IGNORED_WARNINGS))
+    for message, category in _IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category)
+    _silence_vllm_import_warnings()
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
