@@ -3,7 +3,8 @@
 All four adapters sample in the same vLLM batches on one warm SmolLM2-135M-Instruct, one trainer
 updates each adapter in turn, and every new version is loaded into the running engine in place.
 Prints each tenant's held-out accuracy before and after, on 64 held-out problems, with the 95%
-interval of the final accuracy. Events: <run_dir>/events.jsonl.
+interval of the final accuracy, writes curves.png and timeline.png into the run folder, and shows
+the commands to look further. Events: <run_dir>/events.jsonl.
 """
 
 from __future__ import annotations
@@ -82,6 +83,32 @@ async def main(args: argparse.Namespace) -> None:
             f"{result.duration_s:.0f}",
         )
     console.print(table)
+    show_next_steps(console, args.run_dir, config.experiments, results)
+
+
+def show_next_steps(console: Console, run_dir: str, experiments, results) -> None:
+    """The run's pictures, written into the run folder, and the commands to look further."""
+    from clora.observe import curves, load_run_events, timeline
+
+    events = load_run_events(run_dir)
+    for draw, name, what in ((curves, "curves.png", "reward and held-out accuracy per step"),
+                             (timeline, "timeline.png", "where the time went")):
+        try:
+            info = draw(events, f"{run_dir}/{name}")
+            console.print(f"{what}: {info.path}")
+        except ValueError as e:  # nothing to draw (every tenant failed before its first step)
+            console.print(f"no {name}: {e}")
+    finished = [e for e in experiments if not isinstance(results[e.name], BaseException)]
+    if not finished:
+        return
+    best = max(finished, key=lambda e: (results[e.name].accuracy_end, -finished.index(e))).name
+    console.print("\nnext:", style="bold")
+    console.print(f"  clora events {run_dir}                          # each tenant's steps, reward, accuracy, time",
+                  highlight=False, soft_wrap=True)
+    console.print(f"  clora export {run_dir} {best} out/{best}        # the best tenant's adapter, PEFT format",
+                  highlight=False, soft_wrap=True)
+    console.print(f'  clora sample out/{best} "What is 12 times 7?"   # try it (--base: the model without it)',
+                  highlight=False, soft_wrap=True)
 
 
 def cli() -> None:
