@@ -322,7 +322,7 @@ class ExperimentConfig(_Config):
     checkpoint_every: int = 1  # steps between checkpoints (also after the last step and on stop); 0: none
     retries: int = 0  # more tries of a rollout (env error, bad reward, step timeout) or a publish; 0: the tenant fails
     retry_backoff_s: float = 1.0  # wait before the first retry, doubled before each further one
-    seed: int = 0
+    seed: int = 0  # seeds the problem draw and every rollout's sampling (docs/reliability.md#seeds)
 
     def _field_prefix(self) -> str:
         return f"experiments.{self.name}"
