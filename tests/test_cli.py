@@ -134,14 +134,15 @@ def _narrow_model(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", sorted(PREFLIGHT_FAILURES))
-def test_run_check_catches_what_would_fail_after_the_engine_start(tmp_path, capsys, monkeypatch, case):
+def test_run_check_catches_what_would_fail_after_the_engine_start(tmp_path, capsys, monkeypatch, case,
+                                                                   hand_made_run):
     path, message = _preflight_case(tmp_path, case)
     assert main(["run", str(path), "--check"]) == EXIT_USAGE
     line = _one_error_line(capsys.readouterr().err, "run")
     assert line.startswith(f"clora run: error: {path}: {message}"), line
     # The real run refuses it the same way before the runtime starts, and leaves no run folder behind.
     seen = {}
-    monkeypatch.setitem(sys.modules, "clora.runtime", _fake_runtime_module({}, seen))
+    monkeypatch.setitem(sys.modules, "clora.runtime", _fake_runtime_module({}, seen, hand_made_run))
     assert main(["run", str(path)]) == EXIT_USAGE
     assert message in _one_error_line(capsys.readouterr().err, "run")
     assert "entered" not in seen and not (tmp_path / "run").exists()
@@ -342,13 +343,13 @@ def test_a_bench_whose_argparse_exits_returns_that_code_under_its_own_name(monke
     assert sys.argv[0] == before
 
 
-def test_run_resume_counts_the_whole_run(tmp_path, capsys, monkeypatch):
+def test_run_resume_counts_the_whole_run(tmp_path, capsys, monkeypatch, hand_made_run):
     """After --resume the bar ends at 6/6 and the summary says 6 steps for a 6-step run, not 2."""
     import clora.checkpoint.format
     from test_observe import _resumed_run
 
     seen = {}
-    module = _fake_runtime_module({"a": object()}, seen)
+    module = _fake_runtime_module({"a": object()}, seen, hand_made_run)
 
     class Resumed(module.Runtime):
         def __init__(self, config, *, console_level="info", resume=False):
@@ -358,7 +359,7 @@ def test_run_resume_counts_the_whole_run(tmp_path, capsys, monkeypatch):
         async def run_many(self, experiments, on_step=None):
             for step in (5, 6):
                 on_step("a", _Record(step=step, adapter_version=step, reward_mean=0.5))
-            write_run(Path(self.config.run_dir), _resumed_run("sigkill"))
+            hand_made_run.write(Path(self.config.run_dir), _resumed_run("sigkill"))
             return {"a": object()}
 
     module.Runtime = Resumed

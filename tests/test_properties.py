@@ -63,7 +63,8 @@ SMALL = st.integers(1, 64)
 UNIT = st.floats(0.0, 0.999)
 POSITIVE = st.floats(1e-6, 1e3)
 NAME = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}", fullmatch=True)
-# Config fields whose validate() restricts them, by "Struct.field"; every other field is free.
+# Fields whose validation restricts them (configs' validate(), SamplingSpec's checks), by "Struct.field";
+# every other field is free.
 CONFIG_FIELDS: dict[str, st.SearchStrategy] = {
     "ModelConfig.source": st.text(min_size=1, max_size=20),
     "ModelConfig.max_model_len": st.integers(16, 2**20),
@@ -99,10 +100,19 @@ CONFIG_FIELDS: dict[str, st.SearchStrategy] = {
     "ExperimentConfig.prompts_per_step": SMALL,
     "ExperimentConfig.group_size": SMALL,
     "ExperimentConfig.max_tokens": SMALL,
-    "ExperimentConfig.temperature": POSITIVE,
+    "ExperimentConfig.temperature": st.floats(1e-6, 2.0),
+    "SamplingSpec.n": SMALL,
+    "SamplingSpec.max_tokens": SMALL,
+    "SamplingSpec.temperature": st.floats(0.0, 2.0),
+    "SamplingSpec.top_p": st.floats(1e-6, 1.0),
+    "SamplingSpec.seed": st.none() | st.integers(0, 2**63 - 1),
+    "SamplingSpec.stop": st.lists(st.text(min_size=1, max_size=20), max_size=4).map(tuple),
     "ExperimentConfig.eval_every": st.integers(0, 64),
     "ExperimentConfig.checkpoint_every": st.integers(0, 64),
 }
+
+
+VALIDATED_MESSAGES = (messages.SamplingSpec,)  # messages that check their values like configs do
 
 
 def _valid_or_reject(cls: type, kwargs: dict) -> msgspec.Struct:
@@ -138,7 +148,7 @@ def from_type(info: mi.Type) -> st.SearchStrategy:
 
 def struct_strategy(cls: type) -> st.SearchStrategy:
     info = mi.type_info(cls)
-    if cls.__module__ != config_module.__name__:
+    if cls.__module__ != config_module.__name__ and cls not in VALIDATED_MESSAGES:
         return st.builds(cls, **{f.name: from_type(f.type) for f in info.fields})
     fields = {}
     for f in info.fields:
@@ -203,9 +213,9 @@ def test_runtime_config_round_trips_through_toml(cfg):
 @SETTINGS
 @given(value=FLOATS | st.sampled_from([math.inf, -math.inf, -0.0, 5e-324]))
 def test_msgpack_keeps_every_float_bit(value):
-    spec = messages.SamplingSpec(temperature=value)
-    back = msgspec.msgpack.decode(msgspec.msgpack.encode(spec), type=messages.SamplingSpec)
-    assert math.copysign(1.0, back.temperature) == math.copysign(1.0, value) and back.temperature == value
+    completion = messages.Completion(token_ids=[1], logprobs=[value], text="", finish_reason=None)
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(completion), type=messages.Completion)
+    assert math.copysign(1.0, back.logprobs[0]) == math.copysign(1.0, value) and back.logprobs[0] == value
 
 
 # ----------------------------------------------------------------------------- (b) adapter store swaps

@@ -1,7 +1,7 @@
 """A library is quiet by default: the Runtime hands only warnings and errors to the app's logging, vLLM
 logs errors only, and a bf16 engine loads a bf16 copy of an fp32 model (no per-tensor cast warnings).
 
-The real Runtime and trainer on the tiny model; the sampler is tests/fake_sampler.py (no vLLM).
+The real Runtime, sampler actor and trainer on the tiny model; the engine is clora.testing.FakeEngine.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from clora.config import ModelConfig, RuntimeConfig
 from clora.events import read_events
 from clora.observe.console import configure_console_logging
 from clora.sampler.engine_weights import engine_model_dir, weight_dtypes
-from fake_sampler import RecordingSampler
+from clora.messages import Completion
+from clora.testing import FakeEngine
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,11 +37,11 @@ def default_structlog():
 async def test_the_runtime_prints_nothing_of_a_healthy_run_by_default(
     tiny_model_dir, tmp_path, monkeypatch, capsys, default_structlog
 ):
-    monkeypatch.setattr(clora.runtime, "SamplerActor", RecordingSampler)
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "")  # recorded, so the test leaves the variable as it found it
     monkeypatch.delenv("VLLM_LOGGING_LEVEL")
     config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir)), run_dir=str(tmp_path / "run"))
-    async with clora.runtime.Runtime(config) as rt:
+    answer = Completion(token_ids=[100, 101], logprobs=[-1.0, -1.0], text="a b", finish_reason="stop")
+    async with clora.runtime.Runtime(config, engine=FakeEngine([answer])) as rt:
         tenant = await rt.tenant("t")
         await tenant.sample([5, 6, 7], n=2, max_tokens=3)
     assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR"

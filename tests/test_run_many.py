@@ -1,6 +1,6 @@
 """Runtime.run_many takes your own environments by experiment name, and tenant.started names the env used.
 
-The real Runtime and trainer on the tiny model; the sampler is tests/fake_sampler.py (no vLLM).
+The real Runtime, sampler actor and trainer on the tiny model; the engine is clora.testing.FakeEngine.
 """
 
 from __future__ import annotations
@@ -12,22 +12,17 @@ from clora import events as names
 from clora.config import EnvConfig, ExperimentConfig, LoraConfig, ModelConfig, RuntimeConfig
 from clora.errors import ConfigError
 from clora.events import read_events
-from fake_sampler import RecordingSampler
-from small_env import SmallEnv
+from clora.messages import Completion
+from clora.testing import FakeEngine, ToyEnv
 
 pytestmark = pytest.mark.timeout(300)
 
 
-class CountingEnv(SmallEnv):
-    name = "counting"
+class CountingEnv(ToyEnv):
+    name = "counting"  # ToyEnv counts the episodes it starts
 
-    def __init__(self) -> None:
-        super().__init__(question="a question only this env asks")
-        self.started = 0
 
-    def start(self, problem):
-        self.started += 1
-        return super().start(problem)
+ANSWER = Completion(token_ids=[100, 101, 102], logprobs=[-1.0] * 3, text="a b", finish_reason="stop")
 
 
 def _experiment(name: str) -> ExperimentConfig:
@@ -35,12 +30,11 @@ def _experiment(name: str) -> ExperimentConfig:
                             lora=LoraConfig(rank=4, alpha=8.0), env=EnvConfig(held_out_size=1, max_turns=1))
 
 
-async def test_run_many_runs_each_experiment_on_its_own_env(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(clora.runtime, "SamplerActor", RecordingSampler)
+async def test_run_many_runs_each_experiment_on_its_own_env(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir), max_model_len=512), run_dir=str(run))
-    custom = CountingEnv()
-    async with clora.runtime.Runtime(config, console_level="critical") as rt:
+    custom = CountingEnv(held_out=1)
+    async with clora.runtime.Runtime(config, console_level="critical", engine=FakeEngine([ANSWER])) as rt:
         with pytest.raises(ConfigError, match="envs names 'typo', which is not an experiment here"):
             await rt.run_many([_experiment("mine")], envs={"typo": custom})
         results = await rt.run_many([_experiment("mine"), _experiment("builtin")], envs={"mine": custom})

@@ -1,7 +1,7 @@
 """Scripted tenants (``rt.tenant``) in the tools: their adapter is where ``clora export`` looks, ``clora
 events`` shows them finished with their optimizer steps, and the timeline draws their work on their row.
 
-The real Runtime and trainer on the tiny model; the sampler is tests/fake_sampler.py (no vLLM).
+The real Runtime, sampler actor and trainer on the tiny model; the engine is clora.testing.FakeEngine.
 """
 
 from __future__ import annotations
@@ -16,22 +16,26 @@ from clora.observe.artifacts import export_tenant_adapter
 from clora.observe.plots import work_labels
 from clora.observe.spans import PUBLISHING, ROLLOUT, TRAINER_ROW, TRAINING, Span, tenant_spans
 from clora.rl.rollout import completion_datum
-from fake_sampler import RecordingSampler
+from clora.messages import Completion
+from clora.testing import FakeEngine
 
 pytestmark = pytest.mark.timeout(180)
 
 
-async def test_a_scripted_tenant_is_exported_summarized_and_drawn_like_an_experiment(
-    tiny_model_dir, tmp_path, monkeypatch
-):
-    monkeypatch.setattr(clora.runtime, "SamplerActor", RecordingSampler)
+def _completion(request) -> Completion:
+    tokens = [100 + (request.index + i) % 40 for i in range(1 + request.index % 3)]  # varies per request
+    return Completion(token_ids=tokens, logprobs=[-1.0] * len(tokens), text=str(tokens), finish_reason="stop")
+
+
+async def test_a_scripted_tenant_is_exported_summarized_and_drawn_like_an_experiment(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir)), run_dir=str(run))
-    async with clora.runtime.Runtime(config, console_level="critical") as rt:
+    engine = FakeEngine(_completion, decode_s=0.005)
+    async with clora.runtime.Runtime(config, console_level="critical", engine=engine) as rt:
         script = await rt.tenant("script", lora=LoraConfig(rank=4, alpha=8.0))
         left_open = await rt.tenant("left-open")  # the runtime's exit closes it
         for _ in range(2):
-            group = await script.sample([5, 6, 7, 8], n=2, max_tokens=4, seed=1)
+            group = await script.sample([5, 6, 7, 8], n=2, max_tokens=4)
             data = [completion_datum(group.prompt_token_ids, c, advantage=a)
                     for c, a in zip(group.completions, (1.0, -1.0))]
             await script.forward_backward(data, LossConfig(kind="importance_sampling"))

@@ -2,21 +2,23 @@
 (one seed per step, problem, episode and turn). Two runs of one config ask the engine for the same
 requests, so with a sampler that honours seeds they sample, score and train identically.
 
-The real Runtime and trainer on the tiny model; the sampler is tests/fake_sampler.py, whose completion
-is a function of the request's seed (as vLLM's seeded sampling is of the seed and the logits).
+The real Runtime, sampler actor and trainer on the tiny model; the engine is clora.testing.FakeEngine
+with a script whose completion is a function of the request's seed (as vLLM's seeded sampling is a
+function of the seed and the logits).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 from safetensors.torch import load_file
 
 import clora.runtime
 from clora.config import EnvConfig, ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, RuntimeConfig
-from fake_sampler import RecordingSampler
-from small_env import SmallEnv
+from clora.messages import Completion
+from clora.testing import FakeEngine, ToyEnv, char_sum_reward
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,16 +42,22 @@ def test_episode_settings_seed_each_step_and_evaluation_apart():
     assert episode_settings(exp, 512, step=1, evaluation=True).sampling.temperature == 0.0
 
 
-async def test_two_tenants_with_one_config_sample_and_train_identically(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(clora.runtime, "SamplerActor", RecordingSampler)
-    RecordingSampler.instances.clear()
+def seeded(request) -> Completion:
+    """A completion that depends on the request's seed only (an unseeded request gets a random one)."""
+    rng = random.Random(request.sampling.seed) if request.sampling.seed is not None else random.Random()
+    tokens = [rng.randrange(100, 150) for _ in range(rng.randint(1, request.sampling.max_tokens))]
+    return Completion(token_ids=tokens, logprobs=[-1.0] * len(tokens), text=" ".join(map(str, tokens)),
+                      finish_reason="length")
+
+
+async def test_two_tenants_with_one_config_sample_and_train_identically(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir), max_model_len=512), run_dir=str(run))
-    async with clora.runtime.Runtime(config, console_level="critical") as rt:
-        results = await asyncio.gather(*(rt.run(experiment(name, seed), env=SmallEnv())
+    engine = FakeEngine(seeded, max_model_len=512)
+    async with clora.runtime.Runtime(config, console_level="critical", engine=engine) as rt:
+        results = await asyncio.gather(*(rt.run(experiment(name, seed), env=ToyEnv(char_sum_reward, held_out=1))
                                          for name, seed in (("a", 3), ("b", 3), ("c", 4))))
-    (sampler,) = RecordingSampler.instances
-    seeds = {t: [r.sampling.seed for r in sampler.requests if r.tenant == t] for t in "abc"}
+    seeds = {t: [r.sampling.seed for r in engine.requests if r.tenant == t] for t in "abc"}
     assert len(seeds["a"]) == 2 * 2 * 3 + 2 * 1  # 2 steps x 2 problems x 3 episodes, and 2 held-out evals
     assert None not in seeds["a"] and len(set(seeds["a"])) == len(seeds["a"])  # one seed per request
     assert sorted(seeds["a"]) == sorted(seeds["b"])

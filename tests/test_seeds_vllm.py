@@ -9,7 +9,6 @@ may still differ (float reductions that depend on the batch) is in docs/reliabil
 from __future__ import annotations
 
 import asyncio
-import random
 from collections import Counter
 
 import pytest
@@ -25,26 +24,22 @@ from clora.config import (
 )
 from clora.envs import Outcome, Problem
 from clora.runtime import Runtime
-from small_env import SmallEnv
+from clora.testing import ToyEnv, char_sum_reward
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1200)]
 
 
-class RecordingEnv(SmallEnv):
-    """SmallEnv (rewards from the text, so every step trains) that records (draw, problem, text)."""
+class RecordingEnv(ToyEnv):
+    """ToyEnv with graded rewards (a group's rewards differ, so every step trains) that records every
+    (draw, problem, text) it scores."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(char_sum_reward, held_out=1)
         self.seen: Counter[tuple[int, str, str]] = Counter()
-        self._draws = 0
-
-    def train_problems(self, rng: random.Random, n: int) -> list[Problem]:
-        self._draws += 1
-        return super().train_problems(rng, n)
 
     def start(self, problem: Problem):
         episode = super().start(problem)
-        draw, step = self._draws, episode.step
+        draw, step = len(self.drawn), episode.step
 
         def recording_step(text: str) -> Outcome:
             self.seen[(draw, problem.id, text)] += 1
@@ -67,7 +62,7 @@ def _shared(x: Counter, y: Counter) -> float:
     return sum((x & y).values()) / max(1, sum(x.values()))
 
 
-HELD_OUT = "h"  # SmallEnv's held-out problem
+HELD_OUT = "h0"  # the held-out problem
 
 
 async def test_a_seeded_experiment_samples_the_same_when_run_again(tiny_model_dir, tmp_path):
