@@ -243,3 +243,51 @@ def hand_made_run() -> HandMadeRun:
     """Two tenants on one trainer, with numbers chosen to check by hand (see the timeline above)."""
     return HandMadeRun(old=[dict(e) for e in _OLD_RUN], run=[dict(e) for e in _RUN],
                        expected_spans=dict(_EXPECTED_SPANS))
+
+
+def _resumed_run(crash: str) -> list[dict]:
+    """A 6-step run stopped after step 5 (its checkpoint is at step 4, so step 5 is done again), then
+    resumed: the events of both runtimes. ``crash``: "sigkill" (no event) or "ctrl-c" (the tenant is
+    cancelled)."""
+
+    def step(ts, n, reward):
+        return {"ts": ts, "event": "tenant.step", "tenant": "a", "step": n, "adapter_version": n, "duration_s": 1.0,
+                "reward/mean": reward, "time/rollout": 1.0, "time/train": 0.0, "time/sync": 0.0}
+
+    first = [{"ts": 10.0, "event": "runtime.started", "duration_s": 5.0, "resume": False},
+             {"ts": 11.0, "event": "tenant.started", "tenant": "a", "steps": 6},
+             *(step(11.0 + n, n, 0.1 * n) for n in range(1, 6))]
+    if crash == "ctrl-c":
+        first.append({"ts": 17.0, "event": "tenant.failed", "tenant": "a", "error": "CancelledError: "})
+    second = [{"ts": 100.0, "event": "runtime.started", "duration_s": 5.0, "resume": True},
+              {"ts": 101.0, "event": "tenant.resumed", "tenant": "a", "step": 4},
+              {"ts": 101.0, "event": "tenant.started", "tenant": "a", "steps": 6},
+              step(102.0, 5, 0.55), step(103.0, 6, 0.6),
+              {"ts": 104.0, "event": "tenant.finished", "tenant": "a", "steps": 6, "duration_s": 94.0}]
+    return first + second
+
+
+@pytest.fixture
+def resumed_run() -> Callable[[str], list[dict]]:
+    """``resumed_run(crash)``: the events of a 6-step run of tenant "a" stopped after step 5 (checkpoint
+    at step 4) and resumed to the end; ``crash`` is "sigkill" or "ctrl-c"."""
+    return _resumed_run
+
+
+def _doc_commands(doc: str) -> list[list[str]]:
+    """The commands of ``doc``'s ```bash blocks, in order, split like a shell, comments dropped."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / doc).read_text(encoding="utf-8"), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+@pytest.fixture(scope="session")
+def doc_commands() -> Callable[[str], list[list[str]]]:
+    """``doc_commands(doc)``: the shell commands of ``doc``'s ```bash blocks (a path from the repo root)."""
+    return _doc_commands

@@ -343,10 +343,9 @@ def test_a_bench_whose_argparse_exits_returns_that_code_under_its_own_name(monke
     assert sys.argv[0] == before
 
 
-def test_run_resume_counts_the_whole_run(tmp_path, capsys, monkeypatch, hand_made_run):
+def test_run_resume_counts_the_whole_run(tmp_path, capsys, monkeypatch, hand_made_run, resumed_run):
     """After --resume the bar ends at 6/6 and the summary says 6 steps for a 6-step run, not 2."""
     import clora.checkpoint.format
-    from test_observe import _resumed_run
 
     seen = {}
     module = _fake_runtime_module({"a": object()}, seen, hand_made_run)
@@ -359,7 +358,7 @@ def test_run_resume_counts_the_whole_run(tmp_path, capsys, monkeypatch, hand_mad
         async def run_many(self, experiments, on_step=None):
             for step in (5, 6):
                 on_step("a", _Record(step=step, adapter_version=step, reward_mean=0.5))
-            hand_made_run.write(Path(self.config.run_dir), _resumed_run("sigkill"))
+            hand_made_run.write(Path(self.config.run_dir), resumed_run("sigkill"))
             return {"a": object()}
 
     module.Runtime = Resumed

@@ -18,7 +18,6 @@ import structlog
 
 from clora.cli.main import EXIT_OK, main
 from clora.config import EngineConfig, dump_toml, load_toml
-from test_getting_started import clora_commands
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
 
@@ -51,10 +50,11 @@ def _tiny_examples(folder: Path) -> list[str]:
     return [e.name for e in experiments]
 
 
-def test_the_getting_started_commands_run_as_written(tmp_path, monkeypatch, capsys):
+def test_the_getting_started_commands_run_as_written(tmp_path, monkeypatch, capsys, doc_commands):
     names = _tiny_examples(tmp_path)
     monkeypatch.chdir(tmp_path)
-    commands = [c for c in clora_commands() if c[0] in ("run", "events", "export", "sample")
+    page = [c[1:] for c in doc_commands("docs/getting-started.md") if c[0] == "clora"]
+    commands = [c for c in page if c[0] in ("run", "events", "export", "sample")
                 and "runs/demo" not in c and "out/lr0.003" not in c and "--check" not in c and "--resume" not in c]
     assert [c[0] for c in commands] == ["run", "events", "export", "sample"]
     run, events, export, sample = commands

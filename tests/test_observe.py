@@ -238,31 +238,11 @@ def test_engine_summary_prefers_the_totals_line_and_else_sums_the_windows():
     assert engine_summary([*windows, totals])["prompt_tokens"] == 7
 
 
-def _resumed_run(crash: str) -> list[dict]:
-    """A 6-step run stopped after step 5 (checkpointed at 4: step 5 is done again), then resumed."""
-
-    def step(ts, n, reward):
-        return {"ts": ts, "event": "tenant.step", "tenant": "a", "step": n, "adapter_version": n, "duration_s": 1.0,
-                "reward/mean": reward, "time/rollout": 1.0, "time/train": 0.0, "time/sync": 0.0}
-
-    first = [{"ts": 10.0, "event": "runtime.started", "duration_s": 5.0, "resume": False},
-             {"ts": 11.0, "event": "tenant.started", "tenant": "a", "steps": 6},
-             *(step(11.0 + n, n, 0.1 * n) for n in range(1, 6))]
-    if crash == "ctrl-c":  # SIGKILL leaves nothing; Ctrl-C cancels the tenant
-        first.append({"ts": 17.0, "event": "tenant.failed", "tenant": "a", "error": "CancelledError: "})
-    second = [{"ts": 100.0, "event": "runtime.started", "duration_s": 5.0, "resume": True},
-              {"ts": 101.0, "event": "tenant.resumed", "tenant": "a", "step": 4},
-              {"ts": 101.0, "event": "tenant.started", "tenant": "a", "steps": 6},
-              step(102.0, 5, 0.55), step(103.0, 6, 0.6),
-              {"ts": 104.0, "event": "tenant.finished", "tenant": "a", "steps": 6, "duration_s": 94.0}]
-    return first + second
-
-
 @pytest.mark.parametrize("crash", ["sigkill", "ctrl-c"])
-def test_a_resumed_run_is_one_run_with_each_step_counted_once(crash):
+def test_a_resumed_run_is_one_run_with_each_step_counted_once(crash, resumed_run):
     older = [{"ts": 1.0, "event": "runtime.started", "duration_s": 0.0},
              {"ts": 2.0, "event": "tenant.started", "tenant": "old", "steps": 1}]
-    events = last_run(older + _resumed_run(crash))
+    events = last_run(older + resumed_run(crash))
     assert "old" not in {e.get("tenant") for e in events}  # the run before the first start is another run
     (row,) = summarize(events)
     assert (row.status, row.steps, row.trained, row.failures) == ("finished", 6, 6, 0)
@@ -270,7 +250,7 @@ def test_a_resumed_run_is_one_run_with_each_step_counted_once(crash):
     # A fresh (not resumed) start after it begins a new run.
     again = [{"ts": 200.0, "event": "runtime.started", "duration_s": 1.0, "resume": False},
              {"ts": 201.0, "event": "tenant.started", "tenant": "a", "steps": 6}]
-    (row,) = summarize(last_run(_resumed_run(crash) + again))
+    (row,) = summarize(last_run(resumed_run(crash) + again))
     assert (row.status, row.steps) == ("running", 0)
 
 
