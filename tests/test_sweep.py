@@ -285,6 +285,30 @@ def test_check_lists_the_tenants_and_starts_nothing(tmp_path, capsys, monkeypatc
     assert main(["sweep", str(ROOT / "examples" / "sweep.toml"), "--check"]) == EXIT_OK
 
 
+@pytest.mark.parametrize(
+    ("runtime", "base", "message"),
+    [
+        ('model = {{ source = "{tmp}/no-model" }}', "", "model directory '{tmp}/no-model' does not exist"),
+        ('model = {{ source = "tiny" }}', "lora = { target_modules = ['qkv_proj'] }",
+         "experiments.lr-0.001_s0.lora.target_modules: target module 'qkv_proj' does not exist in the base model"),
+    ],
+)
+def test_what_would_fail_after_the_engine_start_fails_before_it(tmp_path, capsys, monkeypatch, runtime, base,
+                                                                 message):
+    """--check and the run check the base model and every tenant's LoRA targets (clora.preflight):
+    exit 2, one line naming the sweep file, no runtime and no run folder."""
+    monkeypatch.setitem(sys.modules, "clora.runtime", None)  # importing it would fail the test
+    path = tmp_path / "sweep.toml"
+    path.write_text(f'seeds = 1\n[runtime]\n{runtime.format(tmp=tmp_path)}\n[base]\nsteps = 1\n{base}\n'
+                    '[grid]\n"optim.lr" = [1e-3]\n')
+    for extra in (["--check"], []):
+        assert main(["sweep", str(path), "--run-dir", str(tmp_path / "run"), *extra]) == EXIT_USAGE
+        lines = [line for line in capsys.readouterr().err.splitlines() if line]
+        assert len(lines) == 1 and lines[0].startswith(f"clora sweep: error: {path}: "), lines
+        assert message.format(tmp=tmp_path) in lines[0], lines
+        assert not (tmp_path / "run").exists()
+
+
 def test_a_bad_sweep_file_exits_2_with_one_line_naming_file_and_field(tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text('[grid]\n"optim.lrr" = [1e-3]')

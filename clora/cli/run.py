@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     names = ", ".join(e.name for e in config.experiments)
     configure_console_logging(args.log_level)  # before the checks import the ML stack, which reads its settings
-    check_before_start(args, config)
+    check_before_start(args.config, config)
     if args.check:
         console.print(f"[green]ok[/]: {args.config} is valid: {len(config.experiments)} experiments ({names}) "
                       f"on {config.model.source}, run folder {config.run_dir} (base model, envs and LoRA targets "
@@ -91,17 +91,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def check_before_start(args: argparse.Namespace, config: Any) -> None:
-    """What can fail before the engine starts fails here, naming the file (clora.preflight)."""
+def check_before_start(file: str, config: Any) -> None:
+    """What can fail before the engine starts fails here, naming ``file`` (the experiments or sweep file
+    ``config`` came from; clora.preflight)."""
     from clora.preflight import check_run
 
     run_dir = Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{args.config}: run_dir {str(run_dir)!r} exists and is not a folder")
+        raise ConfigError(f"{file}: run_dir {str(run_dir)!r} exists and is not a folder")
     try:
         check_run(config)
     except ConfigError as e:
-        raise type(e)(f"{args.config}: {e}") from None
+        raise type(e)(f"{file}: {e}") from None
 
 
 def checkpointed_tenants(run_dir: Path, config: Any) -> list[str]:

@@ -1,7 +1,8 @@
 """``clora sweep SWEEP.toml``: a base experiment x a grid (or list) of overrides x seeds, all tenants
 at once on one warm runtime; then a ranked table, ``results.json`` and ``rewards.png`` in the run folder.
 
-``--check`` validates the file and lists the tenants without starting anything. The run folder's
+``--check`` validates the file (and, as the run does before it writes anything, the base model, envs
+and LoRA targets: clora.preflight) and lists the tenants without starting anything. The run folder's
 checkpoints are handled as by ``clora run`` (``--resume`` / ``--fresh``). docs/sweep.md has the format.
 """
 
@@ -58,7 +59,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep, args.run_dir)
     from rich.console import Console
 
-    from clora.cli.run import checkpointed_tenants, run_experiments
+    from clora.cli.run import check_before_start, checkpointed_tenants, run_experiments
     from clora.config import dump_toml
     from clora.observe.console import configure_console_logging
     from clora.sweep.report import tenants_table
@@ -68,10 +69,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     summary = (f"{len(sweep.tenants)} tenants ({len(sweep.points)} points x {len(sweep.seeds)} seeds) on "
                f"{config.model.source}, run folder {config.run_dir}")
     console.print(tenants_table(sweep, title=f"{args.sweep}: {summary}"))
+    configure_console_logging(args.log_level)  # before the checks import the ML stack, which reads its settings
+    check_before_start(args.sweep, config)
     if args.check:
-        console.print(f"[green]ok[/]: {args.sweep} is valid: {summary}")
+        console.print(f"[green]ok[/]: {args.sweep} is valid: {summary} (base model, envs and LoRA targets "
+                      "checked; nothing started)")
         return EXIT_OK
     run_dir = Path(config.run_dir)
+    from clora.checkpoint.format import checkpoint_steps
+
+    done = checkpoint_steps(run_dir, [e.name for e in config.experiments]) if args.resume else {}
     checkpointed = checkpointed_tenants(run_dir, config)
     if checkpointed and not (args.resume or args.fresh):
         raise ConfigError(
@@ -81,11 +88,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "sweep.toml").write_bytes(Path(args.sweep).read_bytes())
     (run_dir / "config.toml").write_bytes(dump_toml(config))
-    configure_console_logging(args.log_level)
     console.print(f"[bold]clora sweep[/]: {summary}; events in {run_dir / 'events.jsonl'}")
     load_before, started = os.getloadavg(), time.time()
     try:
-        results = run_experiments(config, console, args.log_level, resume=args.resume)
+        results = run_experiments(config, console, args.log_level, resume=args.resume, done=done)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: the runtime stopped cleanly; events so far in {run_dir}")
         return EXIT_INTERRUPTED
