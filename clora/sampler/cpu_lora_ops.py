@@ -11,7 +11,8 @@ The ops keep vLLM's signatures and output semantics exactly (``shrink`` overwrit
 columns, ``expand`` adds or writes, ``expand_slice`` into a column slice). They are installed by
 ``register()``, a vLLM general plugin (entry point ``vllm.general_plugins`` in pyproject.toml)
 that vLLM calls in each of its processes; it does nothing unless ``CLORA_VLLM_CPU_LORA_OPS=1``
-(clora's engine sets it for the engine it starts) and the platform is the CPU.
+(clora's engine sets it for the engine it starts) and the platform is the CPU. The same hook installs
+clora.sampler.cpu_seeds (seeded requests on a CPU engine).
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ def register() -> None:
 
     if current_platform.is_cpu():
         install()
+        from clora.sampler import cpu_seeds
+
+        cpu_seeds.install()  # seeded requests survive a chunked prefill (clora/sampler/cpu_seeds.py)
 
 
 def active_for_new_engines(environ: Mapping[str, str] | None = None) -> bool:
