@@ -25,13 +25,13 @@ LEARNING_RATES = (5e-4, 1e-3, 2e-3, 3e-3)  # one tenant per learning rate
 HELD_OUT_SIZE = 64  # one problem is 1.6 points; all of them are evaluated at once
 
 
-def experiments(steps: int) -> tuple[ExperimentConfig, ...]:
+def experiments(steps: int, held_out: int = HELD_OUT_SIZE) -> tuple[ExperimentConfig, ...]:
     return tuple(
         ExperimentConfig(
             name=f"lr{lr:g}",
             optim=OptimConfig(lr=lr),
             loss=LossConfig(kind="ppo"),
-            env=EnvConfig(kind="arithmetic", difficulty=0, held_out_size=HELD_OUT_SIZE, seed=7),
+            env=EnvConfig(kind="arithmetic", difficulty=0, held_out_size=held_out, seed=7),
             steps=steps,
             prompts_per_step=4,
             group_size=6,
@@ -49,7 +49,7 @@ async def main(args: argparse.Namespace) -> None:
         model=ModelConfig(source=args.model, dtype="bfloat16", max_model_len=1024),
         trainer=TrainerConfig(autocast_bf16=True),
         run_dir=args.run_dir,
-        experiments=experiments(args.steps),
+        experiments=experiments(args.steps, args.held_out),
     )
     console.print(f"[bold]clora demo[/]: {len(config.experiments)} tenants on {args.model}; events in {args.run_dir}/events.jsonl")
     started = time.perf_counter()
@@ -116,6 +116,8 @@ def cli() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a HF model directory")
     parser.add_argument("--run-dir", default="runs/demo")
+    parser.add_argument("--held-out", type=int, default=HELD_OUT_SIZE, metavar="N",
+                        help=f"held-out problems each tenant is evaluated on before and after (default {HELD_OUT_SIZE})")
     args = parser.parse_args()
     configure_console_logging("warning")  # the console is for the progress bars: vLLM errors only, no library bars
     try:
