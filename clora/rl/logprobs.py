@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["token_logprobs", "token_entropy"]
+__all__ = ["token_logprobs", "token_entropy", "at_least_fp32"]
+
+
+def at_least_fp32(values: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision values (bf16 logits under autocast); float64 stays float64."""
+    return values if values.dtype == torch.float64 else values.float()
 
 
 def _shift_right(values: torch.Tensor) -> torch.Tensor:
@@ -20,11 +25,11 @@ def _shift_right(values: torch.Tensor) -> torch.Tensor:
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(tokens[:, i] | tokens[:, :i]) for every position; position 0 is 0.0.
 
-    Computed in float32 whatever the logits' dtype (bf16 logits under autocast).
+    Computed in float32 at least, whatever the logits' dtype (bf16 logits under autocast).
     """
     # logits: (B, T, V), tokens: (B, T) int64. The big logits tensor is never sliced (its slice
     # backward would allocate a full (B, T, V) zero tensor); the last position is dropped afterwards.
-    logits = logits.float()  # (B, T, V), no copy when already fp32
+    logits = at_least_fp32(logits)  # (B, T, V), no copy when already fp32
     next_tokens = torch.nn.functional.pad(tokens[:, 1:], (0, 1)).unsqueeze(-1)  # (B, T, 1)
     picked = logits.gather(-1, next_tokens).squeeze(-1)  # (B, T)
     logp = picked - torch.logsumexp(logits, dim=-1)  # (B, T): position j predicts token j+1
@@ -34,6 +39,6 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the distribution that predicts each token; position 0 is 0.0."""
     # logits: (B, T, V)
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    logp = torch.log_softmax(at_least_fp32(logits), dim=-1)  # (B, T, V)
     entropy = -(logp.exp() * logp).sum(-1)  # (B, T): position j's distribution predicts token j+1
     return _shift_right(entropy[:, :-1])  # (B, T)

@@ -28,7 +28,7 @@ from torch import nn
 
 from clora.trainer.lora_layer import SlotRouting
 from clora.trainer.prefix_plan import PrefixPlan, plan_prefix_tree
-from clora.rl import token_entropy, token_logprobs
+from clora.rl.logprobs import at_least_fp32, token_entropy, token_logprobs
 
 __all__ = ["PolicyForward", "naive_forward", "shared_forward", "prefix_unsupported"]
 
@@ -70,7 +70,7 @@ class PolicyForward:
             if self._scatter is None:
                 return token_entropy(self._logits.detach())  # (B, T)
             rows, cols, inverse = self._scatter
-            logp = torch.log_softmax(self._logits.detach().float(), dim=-1)  # (U, V)
+            logp = torch.log_softmax(at_least_fp32(self._logits.detach()), dim=-1)  # (U, V)
             per_position = -(logp.exp() * logp).sum(-1)  # (U,)
             return torch.zeros_like(self.logp).index_put((rows, cols), per_position.index_select(0, inverse))
 
@@ -155,7 +155,7 @@ def shared_forward(
         routing.use_rows(torch.cat(slot_parts))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = head(torch.cat(hidden_parts))  # (U, V)
-    logits32 = logits.float()  # (U, V), no copy when already fp32
+    logits32 = at_least_fp32(logits)  # (U, V), no copy when already fp32
     inverse = torch.cat(inverse_parts).to(device)  # (N,) needed position -> distinct position
     vocab = logits32.shape[-1]
     picked = logits32.reshape(-1).index_select(0, inverse * vocab + select.tokens.to(device))  # (N,)
