@@ -16,7 +16,7 @@ import torch
 
 from clora.config import DEFAULT_TARGET_MODULES, LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.trainer import FusedRequest, SlotRouting, TrainerCore, attach_lora, lora_layers
-from clora.trainer.prefix import naive_forward, prefix_unsupported, shared_forward
+from clora.trainer.prefix import PrefixRunner, naive_forward, prefix_unsupported
 from clora.rl import collate
 from clora.trainer.prefix_plan import plan_prefix_tree
 from clora.messages import Datum
@@ -177,42 +177,65 @@ def bind_random(model: torch.nn.Module, slot: int, seed: int, rank: int) -> list
     return leaves
 
 
-def run_both(model, routing, data: list[Datum], slots: list[int], need: torch.Tensor, leaves: list[torch.Tensor]):
-    """(log-probs, entropies, gradients of sum(w * logp)) from the naive and the shared forward."""
-    cpu = collate(data)
-    weights = torch.randn(cpu.tokens.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * need
+def run_both(
+    model, routing, data: list[Datum], slots: list[int], leaves: list[torch.Tensor], *, every: bool, chunk: int,
+    budget: int,
+):
+    """Per micro-batch of ``chunk`` rows: log-probs and entropies (where needed: trained positions, or
+    ``every`` position), and the summed gradients of sum(w * logp), from the naive and the shared path
+    (prefixes shared across micro-batches when they fit ``budget`` positions)."""
+    spans = [range(i, min(i + chunk, len(data))) for i in range(0, len(data), chunk)]
     out = []
     for shared in (False, True):
-        if shared:
-            forward = shared_forward(
-                model, cpu.tokens, cpu.lengths, need, device=torch.device("cpu"), pad_id=0, autocast=False,
-                slots=slots, routing=routing, min_tokens=8,
-            )
-        else:
-            routing.use_rows(torch.tensor(slots))
-            forward = naive_forward(model, cpu.tokens, cpu.attention_mask, autocast=False, slots=slots)
-        assert forward.logp.dtype == torch.float64
-        grads = torch.autograd.grad((forward.logp * weights).sum(), leaves)
-        out.append((forward.logp.detach() * need, forward.entropy() * need, grads))
+        runner = PrefixRunner(
+            model, [d.tokens for d in data], slots, [len(span) for span in spans], budget=budget,
+            device=torch.device("cpu"), pad_id=0, autocast=False, routing=routing, min_tokens=8, grad=True,
+        ) if shared else None
+        if runner is not None:
+            assert runner.per_call == (budget > 0)
+        per_batch = []
+        for index, span in enumerate(spans):
+            cpu = collate([data[r] for r in span])
+            need = cpu.attention_mask.bool() if every else cpu.loss_mask != 0
+            need[:, 0] = False
+            if runner is not None:
+                forward = runner.forward(index, need)
+            else:
+                routing.use_rows(torch.tensor([slots[r] for r in span]))
+                forward = naive_forward(model, cpu.tokens, cpu.attention_mask, autocast=False,
+                                        slots=[slots[r] for r in span])
+            assert forward.logp.dtype == torch.float64
+            weights = torch.randn(need.shape, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+            (forward.logp * weights * need).sum().backward()
+            per_batch.append((forward.logp.detach() * need, forward.entropy() * need))
+            if runner is not None:
+                runner.done(index)
+        grads = [leaf.grad.clone() for leaf in leaves]
+        for leaf in leaves:
+            leaf.grad = None
+        out.append((per_batch, grads))
     return out
 
 
 def assert_same_function(naive, shared) -> None:
-    torch.testing.assert_close(shared[0], naive[0], rtol=0, atol=1e-12)  # log-probs
-    torch.testing.assert_close(shared[1], naive[1], rtol=0, atol=1e-12)  # entropies
-    scale = max(float(g.abs().max()) for g in naive[2])
-    for i, (a, b) in enumerate(zip(naive[2], shared[2], strict=True)):
+    for (logp_a, entropy_a), (logp_b, entropy_b) in zip(naive[0], shared[0], strict=True):
+        torch.testing.assert_close(logp_b, logp_a, rtol=0, atol=1e-12)
+        torch.testing.assert_close(entropy_b, entropy_a, rtol=0, atol=1e-12)
+    scale = max(float(g.abs().max()) for g in naive[1])
+    for i, (a, b) in enumerate(zip(naive[1], shared[1], strict=True)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12 * scale, msg=f"gradient {i}")
 
 
-def test_float64_training_positions_are_the_same_function(f64):
+@pytest.mark.parametrize("budget", [10**6, 0], ids=["once_per_call", "per_micro_batch"])
+def test_float64_training_positions_are_the_same_function(f64, budget):
     """Groups with a shared prompt (ragged, multi-turn completions), lone sequences: the shared path's
-    log-probs, entropies and every LoRA gradient equal the naive path's to float64 rounding."""
+    log-probs, entropies and every LoRA gradient equal the naive path's to float64 rounding, with the
+    prefixes computed once per call (backward through them after the last micro-batch) or per micro-batch."""
     model, routing = f64
     leaves = bind_random(model, 0, seed=1, rank=4)
-    data = mixed_data(3)
-    need = collate(data).loss_mask != 0
-    assert_same_function(*run_both(model, routing, data, [0] * len(data), need, leaves))
+    data = mixed_data(3)  # micro-batches of 5 rows split the groups of 4
+    assert_same_function(*run_both(model, routing, data, [0] * len(data), leaves, every=False, chunk=5,
+                                   budget=budget))
 
 
 def test_float64_every_position_and_two_slots_are_the_same_function(f64):
@@ -222,9 +245,8 @@ def test_float64_every_position_and_two_slots_are_the_same_function(f64):
     leaves = bind_random(model, 0, seed=1, rank=4) + bind_random(model, 1, seed=2, rank=8)
     data = rollout_data(random.Random(4), groups=2, group_size=3)
     data = data + data[:4]
-    need = collate(data).attention_mask.bool()
-    need[:, 0] = False
-    assert_same_function(*run_both(model, routing, data, [0] * 6 + [1] * 4, need, leaves))
+    assert_same_function(*run_both(model, routing, data, [0] * 6 + [1] * 4, leaves, every=True, chunk=4,
+                                   budget=10**6))
 
 
 # ---------------------------------------------------------------------------------------- equality

@@ -1,21 +1,21 @@
-"""The policy forward of one micro-batch: token log-probs (with grad) and entropies, two ways.
+"""The policy forward of a training call: token log-probs (with grad) and entropies, two ways.
 
-``naive_forward``: every row through the whole model and the LM head at every position (the
-reference). ``shared_forward``: the rows' shared prefixes computed once (a ``PrefixPlan``, see
-clora.trainer.prefix_plan), and the LM head, log-softmax and entropy only where a log-prob is needed.
+``naive_forward``: one micro-batch, every row through the whole model and the LM head at every
+position (the reference). ``SharedPrefixStep``: the token prefixes the call's rows share (a
+``PrefixPlan`` over *all* its rows, see clora.trainer.prefix_plan) computed once per call, then each
+micro-batch's own segments (the plan's leaves) against them, and the LM head, log-softmax and
+entropy only where a log-prob is needed.
 
-Shared prefixes use the model's key/value cache (design (a) of docs/trainer.md). Each wave of
-segments is one forward of the decoder trunk: its *past* is, per segment, its parent's whole
-key/value chain (``index_select`` from the wave that computed it, padded to the wave's longest
-chain with masked-out slots), its position ids continue its parent's, and a 2D attention mask
-covers [past | own tokens]. The cache's ``torch.cat`` and the ``index_select`` are differentiable,
-so a prefix's gradient is the sum of what every row below it sends back through its keys/values,
-exactly as if each row had computed it. A hidden state at position ``i - 1`` of any segment on a
-row's path predicts token ``i``; the LM head runs once per distinct needed position (a shared
-position's logits serve every row below it).
+Design (a) of docs/trainer.md, with the model's key/value cache (clora.trainer.prefix_waves). The
+shared waves run first, with grad; micro-batches read *leaf copies* of their outputs (keys, values,
+hidden states), so each micro-batch's backward stops there and leaves the gradient for the prefixes
+in those copies' ``.grad``, summed over micro-batches; ``backward()`` then sends it through the
+shared waves once. The sum is the same as every row computing its prefix itself (rounding aside).
 
-Results are token-aligned (B, T) like ``clora.rl.token_logprobs``: index ``i`` is log p(tokens[i] |
-tokens[:i]); positions that were not asked for are 0.0 in the shared forward.
+A hidden state at position ``i - 1`` of any segment on a row's path predicts token ``i``; the LM
+head runs once per distinct needed position of a micro-batch (a shared position's logits serve every
+row below it). Results are token-aligned (B, T) like ``clora.rl.token_logprobs``: index ``i`` is
+log p(tokens[i] | tokens[:i]); positions that were not asked for are 0.0 on the shared path.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from torch import nn
 
 from clora.trainer.lora_layer import SlotRouting
 from clora.trainer.prefix_plan import PrefixPlan, plan_prefix_tree
+from clora.trainer.prefix_waves import Wave, needed_positions, run_wave
 from clora.rl.logprobs import at_least_fp32, token_entropy, token_logprobs
 
-__all__ = ["PolicyForward", "naive_forward", "shared_forward", "prefix_unsupported"]
+__all__ = ["PolicyForward", "naive_forward", "SharedPrefixStep", "PrefixRunner", "prefix_unsupported"]
 
 # Config attributes that put something between the trunk's last hidden state and the logits.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -89,202 +90,161 @@ def naive_forward(
     return PolicyForward(token_logprobs(logits, tokens), positions, b * t, logits)
 
 
-@dataclass(frozen=True)
-class _Wave:
-    """One trunk forward's outputs that later waves and the LM head read."""
+class SharedPrefixStep:
+    """A call's rows with their shared prefixes computed once; log-probs micro-batch by micro-batch.
 
-    hidden: torch.Tensor  # (n, L, H), after the trunk's final norm
-    keys: list[torch.Tensor]  # per layer (n, kv_heads, chain, head_dim): past + own keys
-    values: list[torch.Tensor]  # per layer, same shape
-    mask: torch.Tensor  # (n, chain) int64, 1 where the chain holds a real token
-
-
-def shared_forward(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    lengths: Sequence[int],
-    need: torch.Tensor,
-    *,
-    device: torch.device,
-    pad_id: int,
-    autocast: bool,
-    slots: Sequence[int],
-    routing: SlotRouting | None,
-    min_tokens: int,
-) -> PolicyForward:
-    """Log-probs of the rows of ``tokens`` (B, T) where ``need`` (B, T) bool is True, prefixes
-    computed once. ``tokens``, ``need``: right-padded, on the cpu; ``lengths``: each row's real length.
-
-    ``slots``: each row's LoRA slot. With ``routing`` given, each wave (and the LM head) is routed
-    row by row to its segments' slots; without, the caller's routing (one slot) applies.
+    ``rows``: every row's tokens; ``slots``: each row's LoRA slot. With ``routing`` given, each wave
+    and the LM head are routed row by row to the segments' slots (fused steps); without, the caller's
+    routing (one slot) applies. Built with ``grad``: call ``backward()`` once, after the last
+    micro-batch's own backward. ``positions``: slot -> positions the shared waves ran (once per call).
     """
-    # tokens, need: (B, T) on cpu
-    rows = [tokens[r, :n].tolist() for r, n in enumerate(lengths)]
-    plan = plan_prefix_tree(rows, slots, min_tokens=min_tokens)
-    trunk, head = model.base_model, model.get_output_embeddings()
-    waves: list[_Wave] = []
-    wave_of: dict[int, tuple[int, int]] = {}  # segment -> (wave, row in wave)
-    for w, members in enumerate(plan.waves):
-        for j, s in enumerate(members):
-            wave_of[s] = (w, j)
-    positions: dict[int, int] = {}
-    for members in plan.waves:
-        if routing is not None:
-            routing.use_rows(torch.tensor([plan.segments[s].slot for s in members]))
-        waves.append(_run_wave(trunk, plan, members, tokens, waves, wave_of, device, pad_id, autocast))
-        length = max(plan.segments[s].length for s in members)
-        for s in members:
-            slot = plan.segments[s].slot
-            positions[slot] = positions.get(slot, 0) + length
-    select = _needed(plan, tokens, need, wave_of, [w.hidden.shape[1] for w in waves])
-    hidden_parts, slot_parts, inverse_parts, offset = [], [], [], 0
-    for w, (flat, wave_inverse, slot_of) in enumerate(select.per_wave):
-        if flat.numel() == 0:
-            continue
-        hidden = waves[w].hidden
-        hidden_parts.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(device)))  # (u_w, H)
-        slot_parts.append(slot_of)
-        inverse_parts.append(wave_inverse + offset)
-        offset += flat.numel()
-    rows_t, cols_t = select.rows.to(device), select.cols.to(device)
-    if not hidden_parts:  # nothing asked for
-        logits = torch.zeros((0, 1), device=device)
-        logp = torch.zeros(need.shape, device=device)
-        return PolicyForward(logp, positions, 0, logits, (rows_t, cols_t, torch.zeros(0, dtype=torch.int64, device=device)))
-    if routing is not None:
-        routing.use_rows(torch.cat(slot_parts))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = head(torch.cat(hidden_parts))  # (U, V)
-    logits32 = at_least_fp32(logits)  # (U, V), no copy when already fp32
-    inverse = torch.cat(inverse_parts).to(device)  # (N,) needed position -> distinct position
-    vocab = logits32.shape[-1]
-    picked = logits32.reshape(-1).index_select(0, inverse * vocab + select.tokens.to(device))  # (N,)
-    logp_needed = picked - torch.logsumexp(logits32, dim=-1).index_select(0, inverse)  # (N,)
-    logp = torch.zeros(need.shape, device=device, dtype=logp_needed.dtype).index_put((rows_t, cols_t), logp_needed)
-    return PolicyForward(logp, positions, int(logits.shape[0]), logits, (rows_t, cols_t, inverse))
 
+    def __init__(
+        self,
+        model: nn.Module,
+        rows: Sequence[Sequence[int]],
+        slots: Sequence[int],
+        *,
+        device: torch.device,
+        pad_id: int,
+        autocast: bool,
+        routing: SlotRouting | None,
+        min_tokens: int,
+        grad: bool,
+        plan: PrefixPlan | None = None,
+    ) -> None:
+        """``plan``: the prefix plan of ``rows``, when the caller has made it already."""
+        self.model, self.rows, self.routing = model, rows, routing
+        self.device, self.pad_id, self.autocast = device, pad_id, autocast
+        self.plan = plan = plan or plan_prefix_tree(rows, slots, min_tokens=min_tokens)
+        self._wave_of = {s: (w, j) for w, members in enumerate(plan.waves[:-1]) for j, s in enumerate(members)}
+        self.positions: dict[int, int] = {}
+        computed: list[Wave] = []
+        for members in plan.waves[:-1]:
+            computed.append(self._wave(members, computed, self._wave_of, self.positions))
+        self._computed = computed
+        self._shared = [w.detached() for w in computed] if grad else computed
 
-def _run_wave(
-    trunk: nn.Module,
-    plan: PrefixPlan,
-    members: tuple[int, ...],
-    all_tokens: torch.Tensor,
-    done: list[_Wave],
-    wave_of: dict[int, tuple[int, int]],
-    device: torch.device,
-    pad_id: int,
-    autocast: bool,
-) -> _Wave:
-    """One trunk forward over the segments ``members``, each after its parent's key/value chain."""
-    from transformers import DynamicCache
-
-    segments = [plan.segments[s] for s in members]
-    n, length = len(segments), max(seg.length for seg in segments)
-    tokens = torch.full((n, length), pad_id, dtype=torch.int64)  # (n, L)
-    own_mask = torch.zeros((n, length), dtype=torch.int64)  # (n, L)
-    for j, seg in enumerate(segments):
-        tokens[j, : seg.length] = all_tokens[seg.row, seg.start : seg.stop]
-        own_mask[j, : seg.length] = 1
-    starts = torch.tensor([seg.start for seg in segments], dtype=torch.int64)  # (n,)
-    position_ids = starts[:, None] + torch.arange(length)[None, :]  # (n, L)
-    cache = DynamicCache()
-    mask = own_mask
-    parents = [seg.parent for seg in segments]
-    if any(p is not None for p in parents):
-        past_keys, past_values, past_mask = _gather_past(parents, done, wave_of, device)
-        for layer, (k, v) in enumerate(zip(past_keys, past_values, strict=True)):
-            cache.update(k, v, layer)
-        mask = torch.cat([past_mask.cpu(), own_mask], dim=1)  # (n, chain + L)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = trunk(
-            input_ids=tokens.to(device),
-            attention_mask=mask.to(device),
-            position_ids=position_ids.to(device),
-            past_key_values=cache,
-            use_cache=True,
+    def _wave(
+        self, members: Sequence[int], done: list[Wave], wave_of: dict[int, tuple[int, int]], positions: dict[int, int]
+    ) -> Wave:
+        """Run one wave; count its positions (padding included) per slot into ``positions``."""
+        segments = [self.plan.segments[s] for s in members]
+        if self.routing is not None:
+            self.routing.use_rows(torch.tensor([seg.slot for seg in segments]))
+        length = max(seg.length for seg in segments)
+        for seg in segments:
+            positions[seg.slot] = positions.get(seg.slot, 0) + length
+        return run_wave(
+            self.model.base_model, self.plan, members, self.rows, done, wave_of,
+            device=self.device, pad_id=self.pad_id, autocast=self.autocast,
         )
-    return _Wave(
-        hidden=out.last_hidden_state,  # (n, L, H)
-        keys=[layer.keys for layer in cache.layers],
-        values=[layer.values for layer in cache.layers],
-        mask=mask.to(device),
-    )
+
+    def forward(self, batch_rows: Sequence[int], need: torch.Tensor) -> PolicyForward:
+        """Log-probs (b, T) of the rows ``batch_rows`` (indices into ``rows``, a micro-batch) where
+        ``need`` (b, T) bool on the cpu is True. ``positions``: this micro-batch's own waves."""
+        leaves = [self.plan.paths[r][-1] for r in batch_rows]
+        wave_of = {**self._wave_of, **{s: (len(self._shared), j) for j, s in enumerate(leaves)}}
+        positions: dict[int, int] = {}
+        waves = [*self._shared, self._wave(leaves, self._shared, wave_of, positions)]
+        select = needed_positions(self.plan, batch_rows, self.rows, need, wave_of, [w.hidden.shape[1] for w in waves])
+        hidden_parts, slot_parts, inverse_parts, offset = [], [], [], 0
+        for wave, (flat, inverse, slots) in zip(waves, select.per_wave, strict=True):
+            if flat.numel():
+                hidden = wave.hidden.reshape(-1, wave.hidden.shape[-1])  # (n * L, H)
+                hidden_parts.append(hidden.index_select(0, flat.to(self.device)))  # (u_w, H)
+                slot_parts.append(slots)
+                inverse_parts.append(inverse + offset)
+                offset += flat.numel()
+        rows, cols = select.rows.to(self.device), select.cols.to(self.device)
+        if not hidden_parts:  # nothing asked for
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return PolicyForward(torch.zeros(need.shape, device=self.device), positions, 0,
+                                 torch.zeros((0, 1), device=self.device), (rows, cols, empty))
+        if self.routing is not None:
+            self.routing.use_rows(torch.cat(slot_parts))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.model.get_output_embeddings()(torch.cat(hidden_parts))  # (U, V)
+        logits32 = at_least_fp32(logits)  # (U, V), no copy when already fp32
+        inverse = torch.cat(inverse_parts).to(self.device)  # (N,) needed prediction -> distinct position
+        picked = logits32.reshape(-1).index_select(
+            0, inverse * logits32.shape[-1] + select.tokens.to(self.device)
+        )  # (N,)
+        logp_needed = picked - torch.logsumexp(logits32, dim=-1).index_select(0, inverse)  # (N,)
+        logp = torch.zeros(need.shape, device=self.device, dtype=logp_needed.dtype).index_put((rows, cols), logp_needed)
+        return PolicyForward(logp, positions, int(logits.shape[0]), logits, (rows, cols, inverse))
+
+    def backward(self) -> None:
+        """Send the gradient the micro-batches left in the shared waves' leaf copies through the shared
+        waves, into the LoRA weights' ``.grad``; then drop the shared waves."""
+        outputs, grads = [], []
+        for computed, shared in zip(self._computed, self._shared, strict=True):
+            for out, leaf in zip(computed.tensors(), shared.tensors(), strict=True):
+                if leaf.grad is not None:
+                    outputs.append(out)
+                    grads.append(leaf.grad)
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+        self._computed, self._shared = [], []
 
 
-def _gather_past(
-    parents: list[int | None], done: list[_Wave], wave_of: dict[int, tuple[int, int]], device: torch.device
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Each segment's parent chain (keys, values per layer, (n, chain) mask), padded to the longest."""
-    sources = sorted({wave_of[p][0] for p in parents if p is not None})
-    chain = max(done[w].mask.shape[1] for w in sources)
-    base: dict[int, int] = {}  # source wave -> its first row in the stacked sources
-    total = 0
-    for w in sources:
-        base[w] = total
-        total += done[w].mask.shape[0]
-    # a parentless segment reads an all-masked row appended after the sources
-    index = torch.tensor(
-        [total if p is None else base[wave_of[p][0]] + wave_of[p][1] for p in parents], device=device
-    )  # (n,)
-    orphan = any(p is None for p in parents)
+class PrefixRunner:
+    """The shared path over one call's micro-batches (consecutive ``chunk_sizes`` rows of ``rows``).
 
-    def stack(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-        padded = [_pad_to(t, chain, dim) for t in parts]
-        if orphan:
-            padded.append(padded[0].new_zeros((1, *padded[0].shape[1:])))
-        whole = padded[0] if len(padded) == 1 else torch.cat(padded)
-        return whole.index_select(0, index)
+    The whole call's shared prefixes run once (one ``SharedPrefixStep``) when their positions fit in
+    ``budget``; otherwise each micro-batch is its own step (prefixes shared inside it only), so a
+    call of many long, distinct prompts never holds more prefix activations than ``budget``. Per
+    micro-batch ``i``: ``forward(i, need)``, the caller's backward, then ``done(i)``.
+    ``positions``: slot -> positions the shared waves ran, so far.
+    """
 
-    n_layers = len(done[sources[0]].keys)
-    keys = [stack([done[w].keys[layer] for w in sources], -2) for layer in range(n_layers)]
-    values = [stack([done[w].values[layer] for w in sources], -2) for layer in range(n_layers)]
-    mask = stack([done[w].mask for w in sources], -1)  # (n, chain)
-    return keys, values, mask
+    def __init__(
+        self,
+        model: nn.Module,
+        rows: Sequence[Sequence[int]],
+        slots: Sequence[int],
+        chunk_sizes: Sequence[int],
+        *,
+        budget: int,
+        device: torch.device,
+        pad_id: int,
+        autocast: bool,
+        routing: SlotRouting | None,
+        min_tokens: int,
+        grad: bool,
+    ) -> None:
+        self.model, self.rows, self.slots, self.grad = model, rows, list(slots), grad
+        self.device, self.pad_id, self.autocast, self.routing = device, pad_id, autocast, routing
+        self.min_tokens = min_tokens
+        self.chunks: list[range] = []
+        for size in chunk_sizes:
+            start = self.chunks[-1].stop if self.chunks else 0
+            self.chunks.append(range(start, start + size))
+        whole = plan_prefix_tree(rows, slots, min_tokens=min_tokens)
+        self.per_call = whole.shared_positions() <= budget
+        self._whole = whole if self.per_call else None
+        self._step: SharedPrefixStep | None = None
+        self._span: range = range(0)
+        self.positions: dict[int, int] = {}
 
+    def forward(self, index: int, need: torch.Tensor) -> PolicyForward:
+        """Log-probs of micro-batch ``index`` where ``need`` (b, T) bool on the cpu is True."""
+        chunk = self.chunks[index]
+        if self._step is None:
+            self._span = range(0, len(self.rows)) if self.per_call else chunk
+            span = self._span
+            self._step = SharedPrefixStep(
+                self.model, [self.rows[r] for r in span], self.slots[span.start : span.stop],
+                device=self.device, pad_id=self.pad_id, autocast=self.autocast, routing=self.routing,
+                min_tokens=self.min_tokens, grad=self.grad, plan=self._whole,
+            )
+        return self._step.forward([r - self._span.start for r in chunk], need)
 
-def _pad_to(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """Zero-pad ``t`` along ``dim`` (-1 or -2) to ``length``."""
-    extra = length - t.shape[dim]
-    if extra == 0:
-        return t
-    pad = (0, extra) if dim == -1 else (0, 0, 0, extra)
-    return nn.functional.pad(t, pad)
-
-
-@dataclass(frozen=True)
-class _Selection:
-    rows: torch.Tensor  # (N,) row of each needed position
-    cols: torch.Tensor  # (N,) position i (the token predicted from hidden state i - 1)
-    tokens: torch.Tensor  # (N,) tokens[row][i]
-    per_wave: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (distinct flat hidden index, inverse, slots)
-
-
-def _needed(
-    plan: PrefixPlan, tokens: torch.Tensor, need: torch.Tensor, wave_of: dict[int, tuple[int, int]], lengths: list[int]
-) -> _Selection:
-    """Where each needed prediction's hidden state is: (wave, flat index in its (n * L) hidden states)."""
-    # tokens, need: (B, T) on cpu
-    found: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in lengths]  # flat, rows, cols
-    for r, path in enumerate(plan.paths):
-        for s in path:
-            seg = plan.segments[s]
-            w, j = wave_of[s]
-            # hidden states at positions [start, stop) predict tokens [start + 1, stop + 1)
-            cols = need[r, seg.start + 1 : seg.stop + 1].nonzero().squeeze(1) + seg.start + 1  # (k,)
-            if cols.numel():
-                flat = j * lengths[w] + (cols - 1 - seg.start)  # (k,)
-                found[w].append((flat, torch.full_like(cols, r), cols))
-    rows_all, cols_all, per_wave = [], [], []
-    for w, parts in enumerate(found):
-        if not parts:
-            per_wave.append((torch.zeros(0, dtype=torch.int64),) * 3)
-            continue
-        flat = torch.cat([p[0] for p in parts])
-        rows_all.append(torch.cat([p[1] for p in parts]))
-        cols_all.append(torch.cat([p[2] for p in parts]))
-        distinct, inverse = torch.unique(flat, return_inverse=True)  # sorted: row order kept within the wave
-        wave_slots = torch.tensor([plan.segments[s].slot for s in plan.waves[w]])  # (n,)
-        per_wave.append((distinct, inverse, wave_slots.index_select(0, distinct // lengths[w])))
-    rows_t = torch.cat(rows_all) if rows_all else torch.zeros(0, dtype=torch.int64)
-    cols_t = torch.cat(cols_all) if cols_all else torch.zeros(0, dtype=torch.int64)
-    return _Selection(rows=rows_t, cols=cols_t, tokens=tokens[rows_t, cols_t], per_wave=per_wave)
+    def done(self, index: int) -> None:
+        """Micro-batch ``index``'s backward is done: at the end of a span, backward through its prefixes."""
+        if self._step is not None and self.chunks[index].stop == self._span.stop:
+            if self.grad:
+                self._step.backward()
+            for slot, n in self._step.positions.items():
+                self.positions[slot] = self.positions.get(slot, 0) + n
+            self._step = None

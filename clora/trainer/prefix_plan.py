@@ -53,7 +53,14 @@ class PrefixPlan:
 
     def positions(self) -> int:
         """Token positions run through the model, padding included (each wave is padded to its longest)."""
-        return sum(len(w) * max(self.segments[s].length for s in w) for w in self.waves)
+        return sum(self._wave_positions(w) for w in self.waves)
+
+    def shared_positions(self) -> int:
+        """Positions of the shared waves (all but the leaves)."""
+        return sum(self._wave_positions(w) for w in self.waves[:-1])
+
+    def _wave_positions(self, wave: tuple[int, ...]) -> int:
+        return len(wave) * max(self.segments[s].length for s in wave)
 
 
 def plan_prefix_tree(
