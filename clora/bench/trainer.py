@@ -4,6 +4,8 @@
 random token sequences, on-policy sampler log-probs (computed once) and a PPO loss, in fp32
 and with bf16 autocast, and returns one ``TrainerBenchResult`` per precision.
 ``python -m clora.bench.trainer`` prints the table (the CLI wires it as ``clora bench trainer``).
+``--workload rollout`` instead runs clora.bench.trainer_rollout: RL-step-shaped data (groups sharing a
+prompt, multi-turn completions), the naive path vs shared-prefix training side by side.
 """
 
 from __future__ import annotations
@@ -151,8 +153,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object per precision")
+    rollout = parser.add_argument_group("--workload rollout")
+    parser.add_argument("--workload", choices=["random", "rollout"], default="random",
+                        help="random: --sequences x --seq-len random tokens; rollout: groups sharing a prompt")
+    rollout.add_argument("--modes", nargs="+", default=None, help="naive logits_only shared (default: all)")
+    rollout.add_argument("--groups", type=int, default=4)
+    rollout.add_argument("--group-size", type=int, default=6)
+    rollout.add_argument("--system-len", type=int, default=220, help="prompt tokens shared by every sequence")
+    rollout.add_argument("--question-len", type=int, default=20, help="prompt tokens shared by a group")
+    rollout.add_argument("--completion-len", type=int, default=40, help="mean completion tokens (0.75-1.25 x)")
+    rollout.add_argument("--tool-len", type=int, default=8, help="tool-result tokens inside a completion (0: none)")
+    rollout.add_argument("--micro-batch-size", type=int, default=8)
     args = parser.parse_args(argv)
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
+    if args.workload == "rollout":
+        _main_rollout(args, precisions)
+        return
     results = bench_trainer(
         ModelConfig(source=args.model), precisions=precisions, rank=args.rank, sequences=args.sequences,
         seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, num_threads=args.threads,
@@ -164,6 +180,27 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(asdict(r)))
     else:
         print(format_results(results))
+
+
+def _main_rollout(args: argparse.Namespace, precisions: tuple[str, ...]) -> None:
+    from clora.bench.trainer_rollout import MODES, RolloutShape, bench_rollout, format_rollout
+
+    shape = RolloutShape(
+        groups=args.groups, group_size=args.group_size, system_len=args.system_len, question_len=args.question_len,
+        completion_len=args.completion_len, tool_len=args.tool_len,
+    )
+    rows = bench_rollout(
+        ModelConfig(source=args.model), precisions=precisions, modes=tuple(args.modes or MODES), shape=shape,
+        rank=args.rank, micro_batch_size=args.micro_batch_size, steps=args.steps, warmup=args.warmup,
+        num_threads=args.threads,
+    )
+    if args.json:
+        import json
+
+        for r in rows:
+            print(json.dumps(asdict(r)))
+    else:
+        print(format_rollout(rows, shape))
 
 
 if __name__ == "__main__":
