@@ -262,7 +262,7 @@ class TrainerConfig(_Config):
     fuse_max: int = 1  # most TrainSteps of different tenants fused into one step; 1 = off
     cpus: str | None = None  # e.g. "1": the trainer's threads run only on these cores; None: any
     nice: int = 0  # added to the trainer threads' nice value (0-19): a contested core goes to the engine first
-    shared_prefix: bool = True  # token prefixes shared by rows of a micro-batch computed once, LM head only where needed; False: naive
+    shared_prefix: bool = True  # prefixes shared by a call's rows computed once, LM head only where needed; false: naive
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:

@@ -129,12 +129,13 @@ CHECKPOINT_RESUMED: Final = "tenant.resumed"
 CHECKPOINT_FAILED: Final = "tenant.checkpoint_failed"
 """Writing the checkpoint on stop failed; the previous checkpoint stays (``error`` says why)."""
 TRAINER_STARTED: Final = "trainer.started"
-"""The base model is loaded: ``model_dir``, ``device``, ``autocast_bf16``, ``micro_batch_size``, ``load_s``; the
-worker thread's ``cpus`` and ``nice`` value and torch's intra-op ``threads`` (TrainerConfig.cpus / nice / num_threads)."""
+"""The base model is loaded: ``model_dir``, ``device``, ``autocast_bf16``, ``micro_batch_size``, ``shared_prefix``
+(``prefix_off_reason``: why it is off, or None), ``load_s``; the worker thread's ``cpus`` and ``nice`` value and
+torch's intra-op ``threads`` (TrainerConfig.cpus / nice / num_threads)."""
 TRAINER_STEP: Final = "trainer.step"
 """Canonical line of one optimizer step (TrainStep or OptimStep): ``tenant``, ``step``, ``version``, ``duration_s``,
 ``queue_depth``, ``wait_s`` (TrainStep: time queued) and the StepMetrics values (loss, grad_norm, lr, clip_frac,
-kl_sampler, kl when the loss has a KL penalty, entropy, tokens, fused, time/*)."""
+kl_sampler, kl when the loss has a KL penalty, entropy, tokens, tokens_computed, tokens_lm_head, fused, time/*)."""
 TRAINER_FORWARD_BACKWARD: Final = "trainer.forward_backward"
 """One ForwardBackward accumulated gradients: ``tenant``, ``version``, ``duration_s``, ``queue_depth`` and the
 StepMetrics values (loss, tokens, ...)."""

@@ -130,6 +130,8 @@ class TrainerActor(Actor):
             device=str(self.core.device),
             autocast_bf16=self.config.autocast_bf16,
             micro_batch_size=self.config.micro_batch_size,
+            shared_prefix=self.core.shared_prefix,
+            prefix_off_reason=self.core.prefix_off_reason,
             load_s=round(time.perf_counter() - start, 3),
             cpus=self._thread_policy["cpus"],
             nice=self._thread_policy["nice"],
