@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from clora.config import DEFAULT_TARGET_MODULES, LoraConfig, LossConfig, OptimConfig, TrainerConfig
+from clora.messages import Datum
+from clora.rl import collate
 from clora.trainer import FusedRequest, SlotRouting, TrainerCore, attach_lora, lora_layers
 from clora.trainer.prefix import PrefixRunner, naive_forward, prefix_unsupported
-from clora.rl import collate
 from clora.trainer.prefix_plan import plan_prefix_tree
-from clora.messages import Datum
 
 from test_trainer import store_state  # noqa: E402
 

@@ -14,8 +14,8 @@ import torch
 from clora.bench.trainer_rollout import RolloutShape, rollout_data
 from clora.config import LoraConfig, LossConfig, ModelConfig, OptimConfig, TrainerConfig
 from clora.errors import ModelNotFoundError
-from clora.trainer import TrainerCore
 from clora.messages import Datum
+from clora.trainer import TrainerCore
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.timeout(1800)]
 

@@ -183,7 +183,7 @@ def _timed_step(core: TrainerCore, tenant: str, data: list[Datum], loss: LossCon
     import torch
 
     from clora.bench.rss import PeakRss
-    from clora.memory import release_free_memory
+    from clora.trainer.memory import release_free_memory
 
     if core.device.type == "cuda":
         torch.cuda.synchronize(core.device)

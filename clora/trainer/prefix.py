@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from clora.rl.logprobs import at_least_fp32, token_entropy, token_logprobs
 from clora.trainer.lora_layer import SlotRouting
 from clora.trainer.prefix_plan import PrefixPlan, plan_prefix_tree
 from clora.trainer.prefix_waves import Wave, needed_positions, run_wave
-from clora.rl.logprobs import at_least_fp32, token_entropy, token_logprobs
 
 __all__ = ["PolicyForward", "naive_forward", "SharedPrefixStep", "PrefixRunner", "prefix_unsupported"]
 
