@@ -45,6 +45,7 @@ from clora.trainer import (
     write_back,
 )
 from clora.trainer.peft_io import peft_state_dict, store_key
+from clora.trainer.step_parts import bound_slots
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -289,7 +290,7 @@ def test_swap_in_bind_and_write_back_is_bit_identical(case):
     assert same_bits({k: t.to(source[k].dtype) for k, t in store.params.items()}, source)
     before = _clone(store)
     work = swap_in(store, core.device, trainable=True, optim_state=True, grads=True)
-    with core._bound_slots([(store, work)]):
+    with bound_slots(core.model, core.routing, [(store, work)]):
         assert same_bits(_slot_tensors(core, 0), store.params)  # the layers hold exactly the store's weights
     assert _slot_tensors(core, 0) == {}, "unbound after the step"
     write_back(store, work, params=True, optim_state=True, grads=True)
@@ -316,7 +317,7 @@ def test_interleaved_swaps_of_several_stores_never_mix_their_values(case, data):
     for order, k, commit, delta in ops:
         chosen = [stores[i] for i in order[:k]]  # k stores bound into slots 0..k-1, in a random order
         works = [swap_in(s, core.device, trainable=True, optim_state=True, grads=True) for s in chosen]
-        with core._bound_slots(list(zip(chosen, works))):
+        with bound_slots(core.model, core.routing, list(zip(chosen, works))):
             for slot, (store, work) in enumerate(zip(chosen, works)):
                 got = _slot_tensors(core, slot)
                 assert same_bits(got, store.params), f"slot {slot} holds another tenant's weights"
@@ -341,6 +342,6 @@ def test_a_store_never_sees_a_module_it_does_not_target(case):
     core, pairs = case
     for store, _ in pairs:
         work = swap_in(store, core.device)
-        with core._bound_slots([(store, work)]):
+        with bound_slots(core.model, core.routing, [(store, work)]):
             bound = _slot_tensors(core, 0)
             assert {k.rsplit(".", 1)[0] for k in bound} == set(store.shapes)

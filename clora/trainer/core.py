@@ -25,14 +25,14 @@ from torch import nn
 
 from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.errors import ConfigError, DuplicateTenantError, NonFiniteError, PromptTooLongError, UnknownTenantError
-from clora.trainer.optimizer import adamw_step_, clip_grads_, global_grad_norm
-from clora.trainer.attach import attach_lora, check_lora_fits, layer_shapes, lora_layers
+from clora.trainer.attach import attach_lora, check_lora_fits, layer_shapes
 from clora.trainer.base_logprobs import BaseLogprobs, base_logprobs
 from clora.trainer.fused import FusedRequest, fused_train_step
 from clora.trainer.lora_layer import SlotRouting
 from clora.trainer.peft_io import export_peft, import_peft, peft_config_dict, peft_state_dict
-from clora.trainer.schedule import check_schedule, scheduled_lr
-from clora.trainer.store import AdapterStore, WorkingCopy, lora_key, swap_in, write_back
+from clora.trainer.schedule import check_schedule
+from clora.trainer.step_parts import PhaseTimer, apply_optimizer, bound_slots, check_normalize, merge_grads
+from clora.trainer.store import AdapterStore, WorkingCopy, swap_in, write_back
 from clora.messages import AdapterSnapshot, Datum
 from clora.rl import (
     collate,
@@ -159,8 +159,8 @@ class TrainerCore:
         """Accumulate the gradient of ``loss`` over ``data`` into the tenant's store."""
         store = self.store(tenant)
         self.check_data(tenant, data)
-        self._check_normalize(store, loss)
-        timer = _Timer()
+        check_normalize(store, loss)
+        timer = PhaseTimer()
         with timer("time/swap_in"):
             work = swap_in(store, self.device, trainable=True, grads=True)
         with timer("time/fwd_bwd"):
@@ -176,11 +176,11 @@ class TrainerCore:
             raise ConfigError(
                 f"tenant {tenant!r}: OptimStep without a ForwardBackward since version {store.version}"
             )
-        timer = _Timer()
+        timer = PhaseTimer()
         with timer("time/swap_in"):
             work = swap_in(store, self.device, optim_state=True, grads=True)
         with timer("time/optim"):
-            metrics = self._apply_optimizer(store, work)
+            metrics = apply_optimizer(store, work)
         with timer("time/swap_out"):
             write_back(store, work, params=True, optim_state=True, grads=True)
         return {**metrics, **timer.values, "version": float(store.version)}
@@ -189,14 +189,14 @@ class TrainerCore:
         """ForwardBackward then OptimStep with one swap; atomic: all or nothing reaches the store."""
         store = self.store(tenant)
         self.check_data(tenant, data)
-        self._check_normalize(store, loss)
-        timer = _Timer()
+        check_normalize(store, loss)
+        timer = PhaseTimer()
         with timer("time/swap_in"):
             work = swap_in(store, self.device, trainable=True, optim_state=True, grads=True)
         with timer("time/fwd_bwd"):
             metrics = self._accumulate(store, work, data, loss)
         with timer("time/optim"):
-            metrics |= self._apply_optimizer(store, work)
+            metrics |= apply_optimizer(store, work)
         with timer("time/swap_out"):
             write_back(store, work, params=True, optim_state=True, grads=True)
         return {**metrics, **timer.values, "version": float(store.version), "fused": 1.0}
@@ -250,47 +250,14 @@ class TrainerCore:
     @contextmanager
     def _bound(self, store: AdapterStore, work: WorkingCopy) -> Iterator[None]:
         """Route every row to slot 0 holding ``work``'s weights; unbind afterwards."""
-        with self._bound_slots([(store, work)]):
+        with bound_slots(self.model, self.routing, [(store, work)]):
             self.routing.use_slot(_SLOT)
             yield
-
-    @contextmanager
-    def _bound_slots(self, bindings: Sequence[tuple[AdapterStore, WorkingCopy]]) -> Iterator[None]:
-        """Bind binding i's weights into slot i of every layer it targets (and clear slot i of the
-        others); the caller routes rows. Unbinds every slot and clears the routing afterwards."""
-        layers = lora_layers(self.model)
-        try:
-            for slot, (store, work) in enumerate(bindings):
-                for name, layer in layers.items():
-                    if name in store.shapes:
-                        a, b = work.params[lora_key(name, "A")], work.params[lora_key(name, "B")]
-                        layer.set_slot(slot, a, b, store.lora.scaling)
-                    else:
-                        layer.clear_slot(slot)
-            yield
-        finally:
-            self.routing.clear()
-            for layer in layers.values():
-                for slot in range(len(bindings)):
-                    layer.clear_slot(slot)
 
     def _logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # tokens, attention_mask: (B, T)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             return self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
-
-    @staticmethod
-    def _check_normalize(store: AdapterStore, loss: LossConfig) -> None:
-        if loss.normalize == "constant" and loss.normalize_constant is None:
-            raise ConfigError(
-                f"tenant {store.tenant!r}: loss.normalize_constant: normalize='constant' needs it (tokens per "
-                "sequence to divide by; an experiment uses its max_tokens)"
-            )
-        if store.grad_normalize not in (None, loss.normalize):
-            raise ConfigError(
-                f"tenant {store.tenant!r}: gradients accumulated with normalize={store.grad_normalize!r} "
-                f"cannot be mixed with normalize={loss.normalize!r} before the next OptimStep"
-            )
 
     def _accumulate(
         self, store: AdapterStore, work: WorkingCopy, data: Sequence[Datum], loss_cfg: LossConfig
@@ -345,73 +312,7 @@ class TrainerCore:
                     sums["clip_frac"] += float((parts.clipped.float() * mask).sum())
                     tokens += float(mask.sum())
                 del logits, logp, parts
-        self._merge_grads(store, work, denominator, loss_cfg.normalize)
+        merge_grads(store, work, denominator, loss_cfg.normalize)
         return loss_metrics(sums, tokens, len(data), loss_cfg) | extra
 
-    @staticmethod
-    def _merge_grads(store: AdapterStore, work: WorkingCopy, denominator: float, normalize: str) -> None:
-        """Check the fresh ``.grad`` of ``work.params`` and fold it into ``work.grads`` as a mean
-        weighted by the normalisation denominator; clears ``.grad``."""
-        assert work.grads is not None
-        new_grads = [
-            p.grad if p.grad is not None else torch.zeros_like(p) for p in (work.params[k] for k in work.grads)
-        ]
-        if not torch.isfinite(global_grad_norm(new_grads)):
-            raise NonFiniteError(
-                f"tenant {store.tenant!r}: non-finite gradient; step rejected, adapter stays at version {store.version}"
-            )
-        total = work.grad_weight + denominator
-        if total > 0:
-            for acc, new in zip(work.grads.values(), new_grads, strict=True):
-                acc.mul_(work.grad_weight / total).add_(new, alpha=denominator / total)
-        for p in work.params.values():
-            p.grad = None
-        work.grad_weight, work.grad_normalize = total, normalize
 
-    def _apply_optimizer(self, store: AdapterStore, work: WorkingCopy) -> dict[str, float]:
-        """Clip, check and apply AdamW at the tenant's scheduled LR to ``work``; reset its accumulated gradient."""
-        assert work.grads is not None and work.exp_avg is not None and work.exp_avg_sq is not None
-        keys = list(work.params)
-        grads = [work.grads[k] for k in keys]
-        grad_norm = global_grad_norm(grads)  # ()
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteError(
-                f"tenant {store.tenant!r}: non-finite gradient norm; step rejected, "
-                f"adapter stays at version {store.version}"
-            )
-        clipped = False
-        if store.optim.grad_clip > 0:  # 0 turns clipping off
-            clipped = clip_grads_(grads, store.optim.grad_clip, grad_norm)
-        lr = scheduled_lr(store.optim, work.adam_step)
-        with torch.no_grad():
-            params = [work.params[k].detach() for k in keys]
-            adamw_step_(
-                params, grads, [work.exp_avg[k] for k in keys], [work.exp_avg_sq[k] for k in keys],
-                work.adam_step + 1, store.optim, lr=lr,
-            )
-            if not all(torch.isfinite(p).all() for p in params):
-                raise NonFiniteError(
-                    f"tenant {store.tenant!r}: the update made weights non-finite; step rejected, "
-                    f"adapter stays at version {store.version}"
-                )
-            for g in grads:
-                g.zero_()
-        work.step += 1
-        work.adam_step += 1
-        work.grad_weight, work.grad_normalize = 0.0, None
-        return {"grad_norm": float(grad_norm), "grad_clipped": float(clipped), "lr": lr}
-
-
-class _Timer:
-    """Wall time of named phases, in seconds."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, key: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.values[key] = self.values.get(key, 0.0) + time.perf_counter() - start

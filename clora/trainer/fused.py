@@ -27,6 +27,7 @@ import torch
 from clora.config import LossConfig
 from clora.errors import ConfigError, NonFiniteError
 from clora.trainer.base_logprobs import BaseLogprobs, base_logprobs
+from clora.trainer.step_parts import PhaseTimer, apply_optimizer, bound_slots, check_normalize, merge_grads
 from clora.trainer.store import AdapterStore, WorkingCopy, swap_in, write_back
 from clora.messages import Datum
 from clora.rl import (
@@ -86,10 +87,8 @@ def fused_train_step(core: TrainerCore, requests: Sequence[FusedRequest]) -> lis
     request (its store unchanged). Two requests for one tenant cannot share a group: the later
     one is a ConfigError.
     """
-    from clora.trainer.core import _Timer  # the phase timer of the single-tenant path
-
     outcomes: list[dict[str, float] | Exception | None] = [None] * len(requests)
-    timer = _Timer()
+    timer = PhaseTimer()
     with timer("time/swap_in"):
         members = _admit(core, requests, outcomes)
     if members:
@@ -102,13 +101,13 @@ def fused_train_step(core: TrainerCore, requests: Sequence[FusedRequest]) -> lis
             _forward_backward(core, members)
             for m in _alive(members):
                 try:
-                    core._merge_grads(m.store, m.work, m.denominator, m.request.loss.normalize)
+                    merge_grads(m.store, m.work, m.denominator, m.request.loss.normalize)
                 except NonFiniteError as exc:
                     m.error = exc
         with timer("time/optim"):
             for m in _alive(members):
                 try:
-                    m.values = core._apply_optimizer(m.store, m.work)
+                    m.values = apply_optimizer(m.store, m.work)
                 except NonFiniteError as exc:
                     m.error = exc
         with timer("time/swap_out"):
@@ -142,7 +141,7 @@ def _admit(
             if request.tenant in seen:
                 raise ConfigError(f"tenant {request.tenant!r}: two TrainSteps of one tenant cannot be fused")
             store = core.store(request.tenant)
-            core._check_normalize(store, request.loss)
+            check_normalize(store, request.loss)
             if not request.data:
                 raise ConfigError(f"tenant {store.tenant!r}: a training call needs at least one datum")
             for index, datum in enumerate(request.data):
@@ -166,7 +165,7 @@ def _admit(
 
 def _forward_backward(core: TrainerCore, members: list[_Member]) -> None:
     """Forward/backward over the members' rows; each tenant's gradient lands in its own ``.grad``."""
-    with core._bound_slots([(m.store, m.work) for m in members]):
+    with bound_slots(core.model, core.routing, [(m.store, m.work) for m in members]):
         for index, chunk in enumerate(_packed_micro_batches(members, core.micro_batch_size)):
             batch = collate([datum for datum, _, _ in chunk], core.pad_token_id).to(core.device)
             owners = [m for _, m, _ in chunk]
