@@ -29,6 +29,8 @@ from clora.trainer.attach import attach_lora, check_lora_fits, layer_shapes
 from clora.trainer.base_logprobs import BaseLogprobs, base_logprobs
 from clora.trainer.fused import FusedRequest, fused_train_step
 from clora.trainer.lora_layer import SlotRouting
+from clora.trainer.prefix import prefix_unsupported
+from clora.trainer.prefix_call import PREFIX_MIN_TOKENS, CallForward
 from clora.trainer.peft_io import export_peft, import_peft, peft_config_dict, peft_state_dict
 from clora.trainer.schedule import check_schedule
 from clora.trainer.step_parts import PhaseTimer, apply_optimizer, bound_slots, check_normalize, merge_grads
@@ -40,8 +42,6 @@ from clora.rl import (
     loss_metrics,
     loss_numerator,
     micro_batches,
-    token_entropy,
-    token_logprobs,
     token_loss,
 )
 
@@ -74,8 +74,12 @@ class TrainerCore:
         base_model_name: str | None = None,
         pad_token_id: int = 0,
         max_seq_len: int | None = None,
+        shared_prefix: bool = True,
     ) -> None:
-        """``max_seq_len``: the longest datum accepted; default the model's max_position_embeddings."""
+        """``max_seq_len``: the longest datum accepted; default the model's max_position_embeddings.
+        ``shared_prefix``: compute token prefixes shared by a call's rows once and the LM head only
+        where a log-prob is needed (clora.trainer.prefix_call); False: the naive reference path. Models
+        the shared path cannot run exactly (``prefix_unsupported``) use the naive path either way."""
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.model.requires_grad_(False)
@@ -90,6 +94,10 @@ class TrainerCore:
         self.routing = SlotRouting()
         self.stores: dict[str, AdapterStore] = {}
         self.pin_memory = torch.cuda.is_available()
+        off = "TrainerConfig.shared_prefix is off" if not shared_prefix else prefix_unsupported(model)
+        self.prefix_off_reason: str | None = off
+        self.shared_prefix = off is None
+        self.prefix_min_tokens = PREFIX_MIN_TOKENS
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: TrainerConfig) -> TrainerCore:
@@ -106,6 +114,7 @@ class TrainerCore:
             micro_batch_size=config.micro_batch_size,
             base_model_name=str(model_dir),
             pad_token_id=pad,
+            shared_prefix=config.shared_prefix,
         )
 
     # ------------------------------------------------------------------ tenants
@@ -212,12 +221,15 @@ class TrainerCore:
         self.check_data(tenant, data)
         work = swap_in(store, self.device)
         out: list[list[float]] = []
+        batches = [collate(chunk, self.pad_token_id) for chunk in micro_batches(data, self.micro_batch_size)]
         with torch.no_grad(), self._bound(store, work):
-            for chunk in micro_batches(data, self.micro_batch_size):
-                batch = collate(chunk, self.pad_token_id).to(self.device)
-                logp = token_logprobs(self._logits(batch.tokens, batch.attention_mask), batch.tokens)  # (B, T)
-                rows = logp.cpu().tolist()
-                out.extend(row[:n] for row, n in zip(rows, batch.lengths, strict=True))
+            policy = CallForward(self, [d.tokens for d in data], [len(b.lengths) for b in batches], grad=False)
+            for index, cpu in enumerate(batches):
+                need = cpu.attention_mask.bool()  # (B, T): every token's log-prob but token 0's (no prediction)
+                need[:, 0] = False
+                rows = policy.forward(index, cpu, cpu.to(self.device), need).logp.cpu().tolist()  # (B, T)
+                policy.done(index)
+                out.extend(row[:n] for row, n in zip(rows, cpu.lengths, strict=True))
         return out
 
     # ------------------------------------------------------------------ adapters
@@ -254,18 +266,14 @@ class TrainerCore:
             self.routing.use_slot(_SLOT)
             yield
 
-    def _logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # tokens, attention_mask: (B, T)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            return self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
-
     def _accumulate(
         self, store: AdapterStore, work: WorkingCopy, data: Sequence[Datum], loss_cfg: LossConfig
     ) -> dict[str, float]:
-        """Forward/backward over micro-batches; merge the mean gradient into ``work.grads``.
+        """Forward/backward over micro-batches (clora.trainer.prefix_call); merge the mean gradient
+        into ``work.grads``.
 
-        With a KL penalty (``kl_coef > 0``) the base model's log-probs come first, from one no-grad
-        forward per micro-batch with the adapter routed off (clora.trainer.base_logprobs)."""
+        With a KL penalty (``kl_coef > 0``) the base model's log-probs come first, from a no-grad
+        forward of the same micro-batches with the adapter routed off (clora.trainer.base_logprobs)."""
         assert work.grads is not None
         if not data:
             raise ConfigError(f"tenant {store.tenant!r}: a training call needs at least one datum")
@@ -283,13 +291,14 @@ class TrainerCore:
         tokens = 0.0
         first = 0  # index of the micro-batch's first datum
         with self._bound(store, work):
+            policy = CallForward(self, [d.tokens for d in data], [len(b.lengths) for b in batches], grad=True)
             for index, cpu_batch in enumerate(batches):
                 batch = cpu_batch.to(self.device)
                 rows = range(first, first + len(batch.lengths))
                 first = rows.stop
                 mask = batch.loss_mask  # (B, T)
-                logits = self._logits(batch.tokens, batch.attention_mask)  # (B, T, V)
-                logp = token_logprobs(logits, batch.tokens)  # (B, T)
+                forward = policy.forward(index, cpu_batch, batch, cpu_batch.loss_mask != 0)
+                logp = forward.logp  # (B, T), 0.0 where no log-prob was needed (shared path)
                 base_logp = None if base is None else base.batch(rows, batch.tokens.shape[1])  # (B, T)
                 parts = token_loss(
                     loss_cfg, logp, batch.sampler_logprobs, batch.advantages, mask,
@@ -303,16 +312,19 @@ class TrainerCore:
                     )
                 if denominator > 0:
                     (numerator / denominator).backward()
+                policy.done(index)  # after the call's last micro-batch: backward through the shared prefixes
                 with torch.no_grad():
-                    entropy = token_entropy(logits.detach())  # (B, T)
+                    entropy = forward.entropy()  # (B, T)
                     sums["loss"] += float(numerator) / denominator if denominator > 0 else 0.0
                     sums["kl"] += float((parts.kl * mask).sum())
                     sums["kl_sampler"] += float((parts.kl_sampler * mask).sum())
                     sums["entropy"] += float((entropy * mask).sum())
                     sums["clip_frac"] += float((parts.clipped.float() * mask).sum())
                     tokens += float(mask.sum())
-                del logits, logp, parts
+                del forward, logp, parts
         merge_grads(store, work, denominator, loss_cfg.normalize)
+        extra["tokens_computed"] = float(sum(policy.positions.values()))
+        extra["tokens_lm_head"] = float(sum(policy.logit_positions.values()))
         return loss_metrics(sums, tokens, len(data), loss_cfg) | extra
 
 

@@ -10,6 +10,10 @@ its whole data, exactly as in a single-tenant step; tenant t's weights only touc
 rows, so one backward yields each tenant's own gradient. Then every tenant gets its own
 clipping and AdamW step with its own OptimConfig, and only then its own store write-back.
 
+With shared prefixes on (clora.trainer.prefix_call) the prefix plan covers all members' rows,
+each row's slot part of its key: a prefix is shared only by rows of one tenant, computed once under
+that tenant's adapter, and its gradient reaches only that tenant's weights.
+
 Failures are per tenant: a malformed request, a non-finite loss or gradient or update of one
 tenant leaves that tenant's store bit-identical (its loss terms are dropped from the backward
 from then on) and every other tenant is trained exactly as in a separate step. Any other
@@ -27,6 +31,7 @@ import torch
 from clora.config import LossConfig
 from clora.errors import ConfigError, NonFiniteError
 from clora.trainer.base_logprobs import BaseLogprobs, base_logprobs
+from clora.trainer.prefix_call import CallForward
 from clora.trainer.step_parts import PhaseTimer, apply_optimizer, bound_slots, check_normalize, merge_grads
 from clora.trainer.store import AdapterStore, WorkingCopy, swap_in, write_back
 from clora.messages import Datum
@@ -37,8 +42,6 @@ from clora.rl import (
     loss_metrics,
     loss_numerator,
     micro_batches,
-    token_entropy,
-    token_logprobs,
     token_loss,
 )
 
@@ -71,12 +74,16 @@ class _Member:
         default_factory=lambda: {"loss": 0.0, "kl": 0.0, "kl_sampler": 0.0, "entropy": 0.0, "clip_frac": 0.0}
     )
     tokens: float = 0.0
+    computed: float = 0.0  # token positions of its rows run through the trunk (padding included)
+    lm_head: float = 0.0  # positions of its rows run through the LM head
     base: BaseLogprobs | None = None  # the base model's log-probs of its data, when its loss has a KL penalty
     values: dict[str, float] = field(default_factory=dict)
     error: Exception | None = None
 
     def metrics(self) -> dict[str, float]:
-        return loss_metrics(self.sums, self.tokens, len(self.request.data), self.request.loss)
+        return loss_metrics(self.sums, self.tokens, len(self.request.data), self.request.loss) | {
+            "tokens_computed": self.computed, "tokens_lm_head": self.lm_head,
+        }
 
 
 def fused_train_step(core: TrainerCore, requests: Sequence[FusedRequest]) -> list[dict[str, float] | Exception]:
@@ -165,15 +172,22 @@ def _admit(
 
 def _forward_backward(core: TrainerCore, members: list[_Member]) -> None:
     """Forward/backward over the members' rows; each tenant's gradient lands in its own ``.grad``."""
+    packed = _packed_micro_batches(members, core.micro_batch_size)
+    rows = [(datum, m) for chunk in packed for datum, m, _ in chunk]
     with bound_slots(core.model, core.routing, [(m.store, m.work) for m in members]):
-        for index, chunk in enumerate(_packed_micro_batches(members, core.micro_batch_size)):
-            batch = collate([datum for datum, _, _ in chunk], core.pad_token_id).to(core.device)
+        # every forward routed row by row to its tenant's slot; no prefix is shared across slots
+        policy = CallForward(
+            core, [datum.tokens for datum, _ in rows], [len(c) for c in packed], grad=True,
+            slots=[m.slot for _, m in rows],
+        )
+        for index, chunk in enumerate(packed):
+            cpu = collate([datum for datum, _, _ in chunk], core.pad_token_id)
+            batch = cpu.to(core.device)
             owners = [m for _, m, _ in chunk]
-            core.routing.use_rows(torch.tensor([m.slot for m in owners]))
-            logits = core._logits(batch.tokens, batch.attention_mask)  # (B, T, V)
-            logp = token_logprobs(logits, batch.tokens)  # (B, T)
+            forward = policy.forward(index, cpu, batch, cpu.loss_mask != 0)
+            logp = forward.logp  # (B, T), 0.0 where no log-prob was needed (shared path)
             with torch.no_grad():
-                entropy = token_entropy(logits.detach())  # (B, T)
+                entropy = forward.entropy()  # (B, T)
             terms: list[torch.Tensor] = []
             for m, start, stop in _owner_runs(owners):
                 if m.error is not None:
@@ -205,7 +219,11 @@ def _forward_backward(core: TrainerCore, members: list[_Member]) -> None:
                     m.tokens += float(mask.sum())
             if terms:
                 torch.stack(terms).sum().backward()  # d(sum)/d(term_t) = 1: tenant t gets its own gradient
-            del logits, logp, entropy
+            policy.done(index)  # after the last micro-batch: backward through the shared prefixes
+            del forward, logp, entropy
+    for m in members:
+        m.computed = float(policy.positions.get(m.slot, 0))
+        m.lm_head = float(policy.logit_positions.get(m.slot, 0))
 
 
 def _packed_micro_batches(members: list[_Member], size: int) -> list[list[tuple[Datum, _Member, int]]]:

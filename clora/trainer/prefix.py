@@ -61,7 +61,7 @@ class PolicyForward:
 
     logp: torch.Tensor  # (B, T), grad flows to the LoRA weights
     positions: dict[int, int]  # slot -> token positions run through the trunk (padding included)
-    logit_positions: int  # positions run through the LM head
+    logit_positions: dict[int, int]  # slot -> positions run through the LM head
     _logits: torch.Tensor  # naive: (B, T, V); shared: (U, V) at the distinct needed positions
     _scatter: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None)  # rows, cols, inverse
 
@@ -83,11 +83,10 @@ def naive_forward(
     # tokens, attention_mask: (B, T)
     with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = model(input_ids=tokens, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
-    b, t = tokens.shape
     positions: dict[int, int] = {}
     for slot in slots:
-        positions[slot] = positions.get(slot, 0) + t
-    return PolicyForward(token_logprobs(logits, tokens), positions, b * t, logits)
+        positions[slot] = positions.get(slot, 0) + tokens.shape[1]
+    return PolicyForward(token_logprobs(logits, tokens), positions, dict(positions), logits)
 
 
 class SharedPrefixStep:
@@ -159,10 +158,13 @@ class SharedPrefixStep:
         rows, cols = select.rows.to(self.device), select.cols.to(self.device)
         if not hidden_parts:  # nothing asked for
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            return PolicyForward(torch.zeros(need.shape, device=self.device), positions, 0,
+            return PolicyForward(torch.zeros(need.shape, device=self.device), positions, {},
                                  torch.zeros((0, 1), device=self.device), (rows, cols, empty))
+        head_slots = torch.cat(slot_parts)  # (U,) the LoRA slot of each distinct position
         if self.routing is not None:
-            self.routing.use_rows(torch.cat(slot_parts))
+            self.routing.use_rows(head_slots)
+        counted = head_slots.unique(return_counts=True)
+        logit_positions = dict(zip(counted[0].tolist(), counted[1].tolist(), strict=True))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.model.get_output_embeddings()(torch.cat(hidden_parts))  # (U, V)
         logits32 = at_least_fp32(logits)  # (U, V), no copy when already fp32
@@ -172,7 +174,7 @@ class SharedPrefixStep:
         )  # (N,)
         logp_needed = picked - torch.logsumexp(logits32, dim=-1).index_select(0, inverse)  # (N,)
         logp = torch.zeros(need.shape, device=self.device, dtype=logp_needed.dtype).index_put((rows, cols), logp_needed)
-        return PolicyForward(logp, positions, int(logits.shape[0]), logits, (rows, cols, inverse))
+        return PolicyForward(logp, positions, logit_positions, logits, (rows, cols, inverse))
 
     def backward(self) -> None:
         """Send the gradient the micro-batches left in the shared waves' leaf copies through the shared
