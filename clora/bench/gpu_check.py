@@ -58,6 +58,7 @@ TEST_FILES = (
     "tests/test_fused.py",
     "tests/test_trainer_actor.py",
     "tests/test_fused_actor.py",
+    "tests/test_prefix.py",
 )
 """Every test file with a test that takes the ``device`` fixture (tests/conftest.py); checked by a test."""
 _LOCAL = {"clora", "actors"}  # this repository, on PYTHONPATH there
