@@ -352,6 +352,20 @@ def test_train_step_on_groups_without_any_shared_prefix(pair, device):
                                    atol=tolerances(device)["weight"], msg=k)
 
 
+def test_an_adapter_that_leaves_prefix_outputs_without_grad(pair, device):
+    """LoRA on q_proj and v_proj only: the first layer's prefix keys do not depend on the adapter (no
+    grad_fn), though the rows below send gradient to their leaf copies; the shared path must skip
+    them in its backward and still equal the naive path."""
+    lora = LoraConfig(rank=4, alpha=8.0, init_seed=5, target_modules=("q_proj", "v_proj"))
+    add_both(pair, "qv", lora)
+    data = rollout_data(random.Random(11), groups=2, group_size=3)
+    got = {m: pair[m].train_step("qv", data, LossConfig(kind="ppo", kl_coef=0.1)) for m in (False, True)}
+    assert got[True]["loss"] == pytest.approx(got[False]["loss"], rel=tolerances(device)["rel"])
+    for k, t in pair[False].store("qv").params.items():
+        torch.testing.assert_close(pair[True].store("qv").params[k], t, rtol=0,
+                                   atol=tolerances(device)["weight"], msg=k)
+
+
 @pytest.mark.parametrize("kl_coef", [0.0, 0.1], ids=["no_kl", "kl"])
 def test_lm_head_runs_only_where_a_log_prob_is_needed(pair, kl_coef):
     add_both(pair, f"head-{kl_coef}")

@@ -178,11 +178,13 @@ class SharedPrefixStep:
 
     def backward(self) -> None:
         """Send the gradient the micro-batches left in the shared waves' leaf copies through the shared
-        waves, into the LoRA weights' ``.grad``; then drop the shared waves."""
+        waves, into the LoRA weights' ``.grad``; then drop the shared waves. An output that does not
+        depend on the adapter (a first layer's keys when its k_proj has no LoRA) has nowhere to send
+        its gradient: it is skipped."""
         outputs, grads = [], []
         for computed, shared in zip(self._computed, self._shared, strict=True):
             for out, leaf in zip(computed.tensors(), shared.tensors(), strict=True):
-                if leaf.grad is not None:
+                if leaf.grad is not None and out.requires_grad:
                     outputs.append(out)
                     grads.append(leaf.grad)
         if outputs:
