@@ -106,7 +106,7 @@ class ModelConfig(_Config):
     """The base model: "smollm2" (the packaged SmolLM2-135M-Instruct), "tiny" (random, tests) or a HF dir."""
 
     source: str = "smollm2"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"  # the engine's; "auto": bf16 where it pays (clora.precision)
     max_model_len: int = 1024
     seed: int = 0  # for the tiny random model
 
@@ -255,7 +255,7 @@ class TrainerConfig(_Config):
     """The trainer: device, precision, micro-batching and queue bound."""
 
     device: str = "auto"  # "auto": cuda when available, else cpu
-    autocast_bf16: bool = False
+    autocast_bf16: bool | Literal["auto"] = False  # "auto": on where bf16 pays (CUDA, CPUs with bf16 instructions)
     micro_batch_size: int = 8
     queue_size: int = 16
     num_threads: int | None = None

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import msgspec
+
 from actors import ActorRef, ActorSystem, Supervision, UnknownMessage
 from clora import events
 from clora.rl.chat import ChatRenderer
@@ -30,6 +32,7 @@ from clora.envs import Env, make_env
 from clora.errors import AdapterMismatchError, ConfigError, DuplicateTenantError
 from clora.messages import AddTenant, ExportAdapter, GetEngineStats, Publish
 from clora.models import resolve_model
+from clora.precision import engine_dtype
 from clora.preflight import check_experiment, check_run
 from clora.sampler.actor import SamplerActor
 from clora.sampler.engine import Engine
@@ -41,6 +44,12 @@ from clora.tenant.handle import TenantHandle
 from clora.trainer.actor import TrainerActor
 
 __all__ = ["Runtime", "TenantHandle"]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class Runtime:
@@ -80,6 +89,8 @@ class Runtime:
     async def __aenter__(self) -> "Runtime":
         started = time.time()
         cfg = self.config
+        # "auto" precision resolved once for the engine (the trainer resolves its own for its device)
+        model_cfg = msgspec.structs.replace(cfg.model, dtype=engine_dtype(cfg.model.dtype, cuda=_cuda_available()))
         # Bad input fails here, before the run folder or the engine exist (clora.preflight).
         self.model_dir = await asyncio.to_thread(resolve_model, cfg.model)
         await asyncio.to_thread(check_run, cfg, self.model_dir)
@@ -96,9 +107,9 @@ class Runtime:
             # vLLM's own logging: errors only, unless VLLM_LOGGING_LEVEL says otherwise (a library is quiet).
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
             engine_dir = self.model_dir if self._engine is not None else await asyncio.to_thread(
-                engine_model_dir, self.model_dir, cfg.model.dtype)  # a bf16 engine loads bf16 weights
+                engine_model_dir, self.model_dir, model_cfg.dtype)  # a bf16 engine loads bf16 weights
             self.sampler = await self._system.start(
-                SamplerActor(engine_dir, cfg.model, cfg.engine, shared_engine=self._engine), name="sampler",
+                SamplerActor(engine_dir, model_cfg, cfg.engine, shared_engine=self._engine), name="sampler",
                 supervision=Supervision.ESCALATE,
             )
             self.trainer = await TrainerActor.start_in(self._system, self.model_dir, cfg.trainer)
@@ -110,7 +121,7 @@ class Runtime:
             raise
         self._started = started
         self._system.log.info(
-            events.RUNTIME_STARTED, model=str(self.model_dir), dtype=cfg.model.dtype, run_dir=str(self.run_dir),
+            events.RUNTIME_STARTED, model=str(self.model_dir), dtype=model_cfg.dtype, run_dir=str(self.run_dir),
             max_loras=cfg.engine.max_loras, resume=self.resume, duration_s=round(time.time() - started, 3),
         )
         return self

@@ -46,8 +46,8 @@ def experiments(steps: int, held_out: int = HELD_OUT_SIZE) -> tuple[ExperimentCo
 async def main(args: argparse.Namespace) -> None:
     console = Console()
     config = RuntimeConfig(
-        model=ModelConfig(source=args.model, dtype="bfloat16", max_model_len=1024),
-        trainer=TrainerConfig(autocast_bf16=True),
+        model=ModelConfig(source=args.model, dtype="auto", max_model_len=1024),  # bf16 where the hardware has it
+        trainer=TrainerConfig(autocast_bf16="auto"),
         run_dir=args.run_dir,
         experiments=experiments(args.steps, args.held_out),
     )

@@ -78,7 +78,7 @@ TWO = "[[experiments]]\nname = 'a'\n[[experiments]]\nname = 'b'\n"  # experiment
         ("[model]\nmax_model_len = 8\n", "model.max_model_len: must be >= 16, got 8"),
         ("[engine]\nkv_cache_gib = inf\n", "engine.kv_cache_gib: must be a finite number, got inf"),
         # choices
-        ("[model]\ndtype = 'float16'\n", "model.dtype: invalid value 'float16'; use one of 'bfloat16', 'float32'"),
+        ("[model]\ndtype = 'float16'\n", "model.dtype: invalid value 'float16'; use one of 'auto', 'bfloat16', 'float32'"),
         (TWO + "[experiments.loss]\nkind = 'grpo'\n",
          "experiments[1].loss.kind: invalid value 'grpo'; use one of 'cispo', 'cross_entropy', 'importance_sampling', 'ppo'"),
         ("[engine]\nmax_lora_rank = 12\n",

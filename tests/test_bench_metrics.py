@@ -139,7 +139,7 @@ def test_engine_and_trainer_cpu_settings_from_arguments():
     assert runtime_config(settings_from_args(build_parser().parse_args(["--no-bf16"])), 8).trainer.autocast_bf16 is False
     assert runtime_config(settings_from_args(build_parser().parse_args(["--quick", "--bf16"])), 8).trainer.autocast_bf16
     default = runtime_config(settings_from_args(build_parser().parse_args([])), 8)
-    assert default.trainer.autocast_bf16 is True  # the full size
+    assert default.trainer.autocast_bf16 == "auto" and default.model.dtype == "auto"  # the full size: bf16 where it pays
     assert (default.engine.block_size, default.trainer.cpus, default.trainer.nice) == (None, None, 0)
 
 

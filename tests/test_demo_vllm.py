@@ -1,8 +1,9 @@
 """`make demo` as a new user sees it (tiny model, one step, real vLLM): no warnings from vLLM or any
 library, the run's pictures in the run folder, and next commands that work when pasted.
 
-The demo's engine runs in bf16 on the tiny model's fp32 weights, the case that printed one "Attempted
-to load weight ... float32 into ... bfloat16" warning per tensor.
+The demo's engine runs in bf16 where the CPU computes bf16 (``dtype="auto"``), else fp32; the bf16 engine's
+weights copy, which keeps vLLM's per-tensor "Attempted to load weight" warnings away, is tested in
+test_quiet.py either way.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def test_configuration_reference_covers_every_field_with_its_default_and_checks(
     exp = {f.name: f for f in sections["ExperimentConfig"].fields}
     assert exp["name"].default == "required" and exp["steps"].checks == ["must be >= 1"]
     model = {f.name: f for f in sections["ModelConfig"].fields}
-    assert model["dtype"].type == '"float32" | "bfloat16"'
+    assert model["dtype"].type == '"float32" | "bfloat16" | "auto"'
 
 
 def test_fill_regions_replaces_only_the_region_and_refuses_a_missing_one():

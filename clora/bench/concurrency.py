@@ -82,8 +82,8 @@ class BenchSettings:
     rank: int = 8
     max_model_len: int = 1024
     kv_cache_gib: float = 2.0
-    autocast_bf16: bool = False
-    dtype: str = "float32"  # the engine's weights: "float32" or "bfloat16"
+    autocast_bf16: bool | str = False  # True, False or "auto" (clora.precision)
+    dtype: str = "float32"  # the engine's weights: "float32", "bfloat16" or "auto"
     temperature: float = 0.7  # at 1.0 SmolLM2-135M almost never uses the tool format (no reward signal)
     checkpoint_every: int = 0  # the runtime's own cost is measured; checkpoints are an I/O choice
     fused_ns: tuple[int, ...] = ()  # extra "concurrent_fused" rows: N tenants with TrainerConfig.fuse_max = N
@@ -102,7 +102,7 @@ class BenchSettings:
 
 QUICK = BenchSettings(model="tiny", ns=(1, 2), steps=2, prompts_per_step=2, group_size=2, max_tokens=16,
                       held_out_size=4, kv_cache_gib=1.0, reuse_runtime=True)
-FULL = BenchSettings(prompts_per_step=2, group_size=4, max_tokens=32, dtype="bfloat16", autocast_bf16=True)
+FULL = BenchSettings(prompts_per_step=2, group_size=4, max_tokens=32, dtype="auto", autocast_bf16="auto")
 
 
 def task_env(task: str, held_out_size: int) -> EnvConfig:
@@ -342,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "peer-experiments"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="trainer bf16 autocast (full size: on; --no-bf16 where the CPU lacks fast bf16, e.g. AVX2 only)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="the engine's weights")
+                   help="trainer bf16 autocast (full size: auto, on where the hardware computes bf16)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), help="the engine's weights")
     p.add_argument("--temperature", type=float, help="rollout temperature")
     p.add_argument("--checkpoint-every", type=int, help="tenant checkpoints every K steps (default 0: none)")
     p.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (default: all; ratios need "

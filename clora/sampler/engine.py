@@ -30,6 +30,7 @@ from clora.sampler import cpu_lora_ops, parent_watch
 from clora.sampler.engine_stats import EngineStats, stat_logger_factory
 from clora.sampler.spawn_guard import check_main_guard
 from clora.config import EngineConfig, ModelConfig
+from clora.precision import engine_dtype
 from clora.sampler.adapter_files import (
     LLAMA_LORA_MODULES,
     check_adapter,
@@ -149,13 +150,14 @@ def engine_environment(cfg: EngineConfig) -> Iterator[dict[str, str]]:
 def engine_args(model_dir: Path, model: ModelConfig, engine: EngineConfig):
     """vLLM AsyncEngineArgs for clora: LoRA on, eager (LoRA forces it on CPU), one extra slot for base rows."""
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
 
     max_loras = engine.max_loras + 1  # + the reserved zero adapter
     max_cpu_loras = engine.max_cpu_loras + 1 if engine.max_cpu_loras else max_loras + _MAX_CPU_LORAS_HEADROOM
     extra = {} if engine.block_size is None else {"block_size": engine.block_size}
     return AsyncEngineArgs(
         model=str(model_dir),
-        dtype=model.dtype,
+        dtype=engine_dtype(model.dtype, cuda=current_platform.is_cuda()),
         max_model_len=model.max_model_len,
         max_num_seqs=engine.max_num_seqs,
         enforce_eager=True,

@@ -128,7 +128,7 @@ class TrainerActor(Actor):
             events.TRAINER_STARTED,
             model_dir=self.core.base_model_name,
             device=str(self.core.device),
-            autocast_bf16=self.config.autocast_bf16,
+            autocast_bf16=self.core.autocast_bf16,
             micro_batch_size=self.config.micro_batch_size,
             shared_prefix=self.core.shared_prefix,
             prefix_off_reason=self.core.prefix_off_reason,

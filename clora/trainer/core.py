@@ -25,6 +25,7 @@ from torch import nn
 
 from clora.config import LoraConfig, LossConfig, OptimConfig, TrainerConfig
 from clora.errors import ConfigError, DuplicateTenantError, NonFiniteError, PromptTooLongError, UnknownTenantError
+from clora.precision import trainer_autocast_bf16
 from clora.trainer.attach import attach_lora, check_lora_fits, layer_shapes
 from clora.trainer.base_logprobs import BaseLogprobs, base_logprobs
 from clora.trainer.fused import FusedRequest, fused_train_step
@@ -107,10 +108,12 @@ class TrainerCore:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
         hf_config = AutoConfig.from_pretrained(str(model_dir))
         pad = hf_config.pad_token_id if isinstance(hf_config.pad_token_id, int) else 0
+        device = resolve_device(config.device)
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return cls(
             model,
-            device=resolve_device(config.device),
-            autocast_bf16=config.autocast_bf16,
+            device=device,
+            autocast_bf16=trainer_autocast_bf16(config.autocast_bf16, device.type, cuda_bf16),
             micro_batch_size=config.micro_batch_size,
             base_model_name=str(model_dir),
             pad_token_id=pad,
