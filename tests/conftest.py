@@ -67,6 +67,17 @@ def _cancel_leftover_test_task(item: pytest.Item) -> None:
         loop.run_until_complete(asyncio.wait(leftover, timeout=LEFTOVER_TEST_TASK_GRACE_S))
 
 
+@pytest.fixture
+def keep_structlog_config():
+    """`clora run` and `clora sweep` configure structlog (the CLI's job); put the session's configuration back."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.reset_defaults()
+    structlog.configure(**saved)
+
+
 @pytest.fixture(scope="session", params=[pytest.param(d, id=d, marks=pytest.mark.cuda) for d in TEST_DEVICES])
 def device(request: pytest.FixtureRequest):
     """A torch.device from CLORA_TEST_DEVICES. CUDA missing: skip by default, fail when the

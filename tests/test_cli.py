@@ -14,7 +14,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-import structlog
 
 from clora.cli.main import BENCHES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from clora.errors import EnvError
@@ -35,13 +34,8 @@ steps = 2
 
 
 @pytest.fixture(autouse=True)
-def _keep_structlog_config(monkeypatch):
-    """`clora run` configures structlog (the CLI's job); put the session's configuration back."""
+def _quiet_vllm(monkeypatch, keep_structlog_config):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")
-    saved = structlog.get_config()
-    yield
-    structlog.reset_defaults()
-    structlog.configure(**saved)
 
 
 def _one_error_line(err: str, command: str) -> str:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-import structlog
 
 from clora.cli.main import EXIT_OK, main
 from clora.config import EngineConfig, dump_toml, load_toml
@@ -25,12 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _keep_structlog_config(monkeypatch):
+def _small_kv_cache(monkeypatch, keep_structlog_config):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    saved = structlog.get_config()
-    yield
-    structlog.reset_defaults()
-    structlog.configure(**saved)
 
 
 def _tiny_examples(folder: Path) -> list[str]:

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-import structlog
 
 from clora.cli.main import EXIT_OK, EXIT_USAGE, build_parser, main
 
@@ -26,12 +25,7 @@ def clora_commands(doc_commands) -> list[list[str]]:
     return [c[1:] for c in doc_commands(DOC) if c[0] == "clora"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_structlog_config():
-    saved = structlog.get_config()
-    yield
-    structlog.reset_defaults()
-    structlog.configure(**saved)
+pytestmark = pytest.mark.usefixtures("keep_structlog_config")
 
 
 def test_the_page_walks_from_the_demo_to_export_and_sample(doc_commands):

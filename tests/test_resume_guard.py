@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import structlog
 
 import clora.cli.run as cli_run
 from clora.checkpoint.format import TenantProgress, base_model_identity, rng_state, write_checkpoint
@@ -15,7 +14,7 @@ from clora.cli.main import EXIT_OK, EXIT_USAGE, main
 from clora.config import LoraConfig, OptimConfig
 from clora.trainer.store import AdapterStore
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("keep_structlog_config")]
 
 
 def _config(tmp_path: Path) -> Path:
@@ -54,15 +53,6 @@ class FakeRuntime:
 
     async def run_many(self, experiments, on_step=None):
         return {}
-
-
-@pytest.fixture(autouse=True)
-def _keep_structlog_config():
-    """`clora run` configures structlog (the CLI's job); put the session's configuration back."""
-    saved = structlog.get_config()
-    yield
-    structlog.reset_defaults()
-    structlog.configure(**saved)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import types
 from pathlib import Path
 
 import pytest
-import structlog
 
 from clora.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from clora.errors import ConfigError
@@ -206,12 +205,8 @@ def test_ties_on_accuracy_go_to_the_larger_reward_area_and_points_with_no_finish
 
 
 @pytest.fixture(autouse=True)
-def _keep_structlog_config(monkeypatch):
+def _quiet_vllm(monkeypatch, keep_structlog_config):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")
-    saved = structlog.get_config()
-    yield
-    structlog.reset_defaults()
-    structlog.configure(**saved)
 
 
 def _fake_runtime(results_of, seen):
