@@ -1,6 +1,7 @@
 """The README's "Use it from Python" snippet runs as a user would paste it: saved to a file, run with
 ``python file.py`` from an empty folder, on the default (real SmolLM2) model: two tenants x 8 steps plus a
-scripted tenant, 5-10 minutes here, so it is marked slow (``make test-all`` runs it, ``make test`` does not)."""
+scripted tenant, about 20 minutes on a 2-core AVX2 CPU (8 of its 16 tenant steps took 9 min, fp32), so it
+is marked slow (``make test-all`` runs it, ``make test`` does not)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.vllm, pytest.mark.smollm2, pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.vllm, pytest.mark.smollm2, pytest.mark.slow, pytest.mark.timeout(2700)]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ def test_the_readme_python_snippet_runs_as_pasted(doc_snippets, tmp_path):
     (code,) = doc_snippets("README.md")
     script = tmp_path / "mine.py"
     script.write_text(code, encoding="utf-8")
-    proc = subprocess.run([sys.executable, script.name], cwd=tmp_path, capture_output=True, text=True, timeout=1400,
+    proc = subprocess.run([sys.executable, script.name], cwd=tmp_path, capture_output=True, text=True, timeout=2600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr[-4000:]}"
     printed = ast.literal_eval(proc.stdout.strip().splitlines()[-1])  # {name: (accuracy_start, accuracy_end)}
