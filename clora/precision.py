@@ -4,7 +4,7 @@ bf16 halves memory traffic, but a CPU without bf16 instructions (no AVX512_BF16 
 AVX2-only AMD EPYC) converts every operand and computes in fp32: measured on such a 2-core EPYC
 (2026-11-30), a SmolLM2 bf16 vLLM engine took 62-65 s for 32 requests x 32 tokens where fp32 took
 13.5 s. CUDA devices with bf16 support (compute capability 8.0+) and CPUs with those instructions
-gain from it. No torch import here: the engine side must not pay for one.
+gain from it. torch is imported only to resolve "auto" on the engine side.
 """
 
 from __future__ import annotations
@@ -34,10 +34,17 @@ def _cpuinfo() -> str:
     return path.read_text() if path.is_file() else ""
 
 
-def engine_dtype(dtype: Literal["float32", "bfloat16", "auto"], cuda: bool) -> Literal["float32", "bfloat16"]:
-    """ModelConfig.dtype resolved: "auto" is bfloat16 on CUDA or a CPU with bf16 instructions, else float32."""
+def engine_dtype(
+    dtype: Literal["float32", "bfloat16", "auto"], cuda: bool | None = None
+) -> Literal["float32", "bfloat16"]:
+    """ModelConfig.dtype resolved: "auto" is bfloat16 on CUDA or a CPU with bf16 instructions, else float32.
+    ``cuda``: whether the engine runs on CUDA (None: torch sees a CUDA device; imported only for "auto")."""
     if dtype != "auto":
         return dtype
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
     return "bfloat16" if cuda or cpu_has_bf16() else "float32"
 
 

@@ -46,12 +46,6 @@ from clora.trainer.actor import TrainerActor
 __all__ = ["Runtime", "TenantHandle"]
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 class Runtime:
     """Sampler, trainer and sync actors on one base model, and the tenants using them."""
 
@@ -90,7 +84,7 @@ class Runtime:
         started = time.time()
         cfg = self.config
         # "auto" precision resolved once for the engine (the trainer resolves its own for its device)
-        model_cfg = msgspec.structs.replace(cfg.model, dtype=engine_dtype(cfg.model.dtype, cuda=_cuda_available()))
+        model_cfg = msgspec.structs.replace(cfg.model, dtype=engine_dtype(cfg.model.dtype))
         # Bad input fails here, before the run folder or the engine exist (clora.preflight).
         self.model_dir = await asyncio.to_thread(resolve_model, cfg.model)
         await asyncio.to_thread(check_run, cfg, self.model_dir)

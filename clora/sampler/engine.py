@@ -150,14 +150,13 @@ def engine_environment(cfg: EngineConfig) -> Iterator[dict[str, str]]:
 def engine_args(model_dir: Path, model: ModelConfig, engine: EngineConfig):
     """vLLM AsyncEngineArgs for clora: LoRA on, eager (LoRA forces it on CPU), one extra slot for base rows."""
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.platforms import current_platform
 
     max_loras = engine.max_loras + 1  # + the reserved zero adapter
     max_cpu_loras = engine.max_cpu_loras + 1 if engine.max_cpu_loras else max_loras + _MAX_CPU_LORAS_HEADROOM
     extra = {} if engine.block_size is None else {"block_size": engine.block_size}
     return AsyncEngineArgs(
         model=str(model_dir),
-        dtype=engine_dtype(model.dtype, cuda=current_platform.is_cuda()),
+        dtype=engine_dtype(model.dtype),
         max_model_len=model.max_model_len,
         max_num_seqs=engine.max_num_seqs,
         enforce_eager=True,
