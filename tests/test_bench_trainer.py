@@ -32,7 +32,9 @@ def test_rollout_data_is_groups_sharing_a_prompt_with_multi_turn_completions():
 
 def test_bench_rollout_runs_every_mode_on_the_same_data(tiny_model_dir: Path):
     core = TrainerCore.from_model_dir(tiny_model_dir, TrainerConfig(micro_batch_size=4))
-    rows = bench_rollout_core(core, shape=SMALL, steps=1, warmup=0)
+    timings = []
+    rows = bench_rollout_core(core, shape=SMALL, steps=1, warmup=1, on_step=timings.append)
+    assert [(t.mode, t.step, t.warmup) for t in timings] == [(m, i, i == 0) for i in (0, 1) for m in MODES]
     by_mode = {r.mode: r for r in rows}
     assert tuple(by_mode) == MODES
     assert len({r.tokens_trained for r in rows}) == 1  # same data
@@ -50,5 +52,9 @@ def test_cli_prints_the_rollout_table(tiny_model_dir: Path, capsys: pytest.Captu
     main(["--model", str(tiny_model_dir), "--workload", "rollout", "--precision", "fp32", "--steps", "1",
           "--warmup", "0", "--groups", "1", "--group-size", "2", "--system-len", "16", "--question-len", "4",
           "--completion-len", "8", "--tool-len", "0", "--modes", "naive", "shared"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "naive" in out and "shared" in out and "comp/train" in out and "logits_only" not in out
+    progress = [line for line in captured.err.splitlines() if line.startswith("fp32 ")]  # one per timed step
+    assert [line.split()[1] for line in progress] == ["naive", "shared"]
+    assert all(" s, " in line and "computed per trained token" in line for line in progress)

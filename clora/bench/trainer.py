@@ -11,6 +11,7 @@ prompt, multi-turn completions), the naive path vs shared-prefix training side b
 from __future__ import annotations
 
 import argparse
+import sys
 import random
 import resource
 import statistics
@@ -192,7 +193,7 @@ def _main_rollout(args: argparse.Namespace, precisions: tuple[str, ...]) -> None
     rows = bench_rollout(
         ModelConfig(source=args.model), precisions=precisions, modes=tuple(args.modes or MODES), shape=shape,
         rank=args.rank, micro_batch_size=args.micro_batch_size, steps=args.steps, warmup=args.warmup,
-        num_threads=args.threads,
+        num_threads=args.threads, on_step=_print_step,
     )
     if args.json:
         import json
@@ -201,6 +202,13 @@ def _main_rollout(args: argparse.Namespace, precisions: tuple[str, ...]) -> None
             print(json.dumps(asdict(r)))
     else:
         print(format_rollout(rows, shape))
+
+
+def _print_step(t) -> None:
+    """Progress on stderr, one line per timed step, so a long run shows its figures as they come."""
+    kind = "warm-up" if t.warmup else "step"
+    print(f"{t.precision} {t.mode:<11} {kind} {t.step}: {t.seconds:.2f} s, "
+          f"{t.tokens_computed / t.tokens_trained:.2f} computed per trained token", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,7 +30,7 @@ from clora.messages import Datum
 if TYPE_CHECKING:
     from clora.trainer import TrainerCore
 
-__all__ = ["RolloutShape", "RolloutBenchRow", "MODES", "rollout_data", "bench_rollout", "bench_rollout_core",
+__all__ = ["RolloutShape", "RolloutBenchRow", "StepTiming", "MODES", "rollout_data", "bench_rollout", "bench_rollout_core",
            "format_rollout"]
 
 MODES = ("naive", "logits_only", "shared")
@@ -64,6 +64,22 @@ class RolloutBenchRow:
     micro_batch_size: int
     steps: int
     torch_threads: int
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """One timed TrainStep of one mode, as it happens (for progress output)."""
+
+    precision: str
+    mode: str
+    step: int  # 0-based, warm-up steps first
+    warmup: bool
+    seconds: float
+    tokens_computed: float
+    tokens_trained: float
+
+
+StepCallback = Callable[[StepTiming], None]
 
 
 def rollout_data(vocab: int, shape: RolloutShape, seed: int = 0) -> list[Datum]:
@@ -102,6 +118,7 @@ def bench_rollout(
     warmup: int = 1,
     num_threads: int | None = None,
     seed: int = 0,
+    on_step: StepCallback | None = None,
 ) -> list[RolloutBenchRow]:
     """Load ``model`` into a TrainerCore and run ``bench_rollout_core`` once per precision."""
     import torch
@@ -115,7 +132,7 @@ def bench_rollout(
     rows = []
     for precision in precisions:
         rows += bench_rollout_core(core, precision=precision, modes=modes, shape=shape, rank=rank, steps=steps,
-                                   warmup=warmup, seed=seed)
+                                   warmup=warmup, seed=seed, on_step=on_step)
     return rows
 
 
@@ -129,8 +146,13 @@ def bench_rollout_core(
     steps: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    on_step: StepCallback | None = None,
 ) -> list[RolloutBenchRow]:
-    """Time ``modes`` on ``core`` (its model, device, micro-batch size), interleaved step by step."""
+    """Time ``modes`` on ``core`` (its model, device, micro-batch size), interleaved step by step.
+
+    ``on_step(StepTiming)`` is called after every timed step, warm-up included, so a caller can show
+    progress long before the table (a naive SmolLM2 step takes minutes on a small CPU).
+    """
     import torch
 
     unknown = set(modes) - set(MODES)
@@ -155,6 +177,9 @@ def bench_rollout_core(
                 core.shared_prefix = mode != "naive"
                 core.prefix_min_tokens = _NEVER if mode == "logits_only" else saved[1]
                 seconds, values, peak = _timed_step(core, f"rollout-{mode}", data, loss)
+                if on_step is not None:
+                    on_step(StepTiming(precision=precision, mode=mode, step=i, warmup=i < warmup, seconds=seconds,
+                                       tokens_computed=values["tokens_computed"], tokens_trained=values["tokens"]))
                 if i >= warmup:
                     runs[mode].append((seconds, values, peak))
     finally:
