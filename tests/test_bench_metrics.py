@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from clora.bench.metrics import aggregate, ratios, reward_curve, safe_ratio, serial_prefix_rows
+from clora.bench.metrics import accuracy_vs_serial, aggregate, ratios, reward_curve, safe_ratio, serial_prefix_rows
 from clora.bench.report import rows_with_ratios, write_json
 from clora.bench.concurrency import QUICK, experiments, runtime_config, settings_from_args, build_parser
 from clora.tenant.actor import ExperimentResult, StepRecord
@@ -43,6 +43,33 @@ def test_aggregate_times_are_from_the_mode_start():
     assert row.accuracy_start == [0.25, 0.0] and row.accuracy_end == [0.5, 1.0]
     assert row.reward_curve == [0.5, 0.75]
     assert row.n == 2 and row.runtime_start_s == 12.0
+
+
+def test_rollout_time_per_sample_counts_the_samples_decoded_at_once():
+    # mean rollout per step 5.0 s (see above); 8 samples per tenant step
+    assert math.isnan(aggregate("serial_cold", [A, B], T0).rollout_sample_s)  # samples per step unknown
+    assert aggregate("serial_cold", [A, B], T0, samples_per_step=8).rollout_sample_s == pytest.approx(5.0 / 8)
+    # concurrent: both tenants sample together, so a step's rollout time serves 2 x 8 samples
+    assert aggregate("concurrent", [A, B], T0, samples_per_step=8).rollout_sample_s == pytest.approx(5.0 / 16)
+    assert aggregate("concurrent_fused", [A, B], T0, samples_per_step=8).rollout_sample_s == pytest.approx(5.0 / 16)
+
+
+def test_accuracy_vs_serial_counts_experiments_at_or_above_the_serial_mean_minus_one_sd():
+    def ends(*accuracies):
+        return [_result(f"e{i}", 1000.0, 1001.0, [], 1, (0.2, a)) for i, a in enumerate(accuracies)]
+
+    serial = aggregate("serial_cold", ends(0.5, 0.7, 0.6), T0)  # mean 0.6, sample sd 0.1
+    row = aggregate("concurrent", ends(0.5, 0.49, 0.9), T0)
+    check = accuracy_vs_serial(row, serial)
+    assert check["serial_mean"] == pytest.approx(0.6) and check["serial_sd"] == pytest.approx(0.1)
+    assert (check["within"], check["of"]) == (2, 3)  # 0.5 is on the edge, 0.49 below, 0.9 above (no regression)
+    one = accuracy_vs_serial(row, aggregate("serial_cold", ends(0.5), T0))
+    assert one["serial_sd"] == 0.0 and one["within"] == 2
+    items = {i["mode"]: i for i in rows_with_ratios([row, serial])}
+    assert items["concurrent"]["accuracy_vs_serial"]["within"] == 2
+    assert items["serial_cold"]["accuracy_vs_serial"]["within"] == 3  # the serial runs against themselves
+    other_n = aggregate("concurrent", ends(0.5), T0)
+    assert {i["n"]: i["accuracy_vs_serial"] for i in rows_with_ratios([other_n, serial])}[1] == {}  # no serial at N=1
 
 
 def test_aggregate_rejects_no_results():
@@ -116,6 +143,14 @@ def test_settings_and_configs_from_arguments():
     assert [e.name for e in exps] == ["exp0", "exp1", "exp2"]
     assert len({(e.steps, e.prompts_per_step, e.group_size, e.max_tokens, e.env) for e in exps}) == 1
     assert runtime_config(s, 4).engine.max_loras == 4
+    assert {e.env.examples for e in exps} == {"each_op"}
+
+
+def test_examples_choose_the_worked_examples_of_every_experiment():
+    s = settings_from_args(build_parser().parse_args(["--task", "arith1", "--examples", "addition"]))
+    assert {(e.env.examples, e.env.difficulty) for e in experiments(s, 3)} == {("addition", 1)}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--examples", "some"])
 
 
 def test_fused_rows_engine_dtype_temperature_and_checkpoints_from_arguments():

@@ -31,7 +31,7 @@ import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
 
 import msgspec
 import structlog
@@ -43,6 +43,7 @@ from clora.bench.rss import PeakRss
 from clora.config import (
     EngineConfig,
     EnvConfig,
+    ExampleStyle,
     ExperimentConfig,
     LoraConfig,
     ModelConfig,
@@ -79,6 +80,7 @@ class BenchSettings:
     max_tokens: int = 48
     held_out_size: int = HELD_OUT_SIZE
     task: str = "arith0"  # a key of TASKS
+    examples: str = "each_op"  # EnvConfig.examples: the worked examples before each question
     rank: int = 8
     max_model_len: int = 1024
     kv_cache_gib: float = 2.0
@@ -99,17 +101,22 @@ class BenchSettings:
     trainer_threads: int | None = None  # TrainerConfig.num_threads
     trainer_nice: int = 0  # TrainerConfig.nice
 
+    @property
+    def samples_per_step(self) -> int:
+        """Rollouts one experiment samples per step."""
+        return self.prompts_per_step * self.group_size
+
 
 QUICK = BenchSettings(model="tiny", ns=(1, 2), steps=2, prompts_per_step=2, group_size=2, max_tokens=16,
                       held_out_size=4, kv_cache_gib=1.0, reuse_runtime=True)
 FULL = BenchSettings(prompts_per_step=2, group_size=4, max_tokens=32, dtype="auto", autocast_bf16="auto")
 
 
-def task_env(task: str, held_out_size: int) -> EnvConfig:
+def task_env(task: str, held_out_size: int, examples: str = "each_op") -> EnvConfig:
     """The env of ``--task``: the arithmetic tool-use env at the task's difficulty, one held-out set (seed 7)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
-    return EnvConfig(kind="arithmetic", difficulty=TASKS[task], held_out_size=held_out_size, seed=7)
+    return EnvConfig(kind="arithmetic", difficulty=TASKS[task], examples=examples, held_out_size=held_out_size, seed=7)
 
 
 def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
@@ -119,7 +126,7 @@ def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
             name=f"exp{i}",
             lora=LoraConfig(rank=s.rank, alpha=2.0 * s.rank),
             optim=OptimConfig(lr=LEARNING_RATES[i % len(LEARNING_RATES)]),
-            env=task_env(s.task, s.held_out_size),
+            env=task_env(s.task, s.held_out_size, s.examples),
             steps=s.steps,
             prompts_per_step=s.prompts_per_step,
             group_size=s.group_size,
@@ -171,7 +178,8 @@ async def _serial_cold(s: BenchSettings, exps: list[ExperimentConfig], out: Path
                                      console_level="warning") as rt:
                 starts.append(time.time() - began)
                 results.append(await rt.run(exp, on_step=_Progress(console, "serial_cold")))
-    return serial_prefix_rows("serial_cold", results, t0, s.ns, peak_rss_bytes=peak.bytes, runtime_starts_s=starts)
+    return serial_prefix_rows("serial_cold", results, t0, s.ns, peak_rss_bytes=peak.bytes, runtime_starts_s=starts,
+                              samples_per_step=s.samples_per_step)
 
 
 async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path, console: Any) -> list[ModeRow]:
@@ -218,7 +226,7 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
         if "serial_warm" in s.modes:
             results, t0, start_s, peak = await mode("serial_warm", max(s.ns), serial)
             rows += serial_prefix_rows("serial_warm", results, t0, s.ns, peak_rss_bytes=peak,
-                                       runtime_starts_s=[start_s])
+                                       runtime_starts_s=[start_s], samples_per_step=s.samples_per_step)
         for n in s.ns if "concurrent" in s.modes else ():
             async def concurrent(rt: Any, n: int = n) -> list[ExperimentResult]:
                 batch = [msgspec.structs.replace(e, name=f"c{n}{e.name}") for e in exps[:n]]
@@ -226,7 +234,7 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
 
             results, t0, start_s, peak = await mode("concurrent", n, concurrent)
             rows.append(aggregate("concurrent", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s,
-                                  engine=engine))
+                                  engine=engine, samples_per_step=s.samples_per_step))
             log.info(events.BENCH_MODE_DONE, mode="concurrent", n=n, final_s=round(rows[-1].final_s, 1))
         for n in s.fused_ns:  # the same N tenants, their train steps fused up to N at a time (its own runtime)
             async def fused(rt: Any, n: int = n) -> list[ExperimentResult]:
@@ -235,7 +243,7 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
 
             results, t0, start_s, peak = await mode("concurrent_fused", n, fused, replace(s, fuse_max=n))
             rows.append(aggregate("concurrent_fused", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s,
-                                  engine=engine))
+                                  engine=engine, samples_per_step=s.samples_per_step))
             log.info(events.BENCH_MODE_DONE, mode="concurrent_fused", n=n, final_s=round(rows[-1].final_s, 1))
     return rows
 
@@ -251,7 +259,7 @@ async def _peer(s: BenchSettings, exps: list[ExperimentConfig], console: Any) ->
             results.append(await run_peer_experiment(
                 exp, ModelConfig(source=s.model, max_model_len=s.max_model_len), on_step=_Progress(console, "peer")))
     ns = [n for n in s.ns if n <= count] or [count]
-    return serial_prefix_rows("peer", results, t0, ns, peak_rss_bytes=peak.bytes)
+    return serial_prefix_rows("peer", results, t0, ns, peak_rss_bytes=peak.bytes, samples_per_step=s.samples_per_step)
 
 
 async def run_benchmark(s: BenchSettings, out: Path, console: Any) -> dict[str, Any]:
@@ -317,7 +325,7 @@ def _peer_comparison(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _title(s: BenchSettings) -> str:
-    return (f"clora concurrency on {s.model} ({s.dtype}), task {s.task}: {s.steps} steps x {s.prompts_per_step} "
+    return (f"clora concurrency on {s.model} ({s.dtype}), task {s.task} ({s.examples} examples): {s.steps} steps x {s.prompts_per_step} "
             f"prompts x "
             f"{s.group_size} samples at T={s.temperature:g}, max_tokens {s.max_tokens}, held-out {s.held_out_size}, "
             f"trainer bf16 {s.autocast_bf16}, fuse_max {s.fuse_max}, {os.cpu_count()} CPUs{_cpu_note(s)}")
@@ -337,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="'smollm2', 'tiny' or a HF model directory")
     p.add_argument("--task", choices=tuple(TASKS), help="every experiment's env: arith0 (default; + or - to 10), "
                                                         "arith1 (+ - * / to 99), story2 (two-step stories)")
+    p.add_argument("--examples", choices=get_args(ExampleStyle),
+                   help="worked examples before each question (default each_op; 'addition' is the pre-0.2 prompt)")
     p.add_argument("--n", help="comma-separated N list, e.g. 1,2,4,8")
     for name in ("steps", "prompts-per-step", "group-size", "max-tokens", "held-out-size", "fuse-max",
                  "peer-experiments"):
@@ -364,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     s = QUICK if args.quick else FULL
     changes: dict[str, Any] = {}
-    for field in ("model", "task", "steps", "prompts_per_step", "group_size", "max_tokens", "held_out_size", "fuse_max",
+    for field in ("model", "task", "examples", "steps", "prompts_per_step", "group_size", "max_tokens", "held_out_size", "fuse_max",
                   "peer_experiments", "reuse_runtime", "dtype", "temperature", "checkpoint_every", "block_size",
                   "engine_cpus", "trainer_cpus", "trainer_threads", "trainer_nice"):
         value = getattr(args, field)

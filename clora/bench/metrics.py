@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from clora.tenant.actor import ExperimentResult
 
-__all__ = ["ModeRow", "aggregate", "serial_prefix_rows", "ratios", "safe_ratio", "reward_curve"]
+__all__ = ["ModeRow", "aggregate", "serial_prefix_rows", "ratios", "safe_ratio", "reward_curve", "accuracy_vs_serial"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class ModeRow:
     final_s: float  # last experiment finished (all N done)
     step_s: float  # mean over all steps of rollout + train + sync
     rollout_s: float  # mean rollout time per step
+    rollout_sample_s: float  # rollout_s / samples decoded at once (a step's samples x tenants sampling together)
     train_s: float  # mean train time per trained step (0 when none trained)
     sync_s: float  # mean sync time per trained step
     tokens: int  # tokens sampled (training rollouts and evaluations)
@@ -60,8 +61,14 @@ def aggregate(
     peak_rss_bytes: int = 0,
     runtime_start_s: float = 0.0,
     engine: dict[str, Any] | None = None,
+    samples_per_step: int = 0,
 ) -> ModeRow:
-    """The metrics of ``results`` (all of one mode) against the mode's start ``t0``."""
+    """The metrics of ``results`` (all of one mode) against the mode's start ``t0``.
+
+    ``samples_per_step``: rollouts one tenant samples per step (prompts x group size; 0: unknown).
+    In a concurrent mode all N tenants sample at once, so a step's rollout time is shared by
+    N x ``samples_per_step`` samples; in a serial mode by ``samples_per_step``.
+    """
     if not results:
         raise ValueError(f"mode {mode!r}: no results to aggregate")
     ends = [r.finished_at - t0 for r in results]
@@ -69,6 +76,8 @@ def aggregate(
     trained = [s for s in steps if s.trained]
     tokens = sum(r.tokens_sampled for r in results)
     final = max(ends)
+    rollout_s = _mean([s.time_rollout_s for s in steps])
+    at_once = samples_per_step * (len(results) if mode.startswith("concurrent") else 1)
     return ModeRow(
         mode=mode,
         n=len(results),
@@ -76,7 +85,8 @@ def aggregate(
         mean_s=statistics.fmean(ends),
         final_s=final,
         step_s=_mean([s.time_rollout_s + s.time_train_s + s.time_sync_s for s in steps]),
-        rollout_s=_mean([s.time_rollout_s for s in steps]),
+        rollout_s=rollout_s,
+        rollout_sample_s=rollout_s / at_once if at_once else math.nan,
         train_s=_mean([s.time_train_s for s in trained]),
         sync_s=_mean([s.time_sync_s for s in trained]),
         tokens=tokens,
@@ -98,6 +108,7 @@ def serial_prefix_rows(
     *,
     peak_rss_bytes: int = 0,
     runtime_starts_s: Sequence[float] = (),
+    samples_per_step: int = 0,
 ) -> list[ModeRow]:
     """Rows for N serial experiments, for each N in ``ns``: the first N of one serial run.
 
@@ -110,7 +121,8 @@ def serial_prefix_rows(
         if n > len(results):
             raise ValueError(f"mode {mode!r}: N={n} but only {len(results)} results")
         starts = runtime_starts_s[:n] if len(runtime_starts_s) > 1 else runtime_starts_s
-        rows.append(aggregate(mode, results[:n], t0, peak_rss_bytes=peak_rss_bytes, runtime_start_s=sum(starts)))
+        rows.append(aggregate(mode, results[:n], t0, peak_rss_bytes=peak_rss_bytes, runtime_start_s=sum(starts),
+                              samples_per_step=samples_per_step))
     return rows
 
 
@@ -136,6 +148,22 @@ def ratios(row: ModeRow, baseline: ModeRow) -> dict[str, float]:
         "rollout_time_ratio": safe_ratio(row.rollout_s, baseline.rollout_s),
         "throughput_ratio": safe_ratio(row.tokens_per_s, baseline.tokens_per_s),
     }
+
+
+def accuracy_vs_serial(row: ModeRow, serial: ModeRow) -> dict[str, float | int]:
+    """The reference's no-regression criterion: how many of ``row``'s experiments end within the
+    serial runs' mean +- 1 standard deviation (or above it) of final held-out accuracy.
+
+    Returns ``serial_mean``, ``serial_sd`` (sample sd; 0 for one serial run), ``within`` (experiments
+    whose final accuracy >= serial_mean - serial_sd) and ``of`` (experiments in the row).
+    """
+    if not serial.accuracy_end:
+        raise ValueError("the serial row has no final accuracies")
+    mean = statistics.fmean(serial.accuracy_end)
+    sd = statistics.stdev(serial.accuracy_end) if len(serial.accuracy_end) > 1 else 0.0
+    floor = mean - sd - 1e-9
+    return {"serial_mean": mean, "serial_sd": sd, "within": sum(a >= floor for a in row.accuracy_end),
+            "of": len(row.accuracy_end)}
 
 
 def _mean(values: Sequence[float]) -> float:

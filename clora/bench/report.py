@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from clora.bench.metrics import ModeRow, ratios
+from clora.bench.metrics import ModeRow, accuracy_vs_serial, ratios
 
 __all__ = ["MODE_ORDER", "rows_with_ratios", "results_table", "markdown_table", "write_json", "plot"]
 
@@ -17,7 +17,8 @@ BASELINE = "serial_cold"
 
 
 def rows_with_ratios(rows: Sequence[ModeRow]) -> list[dict[str, Any]]:
-    """Each row as a dict with ``ratios`` against the serial cold row of the same N (when there is one)."""
+    """Each row as a dict with ``ratios`` against the serial cold row of the same N (when there is one)
+    and ``accuracy_vs_serial`` (clora.bench.metrics.accuracy_vs_serial; {} without that row)."""
     baselines = {r.n: r for r in rows if r.mode == BASELINE}
     ordered = sorted(rows, key=lambda r: (MODE_ORDER.index(r.mode) if r.mode in MODE_ORDER else 99, r.n))
     out = []
@@ -25,6 +26,7 @@ def rows_with_ratios(rows: Sequence[ModeRow]) -> list[dict[str, Any]]:
         item = asdict(row)
         base = baselines.get(row.n)
         item["ratios"] = ratios(row, base) if base is not None else {}
+        item["accuracy_vs_serial"] = accuracy_vs_serial(row, base) if base is not None else {}
         out.append(item)
     return out
 
@@ -38,7 +40,7 @@ def results_table(items: Sequence[dict[str, Any]], title: str) -> Any:
 
     table = Table(title=title)
     for column in ("mode", "N", "first s", "mean s", "final s", "final x", "mean x", "step s", "rollout s",
-                   "train s", "sync s", "tok/s", "peak RSS GB", "acc start->end"):
+                   "roll s/sample", "train s", "sync s", "tok/s", "peak RSS GB", "acc start->end", "acc ok"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for item in items:
         r = item["ratios"]
@@ -46,12 +48,19 @@ def results_table(items: Sequence[dict[str, Any]], title: str) -> Any:
         table.add_row(
             item["mode"], str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
             _fmt(r.get("final_speedup"), ".2f"), _fmt(r.get("mean_speedup"), ".2f"), _fmt(item["step_s"]),
-            _fmt(item["rollout_s"]), _fmt(item["train_s"]), _fmt(item["sync_s"], ".2f"),
-            _fmt(item["tokens_per_s"]), _fmt(item["peak_rss_gb"], ".2f"), acc,
+            _fmt(item["rollout_s"]), _fmt(item.get("rollout_sample_s"), ".3f"), _fmt(item["train_s"]),
+            _fmt(item["sync_s"], ".2f"), _fmt(item["tokens_per_s"]), _fmt(item["peak_rss_gb"], ".2f"), acc,
+            _ok_cell(item.get("accuracy_vs_serial") or {}),
         )
     table.caption = ("times in seconds from the start of each mode (runtime starts included); "
-                     "x = serial cold time / this time at the same N")
+                     "x = serial cold time / this time at the same N; roll s/sample = rollout time per step / "
+                     "samples decoded at once; acc ok = experiments ending at or above the serial runs' "
+                     "mean - 1 sd of final accuracy")
     return table
+
+
+def _ok_cell(check: dict[str, Any]) -> str:
+    return f"{check['within']}/{check['of']}" if check else "-"
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -64,6 +73,13 @@ def _engine_cells(engine: dict[str, Any]) -> list[str]:
         return ["-", "-"]
     return [f"{engine['prompt_tokens_computed']:,} / {engine['prompt_tokens_cached']:,}",
             _fmt(float(engine["decode_batch_mean"]))]
+
+
+def _no_regression_cell(check: dict[str, Any]) -> str:
+    """'7/8 (serial 50% +- 6%)', or '-' without a serial row at that N."""
+    if not check:
+        return "-"
+    return f"{check['within']}/{check['of']} (serial {check['serial_mean']:.0%} +- {check['serial_sd']:.0%})"
 
 
 def write_json(path: Path, document: dict[str, Any]) -> Path:
@@ -126,9 +142,9 @@ def plot(items: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
 
 def markdown_table(items: Sequence[dict[str, Any]]) -> str:
     """The results table as GitHub markdown (for docs/benchmarks.md)."""
-    head = ("| mode | N | first s | mean s | final s | final x | mean x | first x | step s | rollout s | train s "
-            "| sync s | tok/s | peak RSS GB | prompt tok computed / cached | decode batch "
-            "| accuracy start -> end (per experiment) |")
+    head = ("| mode | N | first s | mean s | final s | final x | mean x | first x | step s | rollout s "
+            "| rollout s / sample | train s | sync s | tok/s | peak RSS GB | prompt tok computed / cached | decode batch "
+            "| final acc >= serial mean - sd | accuracy start -> end (per experiment) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for item in items:
         r = item["ratios"]
@@ -136,7 +152,8 @@ def markdown_table(items: Sequence[dict[str, Any]]) -> str:
         cells = [item["mode"], str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
                  _fmt(r.get("final_speedup"), ".2f"), _fmt(r.get("mean_speedup"), ".2f"),
                  _fmt(r.get("first_speedup"), ".2f"), _fmt(item["step_s"]), _fmt(item["rollout_s"]),
-                 _fmt(item["train_s"]), _fmt(item["sync_s"], ".2f"), _fmt(item["tokens_per_s"]),
-                 _fmt(item["peak_rss_gb"], ".2f"), *_engine_cells(item.get("engine") or {}), acc]
+                 _fmt(item.get("rollout_sample_s"), ".3f"), _fmt(item["train_s"]), _fmt(item["sync_s"], ".2f"), _fmt(item["tokens_per_s"]),
+                 _fmt(item["peak_rss_gb"], ".2f"), *_engine_cells(item.get("engine") or {}),
+                 _no_regression_cell(item.get("accuracy_vs_serial") or {}), acc]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
