@@ -45,6 +45,7 @@ def test_bench_rollout_runs_every_mode_on_the_same_data(tiny_model_dir: Path):
     assert logits_only.lm_head_positions == logits_only.tokens_trained < naive.lm_head_positions
     assert shared.tokens_computed < 0.6 * naive.tokens_computed
     assert shared.computed_per_trained == pytest.approx(shared.tokens_computed / shared.tokens_trained)
+    assert all(r.cpu_s > 0 for r in rows) and all(t.cpu_seconds > 0 for t in timings)
     assert not core.stores and core.shared_prefix  # tenants removed, settings restored
 
 
@@ -57,4 +58,4 @@ def test_cli_prints_the_rollout_table(tiny_model_dir: Path, capsys: pytest.Captu
     assert "naive" in out and "shared" in out and "comp/train" in out and "logits_only" not in out
     progress = [line for line in captured.err.splitlines() if line.startswith("fp32 ")]  # one per timed step
     assert [line.split()[1] for line in progress] == ["naive", "shared"]
-    assert all(" s, " in line and "computed per trained token" in line for line in progress)
+    assert all(" s CPU), " in line and "computed per trained token" in line for line in progress)

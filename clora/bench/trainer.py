@@ -207,7 +207,7 @@ def _main_rollout(args: argparse.Namespace, precisions: tuple[str, ...]) -> None
 def _print_step(t) -> None:
     """Progress on stderr, one line per timed step, so a long run shows its figures as they come."""
     kind = "warm-up" if t.warmup else "step"
-    print(f"{t.precision} {t.mode:<11} {kind} {t.step}: {t.seconds:.2f} s, "
+    print(f"{t.precision} {t.mode:<11} {kind} {t.step}: {t.seconds:.2f} s ({t.cpu_seconds:.2f} s CPU), "
           f"{t.tokens_computed / t.tokens_trained:.2f} computed per trained token", file=sys.stderr, flush=True)
 
 

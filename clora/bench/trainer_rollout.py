@@ -52,6 +52,7 @@ class RolloutBenchRow:
     mode: str
     precision: str
     step_s: float  # mean wall time of one TrainStep
+    cpu_s: float  # mean CPU time of the process during one TrainStep (all threads; robust to other load)
     fwd_bwd_s: float
     speedup: float  # naive step_s / this step_s (0.0 when naive was not measured)
     tokens_trained: float
@@ -75,6 +76,7 @@ class StepTiming:
     step: int  # 0-based, warm-up steps first
     warmup: bool
     seconds: float
+    cpu_seconds: float
     tokens_computed: float
     tokens_trained: float
 
@@ -176,12 +178,15 @@ def bench_rollout_core(
             for mode in modes:
                 core.shared_prefix = mode != "naive"
                 core.prefix_min_tokens = _NEVER if mode == "logits_only" else saved[1]
+                cpu_start = time.process_time()
                 seconds, values, peak = _timed_step(core, f"rollout-{mode}", data, loss)
+                cpu_seconds = time.process_time() - cpu_start
                 if on_step is not None:
                     on_step(StepTiming(precision=precision, mode=mode, step=i, warmup=i < warmup, seconds=seconds,
-                                       tokens_computed=values["tokens_computed"], tokens_trained=values["tokens"]))
+                                       cpu_seconds=cpu_seconds, tokens_computed=values["tokens_computed"],
+                                       tokens_trained=values["tokens"]))
                 if i >= warmup:
-                    runs[mode].append((seconds, values, peak))
+                    runs[mode].append((seconds, values | {"cpu_s": cpu_seconds}, peak))
     finally:
         core.shared_prefix, core.prefix_min_tokens, core.autocast_bf16 = saved
         for mode in modes:
@@ -193,7 +198,7 @@ def bench_rollout_core(
         mean = lambda key, m=mode: statistics.fmean(v[key] for _, v, _ in runs[m])  # noqa: E731
         step_s = statistics.fmean(t for t, _, _ in runs[mode])
         rows.append(RolloutBenchRow(
-            mode=mode, precision=precision, step_s=step_s, fwd_bwd_s=mean("time/fwd_bwd"),
+            mode=mode, precision=precision, step_s=step_s, cpu_s=mean("cpu_s"), fwd_bwd_s=mean("time/fwd_bwd"),
             speedup=naive_s / step_s if naive_s else 0.0, tokens_trained=mean("tokens"),
             tokens_computed=mean("tokens_computed"), computed_per_trained=mean("tokens_computed") / mean("tokens"),
             lm_head_positions=mean("tokens_lm_head"), peak_mem_gb=max(p for _, _, p in runs[mode]) / 1e9,
@@ -228,12 +233,12 @@ def _timed_step(core: TrainerCore, tenant: str, data: list[Datum], loss: LossCon
 
 
 def format_rollout(rows: list[RolloutBenchRow], shape: RolloutShape) -> str:
-    header = (f"{'precision':<9} {'mode':<11} {'step s':>7} {'fwd_bwd s':>9} {'speedup':>7} {'computed':>8} "
+    header = (f"{'precision':<9} {'mode':<11} {'step s':>7} {'cpu s':>7} {'fwd_bwd s':>9} {'speedup':>7} {'computed':>8} "
               f"{'trained':>7} {'comp/train':>10} {'lm head':>7} {'peak GB':>7}")
     lines = [header]
     for r in rows:
         lines.append(
-            f"{r.precision:<9} {r.mode:<11} {r.step_s:>7.2f} {r.fwd_bwd_s:>9.2f} {r.speedup:>6.2f}x "
+            f"{r.precision:<9} {r.mode:<11} {r.step_s:>7.2f} {r.cpu_s:>7.2f} {r.fwd_bwd_s:>9.2f} {r.speedup:>6.2f}x "
             f"{r.tokens_computed:>8.0f} {r.tokens_trained:>7.0f} {r.computed_per_trained:>10.2f} "
             f"{r.lm_head_positions:>7.0f} {r.peak_mem_gb:>7.2f}"
         )
@@ -244,6 +249,7 @@ def format_rollout(rows: list[RolloutBenchRow], shape: RolloutShape) -> str:
             f"{shape.system_len} shared + {shape.question_len} per group, completions ~{shape.completion_len} "
             f"tokens with a {shape.tool_len}-token tool turn; micro-batch {r.micro_batch_size}, {r.steps} measured "
             f"steps per mode (interleaved), {r.torch_threads} torch threads; peak memory = {r.mem_kind} above the "
-            "step's start"
+            "step's start; cpu s = the process's CPU time per step (all threads: less sensitive to other load "
+            "than wall time)"
         )
     return "\n".join(lines)
