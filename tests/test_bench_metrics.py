@@ -68,6 +68,10 @@ def test_accuracy_vs_serial_counts_experiments_at_or_above_the_serial_mean_minus
     items = {i["mode"]: i for i in rows_with_ratios([row, serial])}
     assert items["concurrent"]["accuracy_vs_serial"]["within"] == 2
     assert items["serial_cold"]["accuracy_vs_serial"]["within"] == 3  # the serial runs against themselves
+    warm = aggregate("serial_warm", ends(0.9, 0.9, 0.9), T0)
+    items = {i["mode"]: i for i in rows_with_ratios([row, warm])}  # no serial cold row: serial warm is the reference
+    assert items["concurrent"]["accuracy_vs_serial"]["within"] == 1 and items["concurrent"]["ratios"] == {}
+    assert {i["mode"]: i for i in rows_with_ratios([row, warm, serial])}["concurrent"]["accuracy_vs_serial"]["within"] == 2
     other_n = aggregate("concurrent", ends(0.5), T0)
     assert {i["n"]: i["accuracy_vs_serial"] for i in rows_with_ratios([other_n, serial])}[1] == {}  # no serial at N=1
 

@@ -18,15 +18,17 @@ BASELINE = "serial_cold"
 
 def rows_with_ratios(rows: Sequence[ModeRow]) -> list[dict[str, Any]]:
     """Each row as a dict with ``ratios`` against the serial cold row of the same N (when there is one)
-    and ``accuracy_vs_serial`` (clora.bench.metrics.accuracy_vs_serial; {} without that row)."""
+    and ``accuracy_vs_serial`` against the serial runs of the same N (clora.bench.metrics.accuracy_vs_serial:
+    serial cold, else serial warm, whose experiments learn the same; {} without either)."""
     baselines = {r.n: r for r in rows if r.mode == BASELINE}
+    serial = {r.n: r for r in rows if r.mode == "serial_warm"} | baselines
     ordered = sorted(rows, key=lambda r: (MODE_ORDER.index(r.mode) if r.mode in MODE_ORDER else 99, r.n))
     out = []
     for row in ordered:
         item = asdict(row)
         base = baselines.get(row.n)
         item["ratios"] = ratios(row, base) if base is not None else {}
-        item["accuracy_vs_serial"] = accuracy_vs_serial(row, base) if base is not None else {}
+        item["accuracy_vs_serial"] = accuracy_vs_serial(row, serial[row.n]) if row.n in serial else {}
         out.append(item)
     return out
 
