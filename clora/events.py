@@ -76,6 +76,11 @@ __all__ = [
     "ADAPTER_LOADED",
     "ADAPTER_REMOVED",
     "SAMPLE_DONE",
+    "SCHEDULER_DECISION",
+    "SCHEDULER_WAIT_EXCEEDED",
+    "SCHEDULER_POLICY_CHANGED",
+    "SCHEDULER_PAGE_IN",
+    "SCHEDULER_PAGE_OUT",
     "EPISODE_CONTEXT_FULL",
     "BENCH_MODE_DONE",
     "JsonlSink",
@@ -176,6 +181,22 @@ ADAPTER_REMOVED: Final = "sampler.adapter_removed"
 SAMPLE_DONE: Final = "sampler.sample_done"
 """One SampleRequest finished: ``tenant``, ``adapter_version``, ``n``, ``prompt_tokens``, ``completion_tokens``,
 ``duration_s``."""
+SCHEDULER_DECISION: Final = "scheduler.decision"
+"""The scheduler chose among several waiters for a ``resource`` (decode: an engine LoRA slot; train: the
+trainer's device): ``chosen`` (best first), ``reason`` (aged / priority / fair_share) and the ``queue`` (each
+waiter's ``tenant``, ``priority``, ``weight``, ``vtime`` = device-seconds / weight, ``wait_s``) in service order."""
+SCHEDULER_WAIT_EXCEEDED: Final = "scheduler.wait_exceeded"
+"""A ``tenant`` has waited for a ``resource`` longer than ``bound_s`` (SchedulerConfig.wait_bound_s): ``wait_s``,
+its ``priority`` and the ``queue`` ahead of and behind it; once per wait."""
+SCHEDULER_POLICY_CHANGED: Final = "scheduler.policy_changed"
+"""A ``tenant``'s ``priority`` / ``weight`` changed at run time (``old_priority``, ``old_weight``); the next decision
+uses them."""
+SCHEDULER_PAGE_IN: Final = "scheduler.page_in"
+"""A paged-out ``tenant``'s adapter ``version`` was loaded back into the engine (``lora_id``) before its requests
+ran: ``duration_s`` (the page-in cost), ``resident`` adapters after it."""
+SCHEDULER_PAGE_OUT: Final = "scheduler.page_out"
+"""A ``tenant``'s adapter (``version``, ``lora_id``) left the engine to make room for ``for_tenant`` (least
+recently scheduled, no request in the engine): ``duration_s``, ``resident`` adapters after it."""
 
 EPISODE_CONTEXT_FULL: Final = "rollout.context_full"
 """An episode stopped because no room was left in the model's context (reward 0): ``problem``, ``turn``,
