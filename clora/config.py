@@ -23,6 +23,7 @@ __all__ = [
     "OptimConfig",
     "LossConfig",
     "TrainerConfig",
+    "SchedulerConfig",
     "EnvConfig",
     "ExperimentConfig",
     "RuntimeConfig",
@@ -41,6 +42,8 @@ __all__ = [
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
+
+CPU_LORAS_HEADROOM = 8  # tenant adapters vLLM's CPU cache holds beyond max_loras by default
 
 MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuses a temperature above 2
 
@@ -129,6 +132,11 @@ class EngineConfig(_Config):
     omp_threads_bind: str | None = None  # e.g. "0-1"; None: all cores this process may use
     use_tcmalloc: bool = True
     extra_env: dict[str, str] = {}
+
+    @property
+    def cpu_loras(self) -> int:
+        """Tenant adapters vLLM's CPU cache holds (``max_cpu_loras``, default ``max_loras`` + 8)."""
+        return self.max_cpu_loras if self.max_cpu_loras else self.max_loras + CPU_LORAS_HEADROOM
 
     def validate(self) -> None:
         if self.max_loras < 1:
@@ -280,6 +288,21 @@ class TrainerConfig(_Config):
                 _fail("trainer.cpus", f"must be CPU numbers and ranges like '0-2,5', got {self.cpus!r}")
 
 
+class SchedulerConfig(_Config):
+    """How tenants share the engine's LoRA slots and the trainer's device (docs/scheduling.md)."""
+
+    aging_s: float = 30.0  # a tenant waiting this long is served next whatever its priority (no starvation)
+    wait_bound_s: float = 60.0  # a wait longer than this logs scheduler.wait_exceeded; 0: never
+    max_resident_adapters: int | None = None  # adapters kept in the engine (more are paged); None: engine.max_cpu_loras or max_loras + 8
+
+    def validate(self) -> None:
+        _positive("scheduler.aging_s", self.aging_s)
+        if self.wait_bound_s < 0:
+            _fail("scheduler.wait_bound_s", f"must be >= 0 (0: no bound), got {self.wait_bound_s}")
+        if self.max_resident_adapters is not None and self.max_resident_adapters < 2:
+            _fail("scheduler.max_resident_adapters", f"must be >= 2, got {self.max_resident_adapters}")
+
+
 class EnvConfig(_Config):
     """Which environment a tenant trains on."""
 
@@ -324,6 +347,8 @@ class ExperimentConfig(_Config):
     retries: int = 0  # more tries of a rollout (env error, bad reward, step timeout) or a publish; 0: the tenant fails
     retry_backoff_s: float = 1.0  # wait before the first retry, doubled before each further one
     seed: int = 0  # seeds the problem draw and every rollout's sampling (docs/reliability.md#seeds)
+    priority: int = 0  # scheduling class: higher is served first (1 interactive, 0 normal, -1 background)
+    weight: float = 1.0  # share of device-seconds within its priority class (docs/scheduling.md)
 
     def _field_prefix(self) -> str:
         return f"experiments.{self.name}"
@@ -335,6 +360,7 @@ class ExperimentConfig(_Config):
                 _fail(f"experiments.{self.name}.{field}", f"must be >= 1, got {getattr(self, field)}")
         if self.retries < 0:
             _fail(f"experiments.{self.name}.retries", f"must be >= 0 (0: no retry), got {self.retries}")
+        _positive(f"experiments.{self.name}.weight", self.weight)
         if self.retry_backoff_s < 0:
             _fail(f"experiments.{self.name}.retry_backoff_s", f"must be >= 0, got {self.retry_backoff_s}")
         if self.checkpoint_every < 0:
@@ -372,6 +398,7 @@ class RuntimeConfig(_Config):
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
     trainer: TrainerConfig = TrainerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     run_dir: str = "runs/latest"
     experiments: tuple[ExperimentConfig, ...] = ()
 
@@ -379,6 +406,14 @@ class RuntimeConfig(_Config):
         return ""
 
     def validate(self) -> None:
+        resident = self.scheduler.max_resident_adapters
+        if resident is not None and resident <= self.engine.max_loras:
+            _fail("scheduler.max_resident_adapters",
+                  f"must be > engine.max_loras ({self.engine.max_loras}: a page-in needs an adapter it may page out), "
+                  f"got {resident}")
+        if resident is not None and resident > self.engine.cpu_loras:
+            _fail("scheduler.max_resident_adapters",
+                  f"must be <= the engine's CPU cache ({self.engine.cpu_loras}, engine.max_cpu_loras), got {resident}")
         first: dict[str, int] = {}
         for i, e in enumerate(self.experiments):
             if e.name in first:

@@ -57,7 +57,6 @@ __all__ = [
 
 BASE_ADAPTER_ID = 1  # reserved lora_int_id of the all-zero adapter that serves base-model rows
 BASE_ADAPTER_NAME = "__clora_base__"
-_MAX_CPU_LORAS_HEADROOM = 8
 
 
 # ----------------------------------------------------------------------------- environment
@@ -152,7 +151,7 @@ def engine_args(model_dir: Path, model: ModelConfig, engine: EngineConfig):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     max_loras = engine.max_loras + 1  # + the reserved zero adapter
-    max_cpu_loras = engine.max_cpu_loras + 1 if engine.max_cpu_loras else max_loras + _MAX_CPU_LORAS_HEADROOM
+    max_cpu_loras = engine.cpu_loras + 1  # + the reserved zero adapter
     extra = {} if engine.block_size is None else {"block_size": engine.block_size}
     return AsyncEngineArgs(
         model=str(model_dir),

@@ -31,13 +31,10 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
-from clora.config import ExperimentConfig, RuntimeConfig, validate_tenant_name
+from clora.config import CPU_LORAS_HEADROOM, ExperimentConfig, RuntimeConfig, validate_tenant_name
 from clora.errors import ConfigError, describe_validation_error
 
 __all__ = ["SweepFile", "SweepPoint", "SweepTenant", "Sweep", "decode_sweep", "expand", "point_label"]
-
-_MAX_CPU_LORAS_HEADROOM = 8  # clora.sampler.engine keeps max_loras + 8 adapters on the CPU by default
-
 
 class SweepFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The TOML file as written (tables not yet checked against the experiment's fields)."""
@@ -315,7 +312,7 @@ def expand(file: SweepFile, *, run_dir: str = "runs/sweep") -> Sweep:
                                        experiment=_experiment(file, point, name, seed)))
     engine = runtime.engine
     if "max_cpu_loras" not in file.runtime.get("engine", {}) and len(tenants) > engine.max_loras + \
-            _MAX_CPU_LORAS_HEADROOM:
+            CPU_LORAS_HEADROOM:
         engine = msgspec.structs.replace(engine, max_cpu_loras=len(tenants))
     try:
         runtime = msgspec.structs.replace(runtime, engine=engine, experiments=tuple(t.experiment for t in tenants))
