@@ -7,6 +7,11 @@ requests wait, its in-flight requests finish first), so no sequence mixes versio
 tenants keep decoding throughout. Base-model requests (``tenant=None``) use the engine's
 reserved all-zero adapter (see ``clora.sampler.engine``).
 
+Admission: vLLM batches at most ``engine.max_loras`` tenant adapters, so at most that many tenants
+have requests in the engine at once; the others wait at a ``SlotGate`` whose order the runtime's
+``Scheduler`` decides (priority, weighted fair share, aging: clora.sched). More tenants than the
+engine keeps adapters for are paged in and out (clora.sampler.paging).
+
 Errors: a bad request (unknown tenant, prompt too long) fails only that request; an adapter
 that does not fit fails its Register/Load; a dead engine is fatal and crashes the actor.
 """
@@ -26,8 +31,11 @@ import msgspec
 from actors import Actor, handler
 from clora import events
 from clora.config import EngineConfig, ModelConfig
+from clora.sampler.paging import AdapterPager
 from clora.sampler.engine import Engine
 from clora.sampler.engine_stats import EngineStats, EngineStatsSnapshot
+from clora.sched import Scheduler
+from clora.sched.gate import SlotGate
 from clora.errors import DuplicateTenantError, EngineDeadError, UnknownTenantError
 from clora.messages import (
     AdapterLoaded,
@@ -67,7 +75,9 @@ class _TenantSlot:
     version: int
     path: Path
     in_flight: int = 0
-    admission: asyncio.Future[bool] | None = None  # its hold on one of the engine's LoRA slots
+    admission: asyncio.Future[None] | None = None  # its hold on one of the engine's LoRA slots (+ page-in)
+    resident: bool = False  # its adapter is loaded in the engine (else paged out: clora.sampler.paging)
+    last_scheduled: float = 0.0  # when it last got an engine LoRA slot (page-out order)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when in_flight == 0
     open: asyncio.Event = field(default_factory=asyncio.Event)  # cleared while the adapter changes
 
@@ -113,7 +123,12 @@ class SamplerActor(Actor):
         work_dir: Path | None = None,
         shared_engine: Engine | None = None,
         stats_interval_s: float = STATS_INTERVAL_S,
+        scheduler: Scheduler | None = None,
+        max_resident: int | None = None,
     ) -> None:
+        """``scheduler``: decides which waiting tenant gets the next engine LoRA slot (the runtime's one,
+        shared with the trainer; default: a scheduler of its own, everyone in one class). ``max_resident``:
+        tenant adapters kept in the engine, the rest paged (default ``engine.cpu_loras``)."""
         self._model_dir = Path(model_dir)
         self._model_cfg = model
         self._engine_cfg = engine
@@ -126,8 +141,15 @@ class SamplerActor(Actor):
         # vLLM batches at most max_loras + 1 adapters, and the pinned zero adapter holds one of those
         # slots for good, while vLLM's scheduler counts only requested adapters: a batch with more than
         # max_loras tenant adapters kills the engine (KeyError in vLLM's LoRA mapping). So at most
-        # max_loras tenants have requests in the engine at once; the others wait here (FIFO).
-        self._lora_slots = asyncio.Semaphore(engine.max_loras)
+        # max_loras tenants have requests in the engine at once; the others wait here, in the
+        # scheduler's order.
+        self.scheduler = scheduler if scheduler is not None else Scheduler(emit=lambda e, f: self.log.info(e, **f))
+        self._lora_slots = SlotGate(self.scheduler, "decode", engine.max_loras)
+        resident = max_resident if max_resident is not None else engine.cpu_loras
+        if resident <= engine.max_loras:
+            raise ValueError(f"max_resident ({resident}) must exceed engine.max_loras ({engine.max_loras})")
+        self.pager = AdapterPager(resident, log=lambda: self.log, in_engine=self._lora_slots.holds,
+                                  changing=lambda t: t in self._tenants and not self._tenants[t].open.is_set())
         self._dead = False
         self._stats_interval_s = stats_interval_s
         self._stats_first: EngineStatsSnapshot | None = None  # the engine's counters when we started
@@ -170,7 +192,7 @@ class SamplerActor(Actor):
         else:  # a borrowed engine outlives us: leave it without our adapters
             for tenant in list(self._tenants):
                 slot = self._tenants.pop(tenant)
-                if not self.engine.is_dead:
+                if slot.resident and not self.engine.is_dead:
                     await self.engine.remove_adapter(slot.lora_id)
 
     async def on_failure(self, exc: BaseException) -> None:
@@ -280,22 +302,37 @@ class SamplerActor(Actor):
         )
 
     async def _hold_lora_slot(self, slot: _TenantSlot) -> None:
-        """Wait until the tenant holds an engine LoRA slot (shared by all its in-flight requests)."""
+        """Wait until the tenant holds an engine LoRA slot (shared by all its in-flight requests) and
+        its adapter is in the engine."""
         if slot.admission is None:
-            slot.admission = asyncio.ensure_future(self._lora_slots.acquire())
+            slot.admission = asyncio.ensure_future(self._admit(slot))
         await asyncio.shield(slot.admission)
+
+    async def _admit(self, slot: _TenantSlot) -> None:
+        await self._lora_slots.acquire(slot.tenant)
+        slot.last_scheduled = time.monotonic()
+        try:
+            await self._engine_call(self.pager.page_in(self.engine, slot, lambda: list(self._tenants.values())))
+        except BaseException:
+            self._lora_slots.release(slot.tenant)
+            raise
 
     def _free_lora_slot(self, slot: _TenantSlot) -> None:
         """The tenant's last request left: give its slot back (or stop waiting for one)."""
         admission, slot.admission = slot.admission, None
         if admission is None:
             return
-        admission.cancel()  # no effect once it acquired
-        admission.add_done_callback(lambda f: None if f.cancelled() else self._lora_slots.release())
+        admission.cancel()  # no effect once it was admitted
+        admission.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() is not None else self._lora_slots.release(slot.tenant))
 
     def lora_slots_free(self) -> int:
         """Engine LoRA slots no tenant holds now (tests, stats)."""
-        return self._lora_slots._value
+        return self._lora_slots.free
+
+    def resident(self) -> set[str]:
+        """Tenants whose adapter is in the engine now (the others are paged out)."""
+        return {t for t, s in self._tenants.items() if s.resident}
 
     async def _generate(self, msg: SampleRequest, adapter):
         try:
@@ -326,8 +363,15 @@ class SamplerActor(Actor):
                 raise DuplicateTenantError(f"tenant {msg.tenant!r} already has an adapter; use LoadAdapter to update it")
             slot = _TenantSlot(tenant=msg.tenant, lora_id=self.engine.allocate_adapter_id(), version=msg.version,
                                path=Path(msg.path))
-            duration = await self._engine_call(self.engine.add_adapter(*slot.adapter))
-            self._tenants[msg.tenant] = slot
+            async with self.pager.lock:
+                if await self._engine_call(self.pager.make_room(self.engine, list(self._tenants.values()),
+                                                                keep=msg.tenant)):
+                    duration = await self._engine_call(self.engine.add_adapter(*slot.adapter))
+                    slot.resident = True
+                else:  # every resident adapter is in use: it starts paged out (checked, loaded when admitted)
+                    self.engine.check_adapter(slot.path)
+                    duration = 0.0
+                self._tenants[msg.tenant] = slot
         self.log.info(events.ADAPTER_REGISTERED, tenant=msg.tenant, version=msg.version, lora_id=slot.lora_id,
                       duration_s=round(duration, 4))
         return AdapterLoaded(tenant=msg.tenant, version=msg.version, duration_s=duration)
@@ -345,17 +389,21 @@ class SamplerActor(Actor):
                 await slot.idle.wait()  # this tenant's in-flight sequences finish on the old version
                 gate_wait = time.perf_counter() - started
                 new = _TenantSlot(tenant=msg.tenant, lora_id=slot.lora_id, version=msg.version, path=path)
-                # Once sent, the engine load runs to its end even if we are cancelled: the record
-                # must match the weights the engine holds.
-                load = asyncio.ensure_future(self.engine.reload_adapter(*new.adapter))
-                try:
-                    duration = await self._engine_call(asyncio.shield(load))
-                except asyncio.CancelledError:
-                    await asyncio.wait([load])
-                    if not load.cancelled() and load.exception() is None:
-                        slot.version, slot.path = new.version, new.path
-                    raise
-                slot.version, slot.path = new.version, new.path
+                async with self.pager.lock:  # no page-out of this adapter meanwhile
+                    if slot.resident:
+                        # Once sent, the engine load runs to its end even if we are cancelled: the
+                        # record must match the weights the engine holds.
+                        load = asyncio.ensure_future(self.engine.reload_adapter(*new.adapter))
+                        try:
+                            duration = await self._engine_call(asyncio.shield(load))
+                        except asyncio.CancelledError:
+                            await asyncio.wait([load])
+                            if not load.cancelled() and load.exception() is None:
+                                slot.version, slot.path = new.version, new.path
+                            raise
+                    else:  # paged out: its next page-in loads this version
+                        duration = 0.0
+                    slot.version, slot.path = new.version, new.path
             finally:
                 slot.open.set()
         self.log.info(events.ADAPTER_LOADED, tenant=msg.tenant, version=msg.version, duration_s=round(duration, 4),
@@ -370,8 +418,10 @@ class SamplerActor(Actor):
             slot.open.clear()
             try:
                 await slot.idle.wait()
-                await self._engine_call(self.engine.remove_adapter(slot.lora_id))
-                del self._tenants[msg.tenant]
+                async with self.pager.lock:
+                    if slot.resident:
+                        await self._engine_call(self.engine.remove_adapter(slot.lora_id))
+                    del self._tenants[msg.tenant]
             finally:
                 slot.open.set()  # waiters wake up and find the tenant gone
         self._admin_locks.pop(msg.tenant, None)
