@@ -7,9 +7,10 @@ store write-back (or to leave the store untouched), then re-raises the cancellat
 
 TrainSteps wait in a step queue (clora.trainer.step_queue): whichever waiting handler gets the
 device lock runs the next group, up to ``TrainerConfig.fuse_max`` steps of different tenants in one
-fused forward/backward (1 = one step at a time, FIFO). Replies and errors stay per asker. Cancelling
-an ask whose step is still queued removes it; once its group runs, the group finishes for everyone.
-TrainSteps keep FIFO order among themselves (per tenant, strictly), but a later message of another
+fused forward/backward (1 = one step at a time), tenants in the order the scheduler decides
+(clora.sched). Replies and errors stay per asker. Cancelling an ask whose step is still queued
+removes it; once its group runs, the group finishes for everyone. A tenant's TrainSteps keep
+their order strictly, but a later message of another
 type (Snapshot, ExportAdapter, ...) may run before a TrainStep that is still queued: await the
 TrainStep's reply before relying on its result (``ask`` does).
 
@@ -37,6 +38,7 @@ from actors import Actor, ActorRef, ActorSystem, Supervision, handler
 from clora import events
 from clora.config import ModelConfig, TrainerConfig
 from clora.errors import NonFiniteError
+from clora.sched import Scheduler
 from clora.trainer.core import TrainerCore
 from clora.trainer.cpu_policy import apply_thread_policy, thread_policy
 from clora.trainer.memory import release_free_memory
@@ -92,14 +94,18 @@ class TrainerActor(Actor):
     mailbox_size = TrainerConfig().queue_size
     inbox = TrainerMsg
 
-    def __init__(self, model: ModelConfig | str | Path, config: TrainerConfig = TrainerConfig()) -> None:
+    def __init__(self, model: ModelConfig | str | Path, config: TrainerConfig = TrainerConfig(),
+                 scheduler: Scheduler | None = None) -> None:
+        """``scheduler``: decides which tenants' pending TrainSteps run next (the runtime's, shared with
+        the sampler; default: one of its own, everyone in one class)."""
         self.model = model
         self.config = config
         self.device_lock = asyncio.Lock()
         self.core: TrainerCore | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._thread_policy: dict[str, Any] = {}  # the worker thread's CPUs, nice value and torch threads
-        self._steps = StepQueue(config.fuse_max)
+        self._steps = StepQueue(
+            config.fuse_max, scheduler if scheduler is not None else Scheduler(emit=lambda e, f: self.log.info(e, **f)))
 
     @classmethod
     async def start_in(
@@ -110,9 +116,10 @@ class TrainerActor(Actor):
         *,
         name: str = "trainer",
         supervision: Supervision = Supervision.ESCALATE,
+        scheduler: Scheduler | None = None,
     ) -> ActorRef[TrainerActor]:
         """Start a trainer in ``system`` with its mailbox bounded by ``config.queue_size``."""
-        return await system.start(cls(model, config), name=name, supervision=supervision, mailbox_size=config.queue_size)
+        return await system.start(cls(model, config, scheduler), name=name, supervision=supervision, mailbox_size=config.queue_size)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -256,6 +263,7 @@ class TrainerActor(Actor):
 
     def _resolve(self, group: list[PendingStep], outcomes: list[GroupOutcome], start: float) -> None:
         """Log each step's canonical event and resolve its future (in the event loop thread)."""
+        self._steps.charge(group, time.perf_counter() - start)
         duration = round(time.perf_counter() - start, 4)
         depth = self._queue_depth()
         for pending, (outcome, copies) in zip(group, outcomes, strict=True):

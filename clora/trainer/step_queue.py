@@ -1,11 +1,13 @@
 """Which pending TrainSteps run next, and together: the trainer's step queue.
 
 Every TrainStep the TrainerActor receives waits here until the device is free. The next group is
-up to ``fuse_max`` pending steps in arrival order, at most one per tenant (a tenant's later step
-waits for the next group, so each tenant's steps stay in order). With ``fuse_max`` = 1 that is
-plain FIFO, one step at a time; with more, steps that piled up while the device was busy share
-one fused forward/backward (``train_group``). So fusion happens exactly when steps pile up, and
-costs nothing when they do not.
+up to ``fuse_max`` tenants with pending steps, in the order the runtime's ``Scheduler`` decides
+(strict priority between classes, weighted fair share of device-seconds within one, aging against
+starvation: clora.sched.policy), each with its oldest pending step (a tenant's later step waits for
+the next group, so each tenant's steps stay in order). With ``fuse_max`` = 1 that is one step at a
+time; with more, steps that piled up while the device was busy share one fused forward/backward
+(``train_group``). So fusion happens exactly when steps pile up, and costs nothing when they do
+not. A group's device time is charged to its tenants in proportion to their tokens (``charge``).
 
 ``train_group`` is the device job of one group (it runs in the trainer's worker thread): one
 request runs the single-adapter path, several the fused one, then each trained tenant gets the
@@ -22,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from clora.sched import Scheduler
 from clora.messages import AdapterSnapshot, StoreState, TrainStep, TrainStepResult
 from clora.trainer.core import TrainerCore
 from clora.trainer.fused import FusedRequest
@@ -41,13 +44,17 @@ class PendingStep:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-class StepQueue:
-    """TrainSteps waiting for the device, in arrival order."""
+RESOURCE = "train"  # the trainer's device, for the scheduler
 
-    def __init__(self, fuse_max: int) -> None:
+
+class StepQueue:
+    """TrainSteps waiting for the device, in arrival order; ``take_group`` serves them in the scheduler's."""
+
+    def __init__(self, fuse_max: int, scheduler: Scheduler | None = None) -> None:
         if fuse_max < 1:
             raise ValueError(f"fuse_max must be >= 1, got {fuse_max}")
         self.fuse_max = fuse_max
+        self.scheduler = scheduler if scheduler is not None else Scheduler()
         self._pending: deque[PendingStep] = deque()
 
     def __len__(self) -> int:
@@ -62,27 +69,39 @@ class StepQueue:
     def push(self, msg: TrainStep) -> PendingStep:
         pending = PendingStep(msg, asyncio.get_running_loop().create_future())
         self._pending.append(pending)
+        self.scheduler.wait(RESOURCE, msg.tenant)
         return pending
 
     def discard(self, pending: PendingStep) -> None:
         """Forget a step whose asker gave up (no effect once a group took it)."""
         if pending in self._pending:
             self._pending.remove(pending)
+            if not any(p.msg.tenant == pending.msg.tenant for p in self._pending):
+                self.scheduler.cancel(RESOURCE, pending.msg.tenant)
 
     def take_group(self) -> list[PendingStep]:
-        """Remove and return the next group: up to ``fuse_max`` steps in arrival order, one per
-        tenant. Empty only when nothing is pending."""
-        group: list[PendingStep] = []
-        tenants: set[str] = set()
+        """Remove and return the next group: the oldest pending step of each of up to ``fuse_max``
+        tenants, in the scheduler's order. Empty only when nothing is pending."""
+        oldest: dict[str, PendingStep] = {}
         for pending in self._pending:
-            if len(group) == self.fuse_max:
-                break
-            if pending.msg.tenant not in tenants:
-                group.append(pending)
-                tenants.add(pending.msg.tenant)
+            oldest.setdefault(pending.msg.tenant, pending)
+        for tenant in oldest:  # idempotent; re-declares a tenant the scheduler forgot
+            self.scheduler.wait(RESOURCE, tenant)
+        chosen = self.scheduler.pick(RESOURCE, k=self.fuse_max, among=oldest)
+        group = [oldest[tenant] for tenant in chosen]
         for pending in group:
             self._pending.remove(pending)
+        for tenant in chosen:  # a tenant with more steps queued waits again
+            if any(p.msg.tenant == tenant for p in self._pending):
+                self.scheduler.wait(RESOURCE, tenant)
         return group
+
+    def charge(self, group: list[PendingStep], seconds: float) -> None:
+        """The group used the device ``seconds``: each tenant's share by its steps' tokens."""
+        tokens = [max(1, sum(len(d.tokens) for d in p.msg.data)) for p in group]
+        total = sum(tokens)
+        for pending, n in zip(group, tokens):
+            self.scheduler.charge(RESOURCE, pending.msg.tenant, seconds * n / total)
 
 
 def step_copies(core: TrainerCore, msg: TrainStep, values: dict[str, float]) -> dict[str, Any]:
