@@ -29,7 +29,7 @@ from clora.rl.chat import ChatRenderer
 from clora.checkpoint.format import BaseModelIdentity, base_model_identity
 from clora.config import ExperimentConfig, LoraConfig, OptimConfig, RuntimeConfig, validate_tenant_name
 from clora.envs import Env, make_env
-from clora.errors import AdapterMismatchError, ConfigError, DuplicateTenantError
+from clora.errors import AdapterMismatchError, ConfigError, DuplicateTenantError, UnknownTenantError
 from clora.messages import AddTenant, ExportAdapter, GetEngineStats, Publish
 from clora.models import resolve_model
 from clora.precision import engine_dtype
@@ -39,6 +39,7 @@ from clora.sampler.engine import Engine
 from clora.sampler.engine_stats import EngineStatsSnapshot
 from clora.sampler.engine_weights import engine_model_dir
 from clora.sampler.sync import SyncActor
+from clora.sched import Scheduler, TenantPolicy
 from clora.tenant.actor import ExperimentResult, RunExperiment, StepRecord, TenantActor, release_tenant
 from clora.tenant.handle import TenantHandle
 from clora.trainer.actor import TrainerActor
@@ -79,6 +80,7 @@ class Runtime:
         self.renderer: ChatRenderer | None = None
         self.tokenizer: Any = None
         self.base_model: BaseModelIdentity | None = None
+        self.scheduler: Scheduler | None = None  # one policy for the engine's admission and the trainer's queue
 
     async def __aenter__(self) -> "Runtime":
         started = time.time()
@@ -102,11 +104,16 @@ class Runtime:
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
             engine_dir = self.model_dir if self._engine is not None else await asyncio.to_thread(
                 engine_model_dir, self.model_dir, model_cfg.dtype)  # a bf16 engine loads bf16 weights
+            log = self._system.log
+            self.scheduler = Scheduler(aging_s=cfg.scheduler.aging_s, wait_bound_s=cfg.scheduler.wait_bound_s,
+                                       emit=lambda event, fields: log.info(event, **fields))
             self.sampler = await self._system.start(
-                SamplerActor(engine_dir, model_cfg, cfg.engine, shared_engine=self._engine), name="sampler",
-                supervision=Supervision.ESCALATE,
+                SamplerActor(engine_dir, model_cfg, cfg.engine, shared_engine=self._engine, scheduler=self.scheduler,
+                             max_resident=cfg.scheduler.max_resident_adapters),
+                name="sampler", supervision=Supervision.ESCALATE,
             )
-            self.trainer = await TrainerActor.start_in(self._system, self.model_dir, cfg.trainer)
+            self.trainer = await TrainerActor.start_in(self._system, self.model_dir, cfg.trainer,
+                                                       scheduler=self.scheduler)
             self.sync = await self._system.start(
                 SyncActor(self.trainer, self.sampler), name="sync", supervision=Supervision.ESCALATE
             )
@@ -152,6 +159,7 @@ class Runtime:
         """
         check_experiment(experiment, self.config, model_dir=self.model_dir, env=env is None)
         self._claim(experiment.name, experiment.lora)
+        self.scheduler.set_policy(experiment.name, experiment.priority, experiment.weight)
         ref = None
         try:
             actor = TenantActor(
@@ -180,6 +188,7 @@ class Runtime:
                 except Exception as e:  # the experiment's own outcome matters more; keep this in the log
                     self._system.log.warning(events.TENANT_RELEASE_INCOMPLETE, tenant=experiment.name, error=str(e))
             self._tenants.discard(experiment.name)
+            self.scheduler.remove(experiment.name)
 
     def checkpoint_dir(self, name: str) -> Path:
         """Where tenant ``name``'s checkpoint lives in this runtime's run folder."""
@@ -212,15 +221,19 @@ class Runtime:
         return dict(zip(names, outcomes))
 
     async def tenant(
-        self, name: str, *, lora: LoraConfig | None = None, optim: OptimConfig | None = None
+        self, name: str, *, lora: LoraConfig | None = None, optim: OptimConfig | None = None,
+        priority: int = 0, weight: float = 1.0,
     ) -> TenantHandle:
         """A scripted tenant: its adapter is registered with the trainer and serving as version 0.
+        ``priority`` / ``weight``: its scheduling class and share (as ExperimentConfig's; docs/scheduling.md).
 
         ``close()`` (or the runtime's exit) writes its adapter to ``<run_dir>/tenants/<name>/adapter``,
         where ``clora export`` finds it, and frees the name."""
         lora = lora or LoraConfig()
         optim = optim or OptimConfig()
+        policy = TenantPolicy(priority, weight)  # a bad weight fails before anything is claimed
         self._claim(name, lora)
+        self.scheduler.set_policy(name, policy.priority, policy.weight)
         try:
             await self.trainer.ask(AddTenant(tenant=name, lora=lora, optim=optim))
         except BaseException:
@@ -278,6 +291,18 @@ class Runtime:
             await release_tenant(name, trainer=self.trainer, sync=self.sync, log=self._system.log)
         finally:
             self._tenants.discard(name)
+            self.scheduler.remove(name)
+
+    def set_priority(self, name: str, priority: int | None = None, weight: float | None = None) -> TenantPolicy:
+        """Change tenant ``name``'s scheduling class and / or weight (None keeps one) while it runs: the next
+        decision of the engine's admission and the trainer's step queue uses them (a ``scheduler.policy_changed``
+        event). Returns the policy now in force; UnknownTenantError for a tenant not running here."""
+        if name not in self._tenants:
+            raise UnknownTenantError(f"tenant {name!r} is not running in this runtime (running: "
+                                     f"{', '.join(sorted(self._tenants)) or 'none'})")
+        if weight is not None:
+            TenantPolicy(weight=weight)  # ValueError naming the bad weight, before anything changes
+        return self.scheduler.set_policy(name, priority, weight)
 
 
 def _load_tokenizer(model_dir: Path) -> Any:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clora import events
+from clora.errors import ConfigError
 
 __all__ = [
     "PRIORITY_BACKGROUND",
@@ -53,7 +54,7 @@ class TenantPolicy:
 
     def __post_init__(self) -> None:
         if not self.weight > 0:
-            raise ValueError(f"a tenant's weight must be > 0, got {self.weight}")
+            raise ConfigError(f"a tenant's weight must be > 0, got {self.weight}")
 
 
 @dataclass(slots=True)
@@ -86,9 +87,9 @@ class Scheduler:
         emit: Emit | None = None,
     ) -> None:
         if not aging_s > 0:
-            raise ValueError(f"aging_s must be > 0 (the starvation bound), got {aging_s}")
+            raise ConfigError(f"aging_s must be > 0 (the starvation bound), got {aging_s}")
         if wait_bound_s < 0:
-            raise ValueError(f"wait_bound_s must be >= 0 (0: no bound), got {wait_bound_s}")
+            raise ConfigError(f"wait_bound_s must be >= 0 (0: no bound), got {wait_bound_s}")
         self.aging_s = aging_s
         self.wait_bound_s = wait_bound_s
         self.clock = clock

@@ -122,6 +122,11 @@ class TenantHandle:
         await self.runtime.ask(ImportAdapter(tenant=self.name, path=str(path)))
         return await self.publish()
 
+    def set_priority(self, priority: int | None = None, weight: float | None = None) -> None:
+        """Change this tenant's scheduling class and / or its weight within it (None keeps one); the
+        next decision of the engine's admission and the trainer's step queue uses them (docs/scheduling.md)."""
+        self.runtime.set_priority(self.name, priority, weight)
+
     async def close(self) -> None:
         """Write the adapter to ``<run_dir>/tenants/<name>/adapter`` (where ``clora export`` finds it),
         unload it from the engine and drop the tenant's trainer state; the name is free again. Closing
