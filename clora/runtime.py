@@ -104,9 +104,8 @@ class Runtime:
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
             engine_dir = self.model_dir if self._engine is not None else await asyncio.to_thread(
                 engine_model_dir, self.model_dir, model_cfg.dtype)  # a bf16 engine loads bf16 weights
-            log = self._system.log
             self.scheduler = Scheduler(aging_s=cfg.scheduler.aging_s, wait_bound_s=cfg.scheduler.wait_bound_s,
-                                       emit=lambda event, fields: log.info(event, **fields))
+                                       log=self._system.log)
             self.sampler = await self._system.start(
                 SamplerActor(engine_dir, model_cfg, cfg.engine, shared_engine=self._engine, scheduler=self.scheduler,
                              max_resident=cfg.scheduler.max_resident_adapters),

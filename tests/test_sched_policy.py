@@ -10,6 +10,18 @@ from clora import events
 from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE, Scheduler
 
 
+class Log:
+    """Collects (event, fields) as a structlog logger would log them."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def info(self, event: str, **fields) -> None:
+        self.seen.append((event, fields))
+
+    warning = info
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -20,7 +32,7 @@ class Clock:
 
 def _scheduler(**kw):
     clock, seen = Clock(), []
-    sched = Scheduler(clock=clock, emit=lambda name, fields: seen.append((name, fields)), **kw)
+    sched = Scheduler(clock=clock, log=Log(seen), **kw)
     return sched, clock, seen
 
 

@@ -143,7 +143,8 @@ class SamplerActor(Actor):
         # max_loras tenant adapters kills the engine (KeyError in vLLM's LoRA mapping). So at most
         # max_loras tenants have requests in the engine at once; the others wait here, in the
         # scheduler's order.
-        self.scheduler = scheduler if scheduler is not None else Scheduler(emit=lambda e, f: self.log.info(e, **f))
+        self._owns_scheduler = scheduler is None
+        self.scheduler = scheduler if scheduler is not None else Scheduler()
         self._lora_slots = SlotGate(self.scheduler, "decode", engine.max_loras)
         resident = max_resident if max_resident is not None else engine.cpu_loras
         if resident <= engine.max_loras:
@@ -165,6 +166,8 @@ class SamplerActor(Actor):
         return self._engine
 
     async def on_start(self) -> None:
+        if self._owns_scheduler:
+            self.scheduler.log = self.log
         if not self._owns_engine:
             self._start_stats()
             return

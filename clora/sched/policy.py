@@ -15,9 +15,9 @@ not yet charged). The rule, applied at every decision (``pick``):
 
 Every decision that chose among several waiters is an event (``scheduler.decision``, with the
 queue: each waiter's class, weight, virtual time and wait); a waiter waiting longer than
-``wait_bound_s`` gets one ``scheduler.wait_exceeded`` event per wait. Events go to ``emit(name,
-fields)`` (the runtime passes its logger's ``info``); time comes from ``clock`` (tests pass their
-own). Priority and weight changes take effect at the next decision.
+``wait_bound_s`` gets one ``scheduler.wait_exceeded`` warning per wait. Events go to ``log`` (a
+structlog logger; the runtime's, or the owning actor's; None: nowhere); time comes from ``clock``
+(tests pass their own). Priority and weight changes take effect at the next decision.
 """
 
 from __future__ import annotations
@@ -41,9 +41,6 @@ __all__ = [
 PRIORITY_INTERACTIVE = 1
 PRIORITY_NORMAL = 0  # ExperimentConfig.priority's default
 PRIORITY_BACKGROUND = -1
-
-Emit = Callable[[str, dict[str, Any]], None]
-
 
 @dataclass(frozen=True, slots=True)
 class TenantPolicy:
@@ -84,7 +81,7 @@ class Scheduler:
         aging_s: float = 30.0,
         wait_bound_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
-        emit: Emit | None = None,
+        log: Any = None,
     ) -> None:
         if not aging_s > 0:
             raise ConfigError(f"aging_s must be > 0 (the starvation bound), got {aging_s}")
@@ -93,7 +90,7 @@ class Scheduler:
         self.aging_s = aging_s
         self.wait_bound_s = wait_bound_s
         self.clock = clock
-        self.emit = emit
+        self.log = log if log is not None else _Quiet()
         self._tenants: dict[str, _Tenant] = {}
         self._floor: dict[tuple[str, int], float] = {}  # (resource, class) -> the class's virtual time
 
@@ -112,7 +109,7 @@ class Scheduler:
                 if use.waiting_since is not None or use.running:
                     use.vtime = max(use.vtime, self._class_floor(resource, new.priority, exclude=tenant))
             known.policy = new
-            self._emit(events.SCHEDULER_POLICY_CHANGED, tenant=tenant, priority=new.priority, weight=new.weight,
+            self.log.info(events.SCHEDULER_POLICY_CHANGED, tenant=tenant, priority=new.priority, weight=new.weight,
                        old_priority=old.priority, old_weight=old.weight)
         return new
 
@@ -165,7 +162,7 @@ class Scheduler:
         allowed = None if among is None else set(among)
         chosen = [t for t in order if allowed is None or t in allowed][:k]
         if len(order) > 1 and chosen:
-            self._emit(events.SCHEDULER_DECISION, resource=resource, chosen=chosen, reason=reasons[chosen[0]],
+            self.log.info(events.SCHEDULER_DECISION, resource=resource, chosen=chosen, reason=reasons[chosen[0]],
                        queue=[self._row(resource, t, now) for t in order])
         for tenant in chosen:
             use = self._use(resource, tenant)
@@ -197,7 +194,7 @@ class Scheduler:
             if now - use.waiting_since > self.wait_bound_s:
                 use.reported = True
                 late.append(tenant)
-                self._emit(events.SCHEDULER_WAIT_EXCEEDED, resource=resource, tenant=tenant,
+                self.log.warning(events.SCHEDULER_WAIT_EXCEEDED, resource=resource, tenant=tenant,
                            wait_s=round(now - use.waiting_since, 3), bound_s=self.wait_bound_s,
                            priority=known.policy.priority,
                            queue=[self._row(resource, t, now) for t in self._order(resource, now)[0]])
@@ -248,6 +245,12 @@ class Scheduler:
                 "vtime": round(use.vtime, 4),
                 "wait_s": round(now - use.waiting_since, 3) if use.waiting_since is not None else None}
 
-    def _emit(self, event: str, **fields: Any) -> None:
-        if self.emit is not None:
-            self.emit(event, fields)
+
+
+class _Quiet:
+    """The log of a scheduler nobody listens to."""
+
+    def info(self, event: str, **fields: Any) -> None:
+        pass
+
+    warning = info

@@ -104,8 +104,8 @@ class TrainerActor(Actor):
         self.core: TrainerCore | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._thread_policy: dict[str, Any] = {}  # the worker thread's CPUs, nice value and torch threads
-        self._steps = StepQueue(
-            config.fuse_max, scheduler if scheduler is not None else Scheduler(emit=lambda e, f: self.log.info(e, **f)))
+        self._owns_scheduler = scheduler is None
+        self._steps = StepQueue(config.fuse_max, scheduler if scheduler is not None else Scheduler())
 
     @classmethod
     async def start_in(
@@ -124,6 +124,8 @@ class TrainerActor(Actor):
     # ------------------------------------------------------------------ lifecycle
 
     async def on_start(self) -> None:
+        if self._owns_scheduler:
+            self._steps.scheduler.log = self.log
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-device")
         start = time.perf_counter()
         try:
