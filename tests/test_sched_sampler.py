@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import structlog
 
 from actors import ActorSystem
 from clora import events
@@ -146,3 +147,28 @@ def test_the_page_out_victim_is_never_in_the_engine_nor_changing_and_least_recen
     assert pager.victim(slots, keep="me").tenant == "waits"  # its requests wait outside the engine
     slots = [s for s in slots if s.tenant != "waits"]
     assert pager.victim(slots, keep="me") is None  # only one in the engine and one being replaced are left
+
+
+async def test_a_tenant_waiting_for_an_engine_slot_past_the_bound_is_reported_without_any_decision():
+    release = asyncio.Event()
+
+    async def script(request):
+        if request.tenant == "holder":
+            await release.wait()
+        return ANSWER
+
+    engine = FakeEngine(script, max_model_len=64, read_adapters=False)
+    with capture_events() as seen:
+        async with ActorSystem("t") as system:
+            actor, ref = await _start(system, engine, max_loras=1, scheduler=Scheduler(wait_bound_s=0.05, log=structlog.get_logger()))
+            for t in ("holder", "late"):
+                await ref.ask(RegisterAdapter(tenant=t, path=f"/nowhere/{t}", version=0))
+            held = asyncio.ensure_future(_sample(ref, "holder"))
+            await until(lambda: actor.lora_slots_free() == 0)
+            waiting = asyncio.ensure_future(_sample(ref, "late"))
+            await until(lambda: seen.named(events.SCHEDULER_WAIT_EXCEEDED), timeout=5)
+            await asyncio.sleep(0.2)  # several more bound periods: still one event for this wait
+            release.set()
+            await asyncio.gather(held, waiting)
+    late = seen.named(events.SCHEDULER_WAIT_EXCEEDED)
+    assert [(e["tenant"], e["resource"]) for e in late] == [("late", "decode")]

@@ -101,3 +101,27 @@ async def test_a_discarded_step_leaves_no_wait_behind():
     assert sched.waiting("train") == ["b"]
     assert [p.msg.tenant for p in queue.take_group()] == ["b"]
     assert queue.take_group() == []
+
+
+async def test_a_trainstep_waiting_past_the_bound_is_reported_while_the_device_stays_busy(tiny_model_dir):
+    import asyncio
+
+    from actors import ActorSystem
+    from clora.config import LoraConfig, OptimConfig, TrainerConfig
+    from clora.messages import AddTenant
+    from clora.testing import make_data
+    from clora.trainer.actor import TrainerActor
+
+    seen: list = []
+    sched = Scheduler(wait_bound_s=0.05, log=Log(seen))
+    async with ActorSystem("bound") as system:
+        actor = TrainerActor(tiny_model_dir, TrainerConfig(), scheduler=sched)
+        ref = await system.start(actor, name="trainer")
+        await ref.ask(AddTenant(tenant="a", lora=LoraConfig(rank=2, alpha=4.0), optim=OptimConfig()))
+        async with actor.device_lock:  # the device is busy: no decision is made while the step waits
+            step = asyncio.ensure_future(ref.ask(TrainStep(tenant="a", data=make_data(2, seed=1), loss=LossConfig())))
+            await asyncio.sleep(0.3)
+            late = [f for name, f in seen if name == events.SCHEDULER_WAIT_EXCEEDED]
+            assert [(f["tenant"], f["resource"]) for f in late] == [("a", "train")]  # once, not every poll
+            assert late[0]["wait_s"] > 0.05 and late[0]["bound_s"] == 0.05
+        assert (await step).metrics.version == 1

@@ -55,7 +55,10 @@ class SlotGate:
         self.scheduler.wait(self.resource, tenant)
         self._dispatch()
         try:
-            await future
+            while not future.done():  # past the wait bound, the scheduler says so even if no slot frees
+                await asyncio.wait([future], timeout=self.scheduler.wait_bound_s or None)
+                self.scheduler.check_waits(self.resource)
+            future.result()
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release(tenant)  # granted just before the cancellation: give it back

@@ -235,8 +235,12 @@ class TrainerActor(Actor):
         """Acquire the device lock (True), or return False as soon as ``pending`` is resolved by
         another handler's group, so its asker is answered without queueing behind the next step."""
         acquire = asyncio.ensure_future(self.device_lock.acquire())
+        scheduler = self._steps.scheduler
         try:
-            await asyncio.wait({acquire, pending.future}, return_when=asyncio.FIRST_COMPLETED)
+            while not (acquire.done() or pending.future.done()):  # past the wait bound, the scheduler says so
+                await asyncio.wait({acquire, pending.future}, timeout=scheduler.wait_bound_s or None,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                scheduler.check_waits("train")
         except BaseException:
             self._drop_acquire(acquire)
             raise
