@@ -201,3 +201,19 @@ def test_task_sets_the_env_of_every_experiment_and_full_size_evaluates_64_proble
         assert {(e.env.kind, e.env.difficulty, e.env.held_out_size) for e in exps} == {("arithmetic", difficulty, 80)}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--task", "gsm9k"])
+
+
+def test_priority_rows_and_engine_caps_from_arguments():
+    from clora.bench.concurrency import prioritized
+    from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE
+
+    s = settings_from_args(build_parser().parse_args(["--n", "1,4", "--priority", "--max-loras", "2",
+                                                      "--max-resident", "3"]))
+    assert s.priority and (s.max_loras, s.max_resident) == (2, 3)
+    config = runtime_config(s, 4)
+    assert config.engine.max_loras == 2 and config.scheduler.max_resident_adapters == 3
+    assert runtime_config(s, 1).engine.max_loras == 1  # the cap never raises N
+    batch = prioritized(experiments(s, 4), 3)
+    assert [(e.name, e.priority) for e in batch] == [
+        ("p3exp0", PRIORITY_INTERACTIVE), ("p3exp1", PRIORITY_BACKGROUND), ("p3exp2", PRIORITY_BACKGROUND)]
+    assert not settings_from_args(build_parser().parse_args([])).priority

@@ -7,6 +7,11 @@ config in every mode; the tenants differ in seed and learning rate, as in a swee
   shuts down; the next follows. The single-tenant baseline every ratio is taken against.
 * ``serial_warm``: the experiments one after another on one runtime (the cold-start saving alone).
 * ``concurrent``: N experiments at once on one runtime, for each N in ``--n``.
+* ``concurrent_priority`` (``--priority``): the same N at once, experiment 0 interactive and the
+  others background (docs/scheduling.md); its first experiment time against serial_warm's first
+  says what priority buys the interactive one, its final time against ``concurrent``'s what it
+  costs the others. ``--max-loras`` / ``--max-resident`` cap the engine's LoRA slots and resident
+  adapters (below N the sampler pages adapters: the ``scheduler.page_in`` events give the cost).
 * ``peer`` (``--peer``): a single-tenant loop from HF transformers + peft (clora.bench.peer).
 
 ``--task`` picks every experiment's env: ``arith0`` (default: one + or - on numbers to 10),
@@ -42,6 +47,7 @@ from clora.bench.report import markdown_table, plot, results_table, rows_with_ra
 from clora.bench.rss import PeakRss
 from clora.config import (
     EngineConfig,
+    SchedulerConfig,
     EnvConfig,
     ExampleStyle,
     ExperimentConfig,
@@ -51,10 +57,11 @@ from clora.config import (
     RuntimeConfig,
     TrainerConfig,
 )
+from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE
 from clora.tenant.actor import ExperimentResult, StepRecord
 
 __all__ = ["BenchSettings", "MODES", "TASKS", "QUICK", "FULL", "experiments", "task_env", "runtime_config",
-           "run_benchmark", "build_parser", "main"]
+           "run_benchmark", "build_parser", "main", "prioritized"]
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +107,9 @@ class BenchSettings:
     trainer_cpus: str | None = None  # TrainerConfig.cpus
     trainer_threads: int | None = None  # TrainerConfig.num_threads
     trainer_nice: int = 0  # TrainerConfig.nice
+    priority: bool = False  # extra "concurrent_priority" rows: experiment 0 interactive, the rest background
+    max_loras: int | None = None  # caps EngineConfig.max_loras (default: N)
+    max_resident: int | None = None  # SchedulerConfig.max_resident_adapters (default: the engine's CPU cache)
 
     @property
     def samples_per_step(self) -> int:
@@ -139,10 +149,19 @@ def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
     ]
 
 
+def prioritized(exps: list[ExperimentConfig], n: int) -> list[ExperimentConfig]:
+    """The first ``n`` experiments as the concurrent_priority mode runs them: the first interactive, the rest background."""
+    return [msgspec.structs.replace(e, name=f"p{n}{e.name}",
+                                    priority=PRIORITY_INTERACTIVE if i == 0 else PRIORITY_BACKGROUND)
+            for i, e in enumerate(exps[:n])]
+
+
 def runtime_config(s: BenchSettings, max_loras: int) -> RuntimeConfig:
+    max_loras = max(1, min(max_loras, s.max_loras or max_loras))
     return RuntimeConfig(
         model=ModelConfig(source=s.model, dtype=s.dtype, max_model_len=s.max_model_len),
-        engine=EngineConfig(max_loras=max(1, max_loras), max_lora_rank=max(8, s.rank), kv_cache_gib=s.kv_cache_gib,
+        scheduler=SchedulerConfig(max_resident_adapters=s.max_resident),
+        engine=EngineConfig(max_loras=max_loras, max_lora_rank=max(8, s.rank), kv_cache_gib=s.kv_cache_gib,
                             block_size=s.block_size, omp_threads_bind=s.engine_cpus),
         trainer=TrainerConfig(autocast_bf16=s.autocast_bf16, fuse_max=s.fuse_max, cpus=s.trainer_cpus,
                               num_threads=s.trainer_threads, nice=s.trainer_nice),
@@ -236,6 +255,15 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
             rows.append(aggregate("concurrent", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s,
                                   engine=engine, samples_per_step=s.samples_per_step))
             log.info(events.BENCH_MODE_DONE, mode="concurrent", n=n, final_s=round(rows[-1].final_s, 1))
+        for n in s.ns if s.priority else ():  # the same N tenants, experiment 0 first (docs/scheduling.md)
+            async def priority(rt: Any, n: int = n) -> list[ExperimentResult]:
+                outcomes = await rt.run_many(prioritized(exps, n), on_step=_Progress(console, f"priority N={n}"))
+                return _checked(outcomes, "concurrent_priority")
+
+            results, t0, start_s, peak = await mode("concurrent_priority", n, priority)
+            rows.append(aggregate("concurrent_priority", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s,
+                                  engine=engine))
+            log.info(events.BENCH_MODE_DONE, mode="concurrent_priority", n=n, final_s=round(rows[-1].final_s, 1))
         for n in s.fused_ns:  # the same N tenants, their train steps fused up to N at a time (its own runtime)
             async def fused(rt: Any, n: int = n) -> list[ExperimentResult]:
                 batch = [msgspec.structs.replace(e, name=f"f{n}{e.name}") for e in exps[:n]]
@@ -361,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-n", help="comma-separated N list for extra concurrent_fused rows (fuse_max = N)")
     p.add_argument("--reuse-runtime", action=argparse.BooleanOptionalAction, default=None,
                    help="warm and concurrent modes share one runtime (default with --quick)")
+    p.add_argument("--priority", action="store_true", help="also run concurrent_priority rows: experiment 0 "
+                   "interactive, the others background")
+    p.add_argument("--max-loras", type=int, help="cap the engine's LoRA slots (default: N); below N tenants share them")
+    p.add_argument("--max-resident", type=int, help="adapters kept in the engine (default: its CPU cache); "
+                   "fewer than N pages adapters in and out")
     p.add_argument("--peer", action="store_true", help="also run the HF transformers + peft single-tenant loop")
     p.add_argument("--block-size", type=int, help="engine KV block size = prefix cache unit (default: vLLM's)")
     p.add_argument("--engine-cpus", help="cores for the engine's threads, e.g. 0 (default: all)")
@@ -376,7 +409,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     changes: dict[str, Any] = {}
     for field in ("model", "task", "examples", "steps", "prompts_per_step", "group_size", "max_tokens", "held_out_size", "fuse_max",
                   "peer_experiments", "reuse_runtime", "dtype", "temperature", "checkpoint_every", "block_size",
-                  "engine_cpus", "trainer_cpus", "trainer_threads", "trainer_nice"):
+                  "engine_cpus", "trainer_cpus", "trainer_threads", "trainer_nice", "max_loras", "max_resident"):
         value = getattr(args, field)
         if value is not None:
             changes[field] = value
@@ -400,6 +433,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         changes["autocast_bf16"] = args.bf16
     if args.peer:
         changes["peer"] = True
+    if args.priority:
+        changes["priority"] = True
     return replace(s, **changes)
 
 

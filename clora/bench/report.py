@@ -12,7 +12,7 @@ from clora.bench.metrics import ModeRow, accuracy_vs_serial, ratios
 
 __all__ = ["MODE_ORDER", "rows_with_ratios", "results_table", "markdown_table", "write_json", "plot"]
 
-MODE_ORDER = ("serial_cold", "serial_warm", "concurrent", "concurrent_fused", "peer")
+MODE_ORDER = ("serial_cold", "serial_warm", "concurrent", "concurrent_priority", "concurrent_fused", "peer")
 BASELINE = "serial_cold"
 
 
@@ -108,7 +108,7 @@ def plot(items: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
 
     fig, (times_ax, reward_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"serial_cold": "tab:red", "serial_warm": "tab:orange", "concurrent": "tab:blue",
-              "concurrent_fused": "tab:green", "peer": "tab:gray"}
+              "concurrent_priority": "tab:purple", "concurrent_fused": "tab:green", "peer": "tab:gray"}
     for mode in MODE_ORDER:
         mode_items = [i for i in items if i["mode"] == mode]
         if not mode_items:
