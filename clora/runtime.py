@@ -237,6 +237,7 @@ class Runtime:
             await self.trainer.ask(AddTenant(tenant=name, lora=lora, optim=optim))
         except BaseException:
             self._tenants.discard(name)
+            self.scheduler.remove(name)
             raise
         try:
             published = await self.sync.ask(Publish(tenant=name))

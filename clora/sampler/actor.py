@@ -36,7 +36,7 @@ from clora.sampler.engine import Engine
 from clora.sampler.engine_stats import EngineStats, EngineStatsSnapshot
 from clora.sched import Scheduler
 from clora.sched.gate import SlotGate
-from clora.errors import DuplicateTenantError, EngineDeadError, UnknownTenantError
+from clora.errors import ConfigError, DuplicateTenantError, EngineDeadError, UnknownTenantError
 from clora.messages import (
     AdapterLoaded,
     GetEngineStats,
@@ -148,7 +148,7 @@ class SamplerActor(Actor):
         self._lora_slots = SlotGate(self.scheduler, "decode", engine.max_loras)
         resident = max_resident if max_resident is not None else engine.cpu_loras
         if resident <= engine.max_loras:
-            raise ValueError(f"max_resident ({resident}) must exceed engine.max_loras ({engine.max_loras})")
+            raise ConfigError(f"max_resident ({resident}) must exceed engine.max_loras ({engine.max_loras})")
         self.pager = AdapterPager(resident, log=lambda: self.log, in_engine=self._lora_slots.holds,
                                   changing=lambda t: t in self._tenants and not self._tenants[t].open.is_set())
         self._dead = False
