@@ -183,10 +183,10 @@ SAMPLE_DONE: Final = "sampler.sample_done"
 ``duration_s``."""
 SCHEDULER_DECISION: Final = "scheduler.decision"
 """The scheduler chose among several waiters for a ``resource`` (decode: an engine LoRA slot; train: the
-trainer's device): ``chosen`` (best first), ``reason`` (aged / priority / fair_share) and the ``queue`` (each
-waiter's ``tenant``, ``priority``, ``weight``, ``vtime`` = device-seconds / weight, ``wait_s``) in service order."""
+trainer's device): ``chosen`` (best first), ``reason`` (aged / priority / fair_share) and the ``queue`` in
+service order (each waiter's tenant, priority, weight, vtime = device-seconds / weight, wait_s)."""
 SCHEDULER_WAIT_EXCEEDED: Final = "scheduler.wait_exceeded"
-"""A ``tenant`` has waited for a ``resource`` longer than ``bound_s`` (SchedulerConfig.wait_bound_s): ``wait_s``,
+"""A ``tenant`` has waited for a ``resource`` longer than ``bound_s`` (scheduler.wait_bound_s): ``wait_s``,
 its ``priority`` and the ``queue`` ahead of and behind it; once per wait."""
 SCHEDULER_POLICY_CHANGED: Final = "scheduler.policy_changed"
 """A ``tenant``'s ``priority`` / ``weight`` changed at run time (``old_priority``, ``old_weight``); the next decision
