@@ -293,7 +293,7 @@ class SchedulerConfig(_Config):
 
     aging_s: float = 30.0  # a tenant waiting this long is served next whatever its priority (no starvation)
     wait_bound_s: float = 60.0  # a wait longer than this logs scheduler.wait_exceeded; 0: never
-    max_resident_adapters: int | None = None  # adapters kept in the engine (more are paged); None: engine.max_cpu_loras or max_loras + 8
+    max_resident_adapters: int | None = None  # adapters kept in the engine, more are paged; None: engine.cpu_loras
 
     def validate(self) -> None:
         _positive("scheduler.aging_s", self.aging_s)

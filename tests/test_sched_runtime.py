@@ -60,7 +60,8 @@ async def test_more_tenants_than_resident_adapters_train_and_sample_their_own_ve
     def script(request):  # the engine serves the request's LoRA id with the version it names, to the end
         loaded = engine.serving.get(request.lora_id)
         if loaded is None or (loaded.tenant, loaded.version) != (request.tenant, request.version):
-            wrong.append(f"{request.tenant} v{request.version}: engine has {loaded and (loaded.tenant, loaded.version)}")
+            has = loaded and (loaded.tenant, loaded.version)
+            wrong.append(f"{request.tenant} v{request.version}: engine has {has}")
         return Completion(token_ids=[100 + request.index % 7, 101], logprobs=[-1.0, -1.0], text="x",
                           finish_reason="stop")
 

@@ -160,7 +160,8 @@ async def test_a_tenant_waiting_for_an_engine_slot_past_the_bound_is_reported_wi
     engine = FakeEngine(script, max_model_len=64, read_adapters=False)
     with capture_events() as seen:
         async with ActorSystem("t") as system:
-            actor, ref = await _start(system, engine, max_loras=1, scheduler=Scheduler(wait_bound_s=0.05, log=structlog.get_logger()))
+            scheduler = Scheduler(wait_bound_s=0.05, log=structlog.get_logger())
+            actor, ref = await _start(system, engine, max_loras=1, scheduler=scheduler)
             for t in ("holder", "late"):
                 await ref.ask(RegisterAdapter(tenant=t, path=f"/nowhere/{t}", version=0))
             held = asyncio.ensure_future(_sample(ref, "holder"))

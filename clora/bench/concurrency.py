@@ -150,7 +150,7 @@ def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
 
 
 def prioritized(exps: list[ExperimentConfig], n: int) -> list[ExperimentConfig]:
-    """The first ``n`` experiments as the concurrent_priority mode runs them: the first interactive, the rest background."""
+    """The first ``n`` experiments as concurrent_priority runs them: the first interactive, the rest background."""
     return [msgspec.structs.replace(e, name=f"p{n}{e.name}",
                                     priority=PRIORITY_INTERACTIVE if i == 0 else PRIORITY_BACKGROUND)
             for i, e in enumerate(exps[:n])]

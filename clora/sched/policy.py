@@ -101,7 +101,8 @@ class Scheduler:
         decision. Returns the policy now in force."""
         known = self._tenants.get(tenant)
         old = known.policy if known else TenantPolicy()
-        new = TenantPolicy(old.priority if priority is None else int(priority), old.weight if weight is None else float(weight))
+        new = TenantPolicy(old.priority if priority is None else int(priority),
+                           old.weight if weight is None else float(weight))
         if known is None:
             self._tenants[tenant] = _Tenant(new)
         elif new != old:

@@ -119,7 +119,8 @@ class TrainerActor(Actor):
         scheduler: Scheduler | None = None,
     ) -> ActorRef[TrainerActor]:
         """Start a trainer in ``system`` with its mailbox bounded by ``config.queue_size``."""
-        return await system.start(cls(model, config, scheduler), name=name, supervision=supervision, mailbox_size=config.queue_size)
+        return await system.start(cls(model, config, scheduler), name=name, supervision=supervision,
+                                  mailbox_size=config.queue_size)
 
     # ------------------------------------------------------------------ lifecycle
 
