@@ -97,7 +97,7 @@ def test_weighted_shares_within_ten_percent_of_the_weights_over_a_long_run(slots
         sched.set_policy(tenant, weight=weight)
     # job lengths differ by tenant: shares are device-seconds, not grants
     lengths = dict(zip(weights, [2.0, 0.5, 1.0, 0.25, 1.5, 0.75]))
-    _simulate(sched, clock, tenants=list(weights), until=5000, slots=slots,
+    _simulate(sched, clock, tenants=list(weights), until=2000, slots=slots,
               job_s=lambda rng, t: lengths[t] * rng.uniform(0.5, 1.5))
     used = sched.usage("train")
     total_used, total_weight = sum(used.values()), sum(weights.values())

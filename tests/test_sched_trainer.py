@@ -77,7 +77,7 @@ async def test_a_long_fake_run_gives_each_tenant_its_weighted_share_of_device_se
     for tenant in weights:  # every tenant always has two steps queued (backlogged)
         queue.push(_step(tenant, tokens[tenant]))
         queue.push(_step(tenant, tokens[tenant]))
-    for _ in range(3000):
+    for _ in range(1200):
         group = queue.take_group()
         seconds = 0.01 * sum(tokens[p.msg.tenant] for p in group)  # the fake device: time ~ tokens
         clock.now += seconds
