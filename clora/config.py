@@ -349,6 +349,8 @@ class ExperimentConfig(_Config):
     seed: int = 0  # seeds the problem draw and every rollout's sampling (docs/reliability.md#seeds)
     priority: int = 0  # scheduling class: higher is served first (1 interactive, 0 normal, -1 background)
     weight: float = 1.0  # share of device-seconds within its priority class (docs/scheduling.md)
+    max_staleness: int = 0  # k: data sampled with version v train into version u only if u - v <= k (docs/async.md)
+    stale_policy: Literal["drop", "resample"] = "drop"  # what the trainer does with data past the bound
 
     def _field_prefix(self) -> str:
         return f"experiments.{self.name}"
@@ -361,6 +363,8 @@ class ExperimentConfig(_Config):
         if self.retries < 0:
             _fail(f"experiments.{self.name}.retries", f"must be >= 0 (0: no retry), got {self.retries}")
         _positive(f"experiments.{self.name}.weight", self.weight)
+        if self.max_staleness < 0:
+            _fail(f"experiments.{self.name}.max_staleness", f"must be >= 0 (0: on-policy), got {self.max_staleness}")
         if self.retry_backoff_s < 0:
             _fail(f"experiments.{self.name}.retry_backoff_s", f"must be >= 0, got {self.retry_backoff_s}")
         if self.checkpoint_every < 0:

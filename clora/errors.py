@@ -25,6 +25,7 @@ __all__ = [
     "NonFiniteError",
     "PublishError",
     "EnvError",
+    "StaleDataError",
     "CheckpointError",
     "describe_validation_error",
     "field_error",
@@ -88,6 +89,16 @@ class PublishError(TenantError, RuntimeError):
 
 class EnvError(TenantError, RuntimeError):
     """The environment (reset, step, tool call or reward) raised or returned garbage."""
+
+
+class StaleDataError(TenantError, ValueError):
+    """A TrainStep's data is older than its staleness bound allows (``stale_policy="resample"``), or
+    carries no sampler version under a bound; the step was rejected, the adapter is unchanged.
+    ``stale`` holds the indices of the offending data in the step."""
+
+    def __init__(self, message: str, stale: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.stale = stale
 
 
 # ----------------------------------------------------------------------------- config errors

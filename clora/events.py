@@ -62,6 +62,7 @@ __all__ = [
     "TRAINER_STEP",
     "TRAINER_FORWARD_BACKWARD",
     "TRAINER_STEP_REJECTED",
+    "TRAINER_STALE_DATA",
     "TRAINER_TENANT_ADDED",
     "TRAINER_TENANT_REMOVED",
     "TRAINER_EXPORTED",
@@ -140,10 +141,15 @@ torch's intra-op ``threads`` (TrainerConfig.cpus / nice / num_threads)."""
 TRAINER_STEP: Final = "trainer.step"
 """Canonical line of one optimizer step (TrainStep or OptimStep): ``tenant``, ``step``, ``version``, ``duration_s``,
 ``queue_depth``, ``wait_s`` (TrainStep: time queued) and the StepMetrics values (loss, grad_norm, lr, clip_frac,
-kl_sampler, kl when the loss has a KL penalty, entropy, tokens, tokens_computed, tokens_lm_head, fused, time/*)."""
+kl_sampler, kl when the loss has a KL penalty, ratio_mean, entropy, tokens, tokens_computed, tokens_lm_head, fused,
+time/*); with tagged data ``staleness`` (u - v -> data trained, u = version - 1: each datum's tag) and
+``stale_dropped`` (data past the bound, not trained)."""
 TRAINER_FORWARD_BACKWARD: Final = "trainer.forward_backward"
 """One ForwardBackward accumulated gradients: ``tenant``, ``version``, ``duration_s``, ``queue_depth`` and the
 StepMetrics values (loss, tokens, ...)."""
+TRAINER_STALE_DATA: Final = "trainer.stale_data"
+"""A TrainStep held data past its ``max_staleness`` on ``version`` (docs/async.md): ``stale`` of ``of`` data
+(``sampler_versions``), ``policy``; ``trained``: the fresh rest trained (drop), else the step was rejected (``error``)."""
 TRAINER_STEP_REJECTED: Final = "trainer.step_rejected"
 """A step of one tenant was rejected (non-finite loss or gradient: ``error``); its store is unchanged."""
 TRAINER_TENANT_ADDED: Final = "trainer.tenant_added"

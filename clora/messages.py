@@ -13,7 +13,7 @@ prediction of ``tokens[i]`` from ``tokens[:i]``; index 0 is never trained.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import msgspec
 
@@ -123,11 +123,17 @@ class RegisterAdapter(_Msg):
 
 
 class LoadAdapter(_Msg):
-    """Replace a registered tenant's weights in place with ``version`` from ``path``."""
+    """Serve ``version`` from ``path`` for a registered tenant.
+
+    ``keep_serving=False``: replace the weights in place under the tenant's LoRA id; the tenant's
+    new requests wait while its in-flight ones finish (the gate). ``True``: load the version under a
+    new LoRA id beside the old one, which finishes its in-flight requests and is unloaded when the
+    last one ends; nobody waits (off-policy tenants, docs/async.md)."""
 
     tenant: str
     path: str
     version: int
+    keep_serving: bool = False
 
 
 class RemoveAdapter(_Msg):
@@ -158,6 +164,7 @@ class Datum(msgspec.Struct, frozen=True, kw_only=True):
     loss_mask: list[float]  # 1.0 where tokens[i] is a policy token to train, 0.0 for prompt/tool tokens
     advantages: list[float]  # per token; usually the sequence's advantage on every masked-in token
     sampler_logprobs: list[float]  # log-prob of tokens[i] under the sampling policy (0.0 where masked out)
+    sampler_version: int | None = None  # the oldest adapter version that sampled any of its tokens; None: untagged
 
 
 class StepMetrics(msgspec.Struct, frozen=True, kw_only=True):
@@ -199,6 +206,12 @@ class TrainStep(_Msg):
     ``copy_adapter`` / ``copy_state``: also reply with the new version's AdapterSnapshot (to
     publish) / StoreState (to checkpoint), copied before the device is given to anyone else, so
     neither needs a second wait behind other tenants' steps.
+
+    ``max_staleness`` = k bounds off-policy data exactly (clora.trainer.staleness): when the step
+    runs on the tenant's version u, a datum sampled with version v trains only if u - v <= k
+    (every datum must then carry its ``sampler_version``). Data past the bound are dropped
+    (``stale_policy="drop"``: the rest trains; all dropped -> StaleDataError) or the whole step is
+    rejected with StaleDataError so the asker samples again (``"resample"``). None: no bound.
     """
 
     tenant: str
@@ -206,6 +219,8 @@ class TrainStep(_Msg):
     loss: LossConfig = LossConfig()
     copy_adapter: bool = False
     copy_state: bool = False
+    max_staleness: int | None = None
+    stale_policy: Literal["drop", "resample"] = "drop"
 
 
 class ComputeLogprobs(_Msg):
@@ -273,6 +288,8 @@ class TrainStepResult(msgspec.Struct, frozen=True, kw_only=True):
     metrics: StepMetrics
     adapter: AdapterSnapshot | None = None
     state: StoreState | None = None
+    staleness: dict[int, int] = {}  # u - v -> trained data (data with a sampler_version only)
+    dropped: int = 0  # data past the staleness bound, not trained
 
 
 class ImportStoreState(_Msg):
@@ -297,6 +314,7 @@ class Publish(_Msg):
 
     tenant: str
     adapter: AdapterSnapshot | None = None  # None: ask the trainer for a snapshot
+    keep_serving: bool = False  # LoadAdapter.keep_serving: the old version finishes its requests beside the new one
 
 
 class Published(_Msg):

@@ -47,6 +47,7 @@ class TokenLoss:
     clipped: torch.Tensor  # (B, T) bool, True where the PPO / CISPO clip was active
     kl: torch.Tensor  # (B, T) estimate of KL(trainer || base) by cfg.kl_estimator; 0 if masked out or no penalty
     kl_sampler: torch.Tensor  # (B, T) k3 estimate of KL(sampler || trainer), 0 where masked out
+    ratio: torch.Tensor  # (B, T) importance ratio pi_trainer / pi_sampler, no grad; 1 where masked out
 
 
 def log_ratio(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -139,10 +140,12 @@ def token_loss(
     over the whole call (``kl_k1_mean``), subtracted by the "k1" advantage shaping.
     """
     kl_sampler = kl_k3(logp, sampler_logp, mask)  # (B, T) KL(sampler || trainer)
+    ratio = log_ratio(logp.detach(), sampler_logp, mask).exp()  # (B, T), no grad
     no_clip = torch.zeros_like(mask, dtype=torch.bool)  # (B, T)
     kl = torch.zeros_like(mask)  # (B, T)
     if cfg.kind == "cross_entropy":
-        return TokenLoss(per_token=cross_entropy_loss(logp, mask), clipped=no_clip, kl=kl, kl_sampler=kl_sampler)
+        return TokenLoss(per_token=cross_entropy_loss(logp, mask), clipped=no_clip, kl=kl, kl_sampler=kl_sampler,
+                         ratio=ratio)
     if cfg.kl_coef > 0:
         if base_logp is None:
             raise ValueError("kl_coef > 0 needs the base model's log-probs (base_logp)")
@@ -167,7 +170,7 @@ def token_loss(
         raise ValueError(f"unknown loss kind {cfg.kind!r}")
     if cfg.kl_coef > 0 and cfg.kl_estimator == "k3":
         per_token = per_token + cfg.kl_coef * kl  # (B, T)
-    return TokenLoss(per_token=per_token, clipped=clipped, kl=kl, kl_sampler=kl_sampler)
+    return TokenLoss(per_token=per_token, clipped=clipped, kl=kl, kl_sampler=kl_sampler, ratio=ratio)
 
 
 _NORMALIZE = "use 'tokens', 'sequences' or 'constant'"
@@ -202,7 +205,9 @@ def loss_denominator(mask: torch.Tensor, normalize: str, constant: float | None 
 
 def loss_metrics(sums: dict[str, float], tokens: float, sequences: int, cfg: LossConfig) -> dict[str, float]:
     """A training call's loss metrics from its sums over trained tokens ("loss" is already
-    normalised): ``kl`` (to the base model) only when the penalty is on, ``kl_sampler`` always."""
+    normalised): ``kl`` (to the base model) only when the penalty is on, ``kl_sampler`` always, and
+    ``ratio_mean`` (the mean importance ratio pi_trainer / pi_sampler over trained tokens: 1 on-policy,
+    off-policy data drift from it) when ``sums`` has a "ratio" sum."""
     per_token = lambda s: s / tokens if tokens > 0 else 0.0  # noqa: E731
     metrics = {
         "loss": sums["loss"],
@@ -214,6 +219,8 @@ def loss_metrics(sums: dict[str, float], tokens: float, sequences: int, cfg: Los
     }
     if cfg.kl_coef > 0:
         metrics["kl"] = per_token(sums["kl"])
+    if "ratio" in sums:
+        metrics["ratio_mean"] = per_token(sums["ratio"])
     return metrics
 
 

@@ -252,7 +252,8 @@ async def run_group(
 
 
 def to_datum(trajectory: Trajectory, advantage: float) -> Datum:
-    """Training data of one trajectory: ``advantage`` on every policy token, 0.0 elsewhere."""
+    """Training data of one trajectory: ``advantage`` on every policy token, 0.0 elsewhere; tagged with
+    the oldest adapter version that sampled it (its staleness is counted from that one)."""
     if not math.isfinite(advantage):
         raise NonFiniteError(f"advantage {advantage!r} for problem {trajectory.problem_id} is not finite")
     return Datum(
@@ -260,6 +261,7 @@ def to_datum(trajectory: Trajectory, advantage: float) -> Datum:
         loss_mask=list(trajectory.loss_mask),
         advantages=[advantage * m for m in trajectory.loss_mask],
         sampler_logprobs=list(trajectory.sampler_logprobs),
+        sampler_version=min(trajectory.versions) if trajectory.versions else None,
     )
 
 

@@ -42,6 +42,7 @@ from clora.sched import Scheduler
 from clora.trainer.core import TrainerCore
 from clora.trainer.cpu_policy import apply_thread_policy, thread_policy
 from clora.trainer.memory import release_free_memory
+from clora.trainer.staleness import Screened, screen
 from clora.trainer.step_queue import GroupOutcome, PendingStep, StepQueue, train_group
 from clora.messages import (
     AdapterSnapshot,
@@ -260,20 +261,52 @@ class TrainerActor(Actor):
         step's future is resolved when the worker finishes, even if this task is cancelled."""
         core = self._core()
         start = time.perf_counter()
+        group, screened = self._screen(group)
+        if not group:
+            return
         try:
-            future = self._in_worker(train_group, core, [p.msg for p in group])
+            future = self._in_worker(train_group, core, [s.msg for s in screened])
         except BaseException as exc:
             self._resolve(group, [(exc, {})] * len(group), start)
             raise
-        future.add_done_callback(lambda f: self._resolve(group, _group_outcomes(f, len(group)), start))
+        future.add_done_callback(lambda f: self._resolve(group, _group_outcomes(f, len(group)), start, screened))
         await self._finish(future)
 
-    def _resolve(self, group: list[PendingStep], outcomes: list[GroupOutcome], start: float) -> None:
+    def _screen(self, group: list[PendingStep]) -> tuple[list[PendingStep], list[Screened]]:
+        """The staleness bound (clora.trainer.staleness) on the versions the group trains on (the
+        caller holds the device lock, so they are exact); a rejected step's asker gets its error now."""
+        kept: list[tuple[PendingStep, Screened]] = []
+        for pending in group:
+            store = self._core().stores.get(pending.msg.tenant)
+            if store is None:  # unknown tenant: train_group raises the usual error for it
+                kept.append((pending, Screened(msg=pending.msg, version=-1)))
+                continue
+            result = screen(pending.msg, store.version)
+            if result.dropped or result.error is not None:
+                self.log.warning(
+                    events.TRAINER_STALE_DATA, tenant=pending.msg.tenant, version=store.version,
+                    max_staleness=pending.msg.max_staleness, policy=pending.msg.stale_policy,
+                    stale=len(result.dropped) if result.dropped else len(result.error.stale),
+                    of=len(pending.msg.data), sampler_versions=sorted(set(result.dropped_versions)),
+                    trained=result.error is None, error=None if result.error is None else str(result.error),
+                )
+            if result.error is not None:
+                if not pending.future.done():
+                    pending.future.set_exception(result.error)
+                continue
+            kept.append((pending, result))
+        return [p for p, _ in kept], [s for _, s in kept]
+
+    def _resolve(
+        self, group: list[PendingStep], outcomes: list[GroupOutcome], start: float,
+        screened: list[Screened] | None = None,
+    ) -> None:
         """Log each step's canonical event and resolve its future (in the event loop thread)."""
         self._steps.charge(group, time.perf_counter() - start)
         duration = round(time.perf_counter() - start, 4)
         depth = self._queue_depth()
-        for pending, (outcome, copies) in zip(group, outcomes, strict=True):
+        screened = screened or [Screened(msg=p.msg, version=-1) for p in group]
+        for pending, (outcome, copies), seen in zip(group, outcomes, screened, strict=True):
             tenant = pending.msg.tenant
             if isinstance(outcome, BaseException):
                 if isinstance(outcome, NonFiniteError):
@@ -289,10 +322,13 @@ class TrainerActor(Actor):
             self.log.info(
                 events.TRAINER_STEP, tenant=tenant, duration_s=duration, queue_depth=depth,
                 wait_s=round(start - pending.enqueued, 4), **{**outcome, "version": version, "step": version},
+                **seen.event_fields(),
             )
             if not pending.future.done():
                 metrics = StepMetrics(tenant=tenant, version=version, values=outcome)
-                pending.future.set_result(TrainStepResult(metrics=metrics, **copies))
+                pending.future.set_result(TrainStepResult(
+                    metrics=metrics, staleness=seen.staleness, dropped=len(seen.dropped), **copies
+                ))
 
     # ------------------------------------------------------------------ handlers
 

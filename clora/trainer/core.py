@@ -290,7 +290,7 @@ class TrainerCore:
             start = time.perf_counter()
             base = base_logprobs(self, data)
             extra["time/base_fwd"] = time.perf_counter() - start
-        sums = {"loss": 0.0, "kl": 0.0, "kl_sampler": 0.0, "entropy": 0.0, "clip_frac": 0.0}
+        sums = {"loss": 0.0, "kl": 0.0, "kl_sampler": 0.0, "entropy": 0.0, "clip_frac": 0.0, "ratio": 0.0}
         tokens = 0.0
         first = 0  # index of the micro-batch's first datum
         with self._bound(store, work):
@@ -323,6 +323,7 @@ class TrainerCore:
                     sums["kl_sampler"] += float((parts.kl_sampler * mask).sum())
                     sums["entropy"] += float((entropy * mask).sum())
                     sums["clip_frac"] += float((parts.clipped.float() * mask).sum())
+                    sums["ratio"] += float((parts.ratio * mask).sum())
                     tokens += float(mask.sum())
                 del forward, logp, parts
         merge_grads(store, work, denominator, loss_cfg.normalize)

@@ -71,7 +71,7 @@ class _Member:
     work: WorkingCopy
     denominator: float  # the whole request's normalisation denominator
     sums: dict[str, float] = field(
-        default_factory=lambda: {"loss": 0.0, "kl": 0.0, "kl_sampler": 0.0, "entropy": 0.0, "clip_frac": 0.0}
+        default_factory=lambda: {"loss": 0.0, "kl": 0.0, "kl_sampler": 0.0, "entropy": 0.0, "clip_frac": 0.0, "ratio": 0.0}
     )
     tokens: float = 0.0
     computed: float = 0.0  # token positions of its rows run through the trunk (padding included)
@@ -216,6 +216,7 @@ def _forward_backward(core: TrainerCore, members: list[_Member]) -> None:
                     m.sums["kl_sampler"] += float((parts.kl_sampler * mask).sum())
                     m.sums["entropy"] += float((entropy[rows_of] * mask).sum())
                     m.sums["clip_frac"] += float((parts.clipped.float() * mask).sum())
+                    m.sums["ratio"] += float((parts.ratio * mask).sum())
                     m.tokens += float(mask.sum())
             if terms:
                 torch.stack(terms).sum().backward()  # d(sum)/d(term_t) = 1: tenant t gets its own gradient
