@@ -76,6 +76,8 @@ __all__ = [
     "ADAPTER_REGISTERED",
     "ADAPTER_LOADED",
     "ADAPTER_REMOVED",
+    "ADAPTER_LOADED_BESIDE",
+    "ADAPTER_RETIRED",
     "SAMPLE_DONE",
     "SCHEDULER_DECISION",
     "SCHEDULER_WAIT_EXCEEDED",
@@ -184,6 +186,12 @@ ADAPTER_LOADED: Final = "sampler.adapter_loaded"
 """A tenant's adapter was replaced in place: ``tenant``, ``version``, ``duration_s``, ``gate_wait_s``."""
 ADAPTER_REMOVED: Final = "sampler.adapter_removed"
 """A tenant's adapter (``lora_id``) was unloaded from the engine."""
+ADAPTER_LOADED_BESIDE: Final = "sampler.adapter_loaded_beside"
+"""A tenant's new ``version`` serves under a new ``lora_id`` (LoadAdapter.keep_serving, no gate) while its
+``previous_version`` finishes ``previous_in_flight`` requests: ``duration_s``."""
+ADAPTER_RETIRED: Final = "sampler.adapter_retired"
+"""An old ``version`` of a tenant's adapter (``lora_id``) finished its last request beside a newer one and was
+unloaded from the engine."""
 SAMPLE_DONE: Final = "sampler.sample_done"
 """One SampleRequest finished: ``tenant``, ``adapter_version``, ``n``, ``prompt_tokens``, ``completion_tokens``,
 ``duration_s``."""

@@ -1,10 +1,13 @@
 """SamplerActor: the vLLM engine as an actor. Tenants' requests decode in shared, mixed batches.
 
-Each registered tenant has one vLLM LoRA id for its whole life; a new version replaces the
-weights under that id in place. Every ``SampleResult`` names the adapter version that produced
-all of its tokens: while a tenant's adapter is being replaced, the tenant is gated (its new
-requests wait, its in-flight requests finish first), so no sequence mixes versions. Other
-tenants keep decoding throughout. Base-model requests (``tenant=None``) use the engine's
+A registered tenant's adapter has one vLLM LoRA id; a new version replaces the weights under
+that id in place. Every ``SampleResult`` names the adapter version that produced all of its
+tokens: while a tenant's adapter is being replaced, the tenant is gated (its new requests wait,
+its in-flight requests finish first), so no sequence mixes versions. Other tenants keep decoding
+throughout. With ``LoadAdapter.keep_serving`` (off-policy tenants, docs/async.md) nobody waits:
+the new version loads under a new LoRA id beside the old one, new requests go to it at once,
+the old version's requests finish on it, and it is unloaded when its last one ends
+(clora.sampler.versions). Base-model requests (``tenant=None``) use the engine's
 reserved all-zero adapter (see ``clora.sampler.engine``).
 
 Admission: vLLM batches at most ``engine.max_loras`` tenant adapters, so at most that many tenants
@@ -37,6 +40,7 @@ from clora.sampler.engine_stats import EngineStats, EngineStatsSnapshot
 from clora.sched import Scheduler
 from clora.sched.gate import SlotGate
 from clora.errors import ConfigError, DuplicateTenantError, EngineDeadError, UnknownTenantError
+from clora.sampler.versions import RetiringVersions
 from clora.messages import (
     AdapterLoaded,
     GetEngineStats,
@@ -80,8 +84,11 @@ class _TenantSlot:
     last_scheduled: float = 0.0  # when it last got an engine LoRA slot (page-out order)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when in_flight == 0
     open: asyncio.Event = field(default_factory=asyncio.Event)  # cleared while the adapter changes
+    retired: bool = False  # a newer version serves beside it: unload once in_flight == 0
+    gate_key: str = ""  # its name at the SlotGate: the tenant's, or its own while an older version holds that
 
     def __post_init__(self) -> None:
+        self.gate_key = self.gate_key or self.tenant
         self.idle.set()
         self.open.set()
 
@@ -137,6 +144,7 @@ class SamplerActor(Actor):
         self._engine: Engine | None = shared_engine
         self._owns_engine = shared_engine is None
         self._tenants: dict[str, _TenantSlot] = {}
+        self._retiring = RetiringVersions(self._unload_retired)  # old versions finishing their requests
         self._admin_locks: dict[str, asyncio.Lock] = {}
         # vLLM batches at most max_loras + 1 adapters, and the pinned zero adapter holds one of those
         # slots for good, while vLLM's scheduler counts only requested adapters: a batch with more than
@@ -193,6 +201,7 @@ class SamplerActor(Actor):
             self._shutdown()
             self.log.info(events.ENGINE_STOPPED)
         else:  # a borrowed engine outlives us: leave it without our adapters
+            await self._retiring.close(None if self.engine.is_dead else self.engine.remove_adapter)
             for tenant in list(self._tenants):
                 slot = self._tenants.pop(tenant)
                 if slot.resident and not self.engine.is_dead:
@@ -292,6 +301,8 @@ class SamplerActor(Actor):
                 if slot.in_flight == 0:
                     self._free_lora_slot(slot)
                     slot.idle.set()
+                    if slot.retired:
+                        self._retiring.drained(slot)
         self.log.info(
             events.SAMPLE_DONE, tenant=msg.tenant, adapter_version=version, n=msg.sampling.n,
             prompt_tokens=len(msg.prompt_token_ids),
@@ -312,12 +323,12 @@ class SamplerActor(Actor):
         await asyncio.shield(slot.admission)
 
     async def _admit(self, slot: _TenantSlot) -> None:
-        await self._lora_slots.acquire(slot.tenant)
+        await self._lora_slots.acquire(slot.gate_key)
         slot.last_scheduled = time.monotonic()
         try:
             await self._engine_call(self.pager.page_in(self.engine, slot, lambda: list(self._tenants.values())))
         except BaseException:
-            self._lora_slots.release(slot.tenant)
+            self._lora_slots.release(slot.gate_key)
             raise
 
     def _free_lora_slot(self, slot: _TenantSlot) -> None:
@@ -327,7 +338,7 @@ class SamplerActor(Actor):
             return
         admission.cancel()  # no effect once it was admitted
         admission.add_done_callback(
-            lambda f: None if f.cancelled() or f.exception() is not None else self._lora_slots.release(slot.tenant))
+            lambda f: None if f.cancelled() or f.exception() is not None else self._lora_slots.release(slot.gate_key))
 
     def lora_slots_free(self) -> int:
         """Engine LoRA slots no tenant holds now (tests, stats)."""
@@ -386,6 +397,8 @@ class SamplerActor(Actor):
             slot = self._slot(msg.tenant)
             path = Path(msg.path)
             self.engine.check_adapter(path)  # fail before gating anyone
+            if msg.keep_serving:
+                return await self._load_beside(slot, msg, path)
             started = time.perf_counter()
             slot.open.clear()
             try:
@@ -413,6 +426,60 @@ class SamplerActor(Actor):
                       gate_wait_s=round(gate_wait, 4))
         return AdapterLoaded(tenant=msg.tenant, version=msg.version, duration_s=duration)
 
+    async def _load_beside(self, old: _TenantSlot, msg: LoadAdapter, path: Path) -> AdapterLoaded:
+        """Load ``msg.version`` under a new LoRA id, then route the tenant's new requests to it; ``old``
+        finishes its in-flight requests and is unloaded after the last (``_unload_retired``)."""
+        new = _TenantSlot(tenant=msg.tenant, lora_id=self.engine.allocate_adapter_id(), version=msg.version, path=path)
+        async with self.pager.lock:
+            await self.pager.make_room(self.engine, list(self._tenants.values()), keep=msg.tenant)
+            load = asyncio.ensure_future(self.engine.add_adapter(*new.adapter))
+            try:  # once sent, the load runs to its end: the record must match what the engine holds
+                duration = await self._engine_call(asyncio.shield(load))
+            except asyncio.CancelledError:
+                await asyncio.wait([load])
+                if not load.cancelled() and load.exception() is None:
+                    self._swap(old, new)
+                raise
+            self._swap(old, new)
+        self.log.info(events.ADAPTER_LOADED_BESIDE, tenant=msg.tenant, version=msg.version, lora_id=new.lora_id,
+                      previous_version=old.version, previous_in_flight=old.in_flight, duration_s=round(duration, 4))
+        return AdapterLoaded(tenant=msg.tenant, version=msg.version, duration_s=duration)
+
+    def _swap(self, old: _TenantSlot, new: _TenantSlot) -> None:
+        new.resident = True
+        if any(s.gate_key == new.tenant and s.admission is not None for s in (old, *self._retiring.slots(new.tenant))):
+            # an older version holds (or waits for) an engine LoRA slot under the tenant's name: this one
+            # counts as its own holder, with the tenant's scheduling policy, until it is unloaded
+            new.gate_key = f"{new.tenant}#{new.lora_id}"
+            policy = self.scheduler.policy(new.tenant)
+            self.scheduler.set_policy(new.gate_key, priority=policy.priority, weight=policy.weight)
+        self._tenants[new.tenant] = new
+        old.retired = True
+        self._retiring.add(old)
+        if old.in_flight == 0:
+            self._retiring.drained(old)
+
+    async def _unload_retired(self, slot: _TenantSlot) -> None:
+        """``slot``'s last request ended and a newer version serves: unload it from the engine."""
+        if slot.gate_key != slot.tenant:
+            self.scheduler.remove(slot.gate_key)
+        try:
+            async with self.pager.lock:
+                if slot.resident:
+                    slot.resident = False
+                    await self._engine_call(self.engine.remove_adapter(slot.lora_id))
+        except EngineDeadError:
+            return  # the actor crashes (told by _engine_call)
+        except Exception as e:  # noqa: BLE001 - the version stays loaded, unused; nobody awaits this task
+            self.log.warning(events.ADAPTER_RETIRED, tenant=slot.tenant, version=slot.version, lora_id=slot.lora_id,
+                             error=str(e))
+            return
+        self.log.info(events.ADAPTER_RETIRED, tenant=slot.tenant, version=slot.version, lora_id=slot.lora_id)
+
+    def retiring(self, tenant: str) -> list[int]:
+        """Versions of ``tenant`` that still finish requests beside the serving one (tests, stats)."""
+        return self._retiring.versions(tenant)
+
     @handler(concurrent=True)
     async def remove(self, msg: RemoveAdapter) -> None:
         """Unload a tenant's adapter after its in-flight requests finish; waiting requests then fail."""
@@ -421,6 +488,7 @@ class SamplerActor(Actor):
             slot.open.clear()
             try:
                 await slot.idle.wait()
+                await self._retiring.wait_unloaded(msg.tenant)  # older versions finish their requests too
                 async with self.pager.lock:
                     if slot.resident:
                         await self._engine_call(self.engine.remove_adapter(slot.lora_id))

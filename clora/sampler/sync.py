@@ -113,7 +113,8 @@ class SyncActor(Actor):
             if live is None:
                 await self._sampler.ask(RegisterAdapter(tenant=msg.tenant, path=str(path), version=snap.version))
             else:
-                await self._sampler.ask(LoadAdapter(tenant=msg.tenant, path=str(path), version=snap.version))
+                await self._sampler.ask(LoadAdapter(tenant=msg.tenant, path=str(path), version=snap.version,
+                                                    keep_serving=msg.keep_serving))
         except FatalError:
             raise
         except (CloraError, OSError) as e:

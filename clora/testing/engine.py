@@ -13,8 +13,11 @@ appended when given, the tokens cut at ``max_tokens``, finish reason "length" wh
 "stop"); the text stays as scripted. Its log-probs are a fixed function of token and position.
 
 The engine records what happened: ``requests`` (one ``FakeRequest`` per completion), ``completions``,
-``adapters`` (every adapter it loaded, with its tensors when ``read_adapters``) and ``serving``
-(LoRA id -> the adapter it holds now). ``refuse_load`` and ``kill`` inject the failures a real engine
+``adapters`` (every adapter it loaded, with its tensors when ``read_adapters``), ``serving``
+(LoRA id -> the adapter it holds now), ``removed`` (LoRA ids unloaded, in order) and ``mixed``: the
+requests whose tokens did not all come from the version they named (their LoRA id held another
+version when they started, or was reloaded or unloaded while they decoded). A correct sampler keeps
+``mixed`` empty. ``refuse_load`` and ``kill`` inject the failures a real engine
 has: an adapter it refuses, and death.
 """
 
@@ -107,6 +110,8 @@ class FakeEngine:
         self.completions: list[Completion] = []
         self.adapters: list[LoadedAdapter] = []
         self.serving: dict[int, LoadedAdapter] = {}
+        self.removed: list[int] = []
+        self.mixed: list[FakeRequest] = []
         self.peak_adapters = 0  # the most distinct adapters with requests in the engine at once
         self._in_flight: Counter[int | None] = Counter()  # lora id (None: base) -> requests decoding
         self._asked: Counter[tuple] = Counter()
@@ -164,7 +169,8 @@ class FakeEngine:
     async def remove_adapter(self, lora_id: int) -> None:
         """``lora_id`` serves nothing any more."""
         self._check_alive()
-        self.serving.pop(lora_id, None)
+        if self.serving.pop(lora_id, None) is not None:
+            self.removed.append(lora_id)
 
     async def loaded_adapter_ids(self) -> set[int]:
         """The LoRA ids serving an adapter now."""
@@ -189,6 +195,9 @@ class FakeEngine:
         name, lora_id = (adapter[0], adapter[1]) if adapter is not None else (None, None)
         tenant, version = parse_adapter_name(name) if name is not None else (None, None)
         requests = [self._record(prompt_token_ids, spec, tenant, version, name, lora_id) for _ in range(spec.n)]
+        held = self.serving.get(lora_id) if lora_id is not None else None  # the weights it starts on
+        if lora_id is not None and (held is None or held.version != version):
+            self.mixed.extend(requests)
         self._in_flight[lora_id] += 1
         self.peak_adapters = max(self.peak_adapters, sum(1 for k in self._in_flight if k is not None))
         try:
@@ -197,6 +206,8 @@ class FakeEngine:
             self._in_flight[lora_id] -= 1
             if not self._in_flight[lora_id]:
                 del self._in_flight[lora_id]
+            if lora_id is not None and held is not None and self.serving.get(lora_id) is not held:
+                self.mixed.extend(r for r in requests if r not in self.mixed)  # weights changed mid-decode
         self._check_alive()
         if on_progress is not None:
             on_progress(sum(len(c.token_ids) for c in completions))
