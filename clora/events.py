@@ -51,6 +51,7 @@ __all__ = [
     "TENANT_FAILED",
     "TENANT_STEP_SKIPPED",
     "TENANT_RETRY",
+    "TENANT_RESAMPLED",
     "TENANT_RELEASE_INCOMPLETE",
     "ROLLOUT_GROUP",
     "ADAPTER_PUBLISHED",
@@ -98,7 +99,7 @@ RUNTIME_STOPPED: Final = "runtime.stopped"
 """The runtime stopped; ``duration_s`` since start."""
 TENANT_STARTED: Final = "tenant.started"
 """A tenant's experiment began: its config in brief (``steps``, ``lr``, ``rank``, ``group_size``,
-``prompts_per_step``, ``env``)."""
+``prompts_per_step``, ``env``, ``max_staleness``)."""
 TENANT_OPENED: Final = "tenant.opened"
 """A scripted tenant (rt.tenant) is registered and serving: ``rank``, ``lr``, ``adapter_version``."""
 TENANT_CLOSED: Final = "tenant.closed"
@@ -106,7 +107,9 @@ TENANT_CLOSED: Final = "tenant.closed"
 ``adapter_version`` written to the ``adapter`` folder, ``duration_s`` since it opened."""
 TENANT_STEP: Final = "tenant.step"
 """The canonical line of one RL step: ``step``, ``adapter_version``, ``duration_s``, ``queue_depth``,
-``reward/mean``, ``time/rollout``, ``time/train``, ``time/sync``, ``train/sequences`` and the trainer's values as ``train/*``."""
+``reward/mean``, ``time/rollout``, ``time/train``, ``time/sync``, ``train/sequences`` and the trainer's values as ``train/*``
+(``train/ratio_mean``: the mean importance ratio); ``staleness``: the histogram u - v -> data trained (v: the
+version that sampled a datum, u: the version it trained on; docs/async.md), ``stale_dropped`` when the trainer dropped data."""
 TENANT_EVAL: Final = "tenant.eval"
 """Held-out ``accuracy`` of a tenant at a ``step``: ``correct`` of ``problems`` (greedy, one sample per problem,
 all in flight at once), its 95% Wilson interval ``ci_low`` .. ``ci_high``, ``duration_s``."""
@@ -117,10 +120,13 @@ TENANT_FAILED: Final = "tenant.failed"
 """A tenant's experiment ended with an ``error``; the others go on."""
 TENANT_STEP_SKIPPED: Final = "tenant.step_skipped"
 """A step trained nothing (``reason``: no-signal = all advantages zero; non-finite = the trainer rejected
-it, with the ``error``): the adapter and its version stay as they were."""
+it, with the ``error``; stale = every datum was past max_staleness): the adapter and its version stay as they were."""
 TENANT_RETRY: Final = "tenant.retry"
 """A rollout (env error, bad reward, env step timeout) or a publish failed and is tried again after
 ``backoff_s`` (``what``: rollout / eval / publish; ``attempt``: the try that failed; ``error``)."""
+TENANT_RESAMPLED: Final = "tenant.resampled"
+"""The trainer found ``stale`` of a step's data past its max_staleness (``error``) and the tenant, with
+stale_policy "resample", samples the step's problems again with the serving ``adapter_version``."""
 TENANT_RELEASE_INCOMPLETE: Final = "tenant.release_incomplete"
 """Part of removing a tenant (engine adapter or trainer state: ``step``) failed or was already gone (``error``)."""
 ROLLOUT_GROUP: Final = "tenant.rollout_group"

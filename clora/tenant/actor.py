@@ -20,10 +20,13 @@ checkpoint is deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +39,8 @@ from clora.checkpoint.format import BaseModelIdentity, TenantProgress, rng_state
 from clora.config import ExperimentConfig
 from clora.envs.stepping import EnvStepper
 from clora.envs import Env
-from clora.errors import CheckpointError, EnvError, NonFiniteError, PublishError
+from clora.envs.base import Problem
+from clora.errors import CheckpointError, EnvError, NonFiniteError, PublishError, StaleDataError
 from clora.messages import (
     AddTenant,
     Completion,
@@ -53,7 +57,9 @@ from clora.messages import (
 )
 from clora.rl.accuracy import HeldOutScore
 from clora.rl.step import episode_settings, evaluate, sample_groups, to_training_data
+from clora.rl.rollout import Trajectory
 from clora.tenant.checkpoints import TenantCheckpoints
+from clora.tenant.pipeline import pipelined, staleness_fields
 
 __all__ = ["ExperimentResult", "RunExperiment", "StepRecord", "TenantActor"]
 
@@ -101,6 +107,17 @@ class ExperimentResult(msgspec.Struct, frozen=True, kw_only=True):
         return HeldOutScore.from_accuracy(self.accuracy_end, self.held_out)
 
 
+@dataclass(frozen=True)
+class _Rollout:
+    """One step's sampled groups, waiting to train."""
+
+    problems: list[Problem]
+    groups: list[list[Trajectory]]  # (prompts, group_size)
+    t0: float  # perf_counter when the rollout started
+    sampled_s: float  # its sampling time
+    resampled: bool = False  # sampled again after the trainer found it stale (stale_policy="resample")
+
+
 class TenantActor(Actor):
     mailbox_size = 4
     inbox = RunExperiment
@@ -145,6 +162,7 @@ class TenantActor(Actor):
         self._checkpoints: TenantCheckpoints | None = None  # made in on_start, where self.log is the system's
         self._step_state: StoreState | None = None  # the store copy the last TrainStep replied with
         self._env_steps = EnvStepper(self.tenant, experiment.env.step_timeout_s)
+        self._rng_before: dict[int, Any] = {}  # step -> the RNG's state before its problems were drawn
 
     async def on_start(self) -> None:
         exp = self.experiment
@@ -167,6 +185,7 @@ class TenantActor(Actor):
         self.log.info(
             events.TENANT_STARTED, tenant=self.tenant, steps=exp.steps, lr=exp.optim.lr, rank=exp.lora.rank,
             group_size=exp.group_size, prompts_per_step=exp.prompts_per_step, env=env_name(self._env),
+            max_staleness=exp.max_staleness,
         )
 
     async def _sample(self, prompt_token_ids: list[int], spec: SamplingSpec) -> tuple[Completion, int]:
@@ -190,15 +209,15 @@ class TenantActor(Actor):
             else:
                 started, accuracy_start = resumed.started_at, resumed.accuracy_start
                 records = msgspec.convert(resumed.records, list[StepRecord])
-            for step in range(len(records) + 1, exp.steps + 1):
-                record = await self._step(step)
-                if exp.eval_every and step % exp.eval_every == 0 and step != exp.steps:
-                    record = msgspec.structs.replace(record, accuracy=(await self.evaluate(step=step)).accuracy)
-                records.append(record)
-                self._commit(step, started, accuracy_start, records)
-                if self._on_step is not None:
-                    self._on_step(self.tenant, record)
-                await self._checkpoint_after(step)
+            async with contextlib.aclosing(self._steps(len(records) + 1, exp.steps)) as steps:
+                async for step, record in steps:
+                    if exp.eval_every and step % exp.eval_every == 0 and step != exp.steps:
+                        record = msgspec.structs.replace(record, accuracy=(await self.evaluate(step=step)).accuracy)
+                    records.append(record)
+                    self._commit(step, started, accuracy_start, records)
+                    if self._on_step is not None:
+                        self._on_step(self.tenant, record)
+                    await self._checkpoint_after(step)
             await self._checkpoint_written()
         except BaseException:
             if self._checkpoints is not None:
@@ -237,14 +256,43 @@ class TenantActor(Actor):
         )
         return score
 
+    async def _steps(self, first: int, last: int) -> AsyncIterator[tuple[int, StepRecord]]:
+        """The steps ``first`` .. ``last``: one after another (``max_staleness`` = 0, on-policy), or with
+        the next steps' rollouts in flight while one trains (clora.tenant.pipeline, docs/async.md)."""
+        if self.experiment.max_staleness == 0:
+            for step in range(first, last + 1):
+                yield step, await self._step(step)
+            return
+        async with contextlib.aclosing(
+            pipelined(first, last, self.experiment.max_staleness, self._start_rollout, self._train)
+        ) as steps:
+            async for item in steps:
+                yield item
+
     async def _step(self, step: int) -> StepRecord:
-        exp = self.experiment
+        return await self._train(step, await self._start_rollout(step))
+
+    def _start_rollout(self, step: int) -> Awaitable[_Rollout]:
+        """Draw step ``step``'s problems now (the RNG's state before is what a checkpoint of step - 1
+        keeps), and return its rollout to await."""
+        self._rng_before[step] = rng_state(self._rng)
         t0 = time.perf_counter()
-        problems = self._env.train_problems(self._rng, exp.prompts_per_step)
+        problems = self._env.train_problems(self._rng, self.experiment.prompts_per_step)
+        return self._rollout(step, problems, t0)
+
+    async def _rollout(self, step: int, problems: list[Problem], t0: float) -> _Rollout:
+        exp = self.experiment
         settings = episode_settings(exp, self._max_model_len, step=step)
         groups = await self._retrying(step, "rollout", lambda: sample_groups(
             self._sample, self._renderer, self._env, problems, exp.group_size, settings, step_env=self._env_steps
         ))  # (prompts, group_size)
+        return _Rollout(problems=problems, groups=groups, t0=t0, sampled_s=time.perf_counter() - t0)
+
+    async def _train(self, step: int, rollout: _Rollout) -> StepRecord:
+        """Train step ``step`` on its rollout, publish the new version, log ``tenant.step``."""
+        exp = self.experiment
+        t0, problems, groups = rollout.t0, rollout.problems, rollout.groups
+        t_convert = time.perf_counter()
         batch = to_training_data(problems, groups, exp.advantage)
         if not batch.finite:  # finite rewards too large for float32 statistics
             return self._skipped(
@@ -258,7 +306,7 @@ class TenantActor(Actor):
                 versions=sorted({v for traj in group for v in traj.versions}),
             )
         data = batch.data
-        t_rollout = time.perf_counter() - t0
+        t_rollout = rollout.sampled_s + time.perf_counter() - t_convert
         reward_mean = batch.reward_mean
         if not data:
             return self._skipped(step, "no-signal", reward_mean, t_rollout, time_train_s=0.0)
@@ -268,15 +316,25 @@ class TenantActor(Actor):
             result: TrainStepResult = await self._trainer.ask(TrainStep(
                 tenant=self.tenant, data=data, loss=exp.resolved_loss, copy_adapter=True,
                 copy_state=self._checkpoints is not None and self._checkpoints.enabled,
+                max_staleness=exp.max_staleness, stale_policy=exp.stale_policy,
             ))
         except NonFiniteError as e:  # the trainer rejected the step and left the adapter as it was
             return self._skipped(
                 step, "non-finite", reward_mean, t_rollout, time_train_s=time.perf_counter() - t1, error=str(e)
             )
+        except StaleDataError as e:  # past the bound on the trainer's version: nothing trained
+            if exp.stale_policy == "resample" and not rollout.resampled:
+                self.log.warning(events.TENANT_RESAMPLED, tenant=self.tenant, step=step, stale=len(e.stale),
+                                 adapter_version=self._version, error=str(e))
+                again = await self._rollout(step, list(problems), time.perf_counter())
+                return await self._train(step, dataclasses.replace(again, resampled=True))
+            return self._skipped(
+                step, "stale", reward_mean, t_rollout, time_train_s=time.perf_counter() - t1, error=str(e)
+            )
         t2 = time.perf_counter()
         self._step_state = result.state  # the checkpoint's store copy of this step, when asked for
         published = await self._retrying(step, "publish", lambda: self._sync.ask(
-            Publish(tenant=self.tenant, adapter=result.adapter)
+            Publish(tenant=self.tenant, adapter=result.adapter, keep_serving=exp.max_staleness > 0)
         ))
         t3 = time.perf_counter()
         self._version = published.version
@@ -288,6 +346,7 @@ class TenantActor(Actor):
             "time/sync": round(t3 - t2, 3),
             "train/sequences": len(data),
         })
+        fields.update(staleness_fields(result))
         self.log.info(
             events.TENANT_STEP, tenant=self.tenant, step=step, adapter_version=self._version,
             duration_s=round(t3 - t0, 3), queue_depth=self._trainer.stats.depth, **fields,
@@ -337,11 +396,16 @@ class TenantActor(Actor):
     # ------------------------------------------------------------------ checkpoints
 
     def _commit(self, step: int, started: float, accuracy_start: float, records: list[StepRecord]) -> None:
-        """Step ``step`` is complete: what a checkpoint of it holds."""
+        """Step ``step`` is complete: what a checkpoint of it holds. Its RNG state is the one before
+        step + 1's draw (with rollouts in flight, later steps drew already; a resume draws them again)."""
         state, self._step_state = self._step_state, None
+        rng = self._rng_before.pop(step + 1, None)
+        rng = rng_state(self._rng) if rng is None else rng
+        for drawn in [s for s in self._rng_before if s <= step]:
+            del self._rng_before[drawn]
         if self._checkpoints is not None:
             self._checkpoints.commit(TenantProgress(
-                step=step, rng=rng_state(self._rng), accuracy_start=accuracy_start, started_at=started,
+                step=step, rng=rng, accuracy_start=accuracy_start, started_at=started,
                 tokens_sampled=self._tokens_sampled, records=msgspec.to_builtins(records),
             ), self._version, state=state)
 
