@@ -125,8 +125,9 @@ TENANT_RETRY: Final = "tenant.retry"
 """A rollout (env error, bad reward, env step timeout) or a publish failed and is tried again after
 ``backoff_s`` (``what``: rollout / eval / publish; ``attempt``: the try that failed; ``error``)."""
 TENANT_RESAMPLED: Final = "tenant.resampled"
-"""The trainer found ``stale`` of a step's data past its max_staleness (``error``) and the tenant, with
-stale_policy "resample", samples the step's problems again with the serving ``adapter_version``."""
+"""The trainer found ``stale`` of a step's data past its max_staleness (``error``); the tenant, with
+stale_policy "resample", published the trainer's version (``adapter_version``) and samples the step's problems
+again with it."""
 TENANT_RELEASE_INCOMPLETE: Final = "tenant.release_incomplete"
 """Part of removing a tenant (engine adapter or trainer state: ``step``) failed or was already gone (``error``)."""
 ROLLOUT_GROUP: Final = "tenant.rollout_group"

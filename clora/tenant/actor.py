@@ -323,6 +323,10 @@ class TenantActor(Actor):
                 step, "non-finite", reward_mean, t_rollout, time_train_s=time.perf_counter() - t1, error=str(e)
             )
         except StaleDataError as e:  # past the bound on the trainer's version: nothing trained
+            # the trainer's version is ahead of what serves: serve it, so the next samples are fresh
+            self._version = (await self._retrying(step, "publish", lambda: self._sync.ask(
+                Publish(tenant=self.tenant, keep_serving=exp.max_staleness > 0)
+            ))).version
             if exp.stale_policy == "resample" and not rollout.resampled:
                 self.log.warning(events.TENANT_RESAMPLED, tenant=self.tenant, step=step, stale=len(e.stale),
                                  adapter_version=self._version, error=str(e))
