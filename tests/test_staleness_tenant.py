@@ -9,12 +9,14 @@ import asyncio
 import random
 
 import pytest
+from rich.console import Console
 
 import clora.runtime
 from clora import events as names
 from clora.config import EnvConfig, ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, RuntimeConfig
 from clora.events import read_events
 from clora.messages import Completion, TrainStep
+from clora.observe import summarize, summary_table
 from clora.testing import FakeEngine, FakeRequest, ToyEnv, char_sum_reward, make_data
 
 pytestmark = pytest.mark.timeout(300)
@@ -84,6 +86,13 @@ async def test_rollouts_run_ahead_within_the_bound_and_versions_never_mix(k, tin
     assert engine.mixed == []
     assert all(r.version == int(r.adapter_name.rpartition("@v")[2]) for r in engine.requests)
     assert len(result.steps) == 5
+    # clora events: the staleness of everything the tenant trained on
+    (row,) = [r for r in summarize(events) if r.tenant == "t"]
+    assert sum(row.staleness.values()) == len(ages) and max(row.staleness) == max(ages)
+    console = Console(record=True, width=120)
+    console.print(summary_table([row]))
+    text = console.export_text()
+    assert "staleness of the trained data" in text and row.staleness_text in text
 
 
 async def test_k0_is_the_synchronous_loop(tiny_model_dir, tmp_path):
@@ -104,6 +113,9 @@ async def test_k0_is_the_synchronous_loop(tiny_model_dir, tmp_path):
     kinds = [e["event"] for e in events if e.get("tenant") == "t" and e["event"] in (
         names.TRAINER_STEP, names.ADAPTER_LOADED, names.TENANT_STEP)]
     assert kinds == [names.TRAINER_STEP, names.ADAPTER_LOADED, names.TENANT_STEP] * 4
+    console = Console(record=True, width=120)
+    console.print(summary_table(summarize(events)))
+    assert "staleness" not in console.export_text()  # on-policy: the table is as before
     assert engine.mixed == []
 
 

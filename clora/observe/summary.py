@@ -47,6 +47,14 @@ class TenantSummary(msgspec.Struct, kw_only=True):
     failures: int = 0  # tenant.failed + trainer.step_rejected + sync.publish_failed
     last_error: str | None = None
     duration_s: float | None = None  # tenant.finished duration_s, else first to last event
+    staleness: dict[int, int] = {}  # u - v -> data trained (trainer.step tags: v sampled, u trained on; docs/async.md)
+    stale_dropped: int = 0  # data the trainer dropped past max_staleness
+
+    @property
+    def staleness_text(self) -> str:
+        """``"0:40 1:12 2:3"`` (u - v: data trained), plus the dropped ones; "-" without tags."""
+        text = " ".join(f"{age}:{n}" for age, n in sorted(self.staleness.items())) or "-"
+        return text + (f" dropped:{self.stale_dropped}" if self.stale_dropped else "")
 
 
 _FAILURE_EVENTS = (names.TENANT_FAILED, names.TRAINER_STEP_REJECTED, names.PUBLISH_FAILED)
@@ -90,6 +98,10 @@ def summarize(events: Sequence[Event]) -> list[TenantSummary]:
         elif kind == names.TRAINER_STEP and row.scripted:
             row.steps += 1
             row.trained += 1
+        if kind == names.TRAINER_STEP:
+            for age, n in (e.get("staleness") or {}).items():
+                row.staleness[int(age)] = row.staleness.get(int(age), 0) + int(n)
+            row.stale_dropped += int(e.get("stale_dropped") or 0)
         if kind in (names.TENANT_STEP, names.TENANT_STEP_SKIPPED):
             # A step done again after a resume (it ran, but its checkpoint was not written) counts once: its last try.
             done.setdefault(row.tenant, {})[int(e.get("step", -1))] = e
@@ -133,7 +145,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def summary_table(rows: Sequence[TenantSummary], title: str | None = None) -> Any:
-    """The rows as rich renderables: a progress table, a time table (seconds) and failure lines."""
+    """The rows as rich renderables: a progress table, a time table (seconds), the staleness of what each
+    tenant trained on (when any tenant trained off-policy) and failure lines."""
     from rich import box
     from rich.console import Group
     from rich.table import Table
@@ -164,4 +177,12 @@ def summary_table(rows: Sequence[TenantSummary], title: str | None = None) -> An
         )
         if r.last_error:
             failures.append(Text(f"{r.tenant}{' failed' if r.status == 'failed' else ''}: {r.last_error}", style="red"))
-    return Group(progress, time, *failures)
+    off_policy = [r for r in rows if r.stale_dropped or any(age > 0 for age in r.staleness)]
+    if not off_policy:
+        return Group(progress, time, *failures)
+    stale = Table(title="staleness of the trained data (u - v: data)", box=box.SIMPLE_HEAD, title_justify="left")
+    for column in ("tenant", "trained on", "max"):
+        stale.add_column(column, justify="left" if column != "max" else "right", no_wrap=True)
+    for r in rows:
+        stale.add_row(r.tenant, r.staleness_text, str(max(r.staleness, default=0)))
+    return Group(progress, time, stale, *failures)
