@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import msgspec
 import pytest
 
 from clora.bench.metrics import accuracy_vs_serial, aggregate, ratios, reward_curve, safe_ratio, serial_prefix_rows
@@ -217,3 +218,25 @@ def test_priority_rows_and_engine_caps_from_arguments():
     assert [(e.name, e.priority) for e in batch] == [
         ("p3exp0", PRIORITY_INTERACTIVE), ("p3exp1", PRIORITY_BACKGROUND), ("p3exp2", PRIORITY_BACKGROUND)]
     assert not settings_from_args(build_parser().parse_args([])).priority
+
+
+def test_staleness_rows_from_arguments_and_the_overlap_of_rollouts_and_training():
+    from clora.bench.metrics import overlap_fraction
+    from clora.bench.report import markdown_table
+
+    s = settings_from_args(build_parser().parse_args(["--quick", "--staleness", "2,0,1"]))
+    assert s.staleness == (0, 1, 2) and {e.max_staleness for e in experiments(s, 2, staleness=1)} == {1}
+    with pytest.raises(SystemExit, match="--staleness"):
+        settings_from_args(build_parser().parse_args(["--staleness", "-1"]))
+    # 10 s of wall time: rollouts [0, 4] and [3, 7], train steps [2, 5] and [8, 9] -> overlap [2, 5] = 30%
+    steps = [
+        msgspec.structs.replace(_step(1, 0.0, 4.0, 3.0, 0.0), rollout_at=(T0, T0 + 4), train_at=(T0 + 2, T0 + 5)),
+        msgspec.structs.replace(_step(2, 0.0, 4.0, 1.0, 0.0), rollout_at=(T0 + 3, T0 + 7), train_at=(T0 + 8, T0 + 9)),
+    ]
+    result = msgspec.structs.replace(A, steps=steps, started_at=T0, finished_at=T0 + 10)
+    assert overlap_fraction(result) == pytest.approx(0.3)
+    assert overlap_fraction(A) == 0.0  # no spans recorded: the synchronous loop's records before this field
+    rows = [aggregate("concurrent_k1", [result], T0, staleness=1), aggregate("concurrent", [A], T0)]
+    items = rows_with_ratios(rows)
+    assert [i["mode"] for i in items] == ["concurrent", "concurrent_k1"] and items[1]["overlap"] == pytest.approx(0.3)
+    assert "| overlap |" in markdown_table(items).splitlines()[0] and "| 30% |" in markdown_table(items)

@@ -6,7 +6,10 @@ config in every mode; the tenants differ in seed and learning rate, as in a swee
 * ``serial_cold``: each experiment starts its own Runtime (engine start, model load), trains,
   shuts down; the next follows. The single-tenant baseline every ratio is taken against.
 * ``serial_warm``: the experiments one after another on one runtime (the cold-start saving alone).
-* ``concurrent``: N experiments at once on one runtime, for each N in ``--n``.
+* ``concurrent``: N experiments at once on one runtime, for each N in ``--n``; with ``--staleness
+  0,1,2`` once per max_staleness k (rows ``concurrent`` for k = 0, ``concurrent_k1``, ...; each row's
+  ``overlap`` is the fraction of wall time a tenant had a rollout and a train step in progress at once,
+  docs/async.md).
 * ``concurrent_priority`` (``--priority``): the same N at once, experiment 0 interactive and the
   others background (docs/scheduling.md); its first experiment time against serial_warm's first
   says what priority buys the interactive one, its final time against ``concurrent``'s what it
@@ -110,6 +113,7 @@ class BenchSettings:
     priority: bool = False  # extra "concurrent_priority" rows: experiment 0 interactive, the rest background
     max_loras: int | None = None  # caps EngineConfig.max_loras (default: N)
     max_resident: int | None = None  # SchedulerConfig.max_resident_adapters (default: the engine's CPU cache)
+    staleness: tuple[int, ...] = (0,)  # ExperimentConfig.max_staleness of the concurrent rows, one row set per k
 
     @property
     def samples_per_step(self) -> int:
@@ -129,7 +133,7 @@ def task_env(task: str, held_out_size: int, examples: str = "each_op") -> EnvCon
     return EnvConfig(kind="arithmetic", difficulty=TASKS[task], examples=examples, held_out_size=held_out_size, seed=7)
 
 
-def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
+def experiments(s: BenchSettings, count: int, staleness: int = 0) -> list[ExperimentConfig]:
     """Experiment i: the same task and budget for every i; seed i and a learning rate from a sweep."""
     return [
         ExperimentConfig(
@@ -144,6 +148,7 @@ def experiments(s: BenchSettings, count: int) -> list[ExperimentConfig]:
             temperature=s.temperature,
             checkpoint_every=s.checkpoint_every,
             seed=i,
+            max_staleness=staleness,
         )
         for i in range(count)
     ]
@@ -246,15 +251,18 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
             results, t0, start_s, peak = await mode("serial_warm", max(s.ns), serial)
             rows += serial_prefix_rows("serial_warm", results, t0, s.ns, peak_rss_bytes=peak,
                                        runtime_starts_s=[start_s], samples_per_step=s.samples_per_step)
-        for n in s.ns if "concurrent" in s.modes else ():
-            async def concurrent(rt: Any, n: int = n) -> list[ExperimentResult]:
-                batch = [msgspec.structs.replace(e, name=f"c{n}{e.name}") for e in exps[:n]]
-                return _checked(await rt.run_many(batch, on_step=_Progress(console, f"concurrent N={n}")), "concurrent")
+        for n, k in [(n, k) for k in s.staleness for n in s.ns] if "concurrent" in s.modes else ():
+            name = "concurrent" if k == 0 else f"concurrent_k{k}"
 
-            results, t0, start_s, peak = await mode("concurrent", n, concurrent)
-            rows.append(aggregate("concurrent", results, t0, peak_rss_bytes=peak, runtime_start_s=start_s,
-                                  engine=engine, samples_per_step=s.samples_per_step))
-            log.info(events.BENCH_MODE_DONE, mode="concurrent", n=n, final_s=round(rows[-1].final_s, 1))
+            async def concurrent(rt: Any, n: int = n, k: int = k, name: str = name) -> list[ExperimentResult]:
+                tag = f"c{n}" if k == 0 else f"c{n}k{k}"
+                batch = [msgspec.structs.replace(e, name=f"{tag}{e.name}", max_staleness=k) for e in exps[:n]]
+                return _checked(await rt.run_many(batch, on_step=_Progress(console, f"{name} N={n}")), name)
+
+            results, t0, start_s, peak = await mode(name, n, concurrent)
+            rows.append(aggregate(name, results, t0, peak_rss_bytes=peak, runtime_start_s=start_s,
+                                  engine=engine, samples_per_step=s.samples_per_step, staleness=k))
+            log.info(events.BENCH_MODE_DONE, mode=name, n=n, final_s=round(rows[-1].final_s, 1))
         for n in s.ns if s.priority else ():  # the same N tenants, experiment 0 first (docs/scheduling.md)
             async def priority(rt: Any, n: int = n) -> list[ExperimentResult]:
                 outcomes = await rt.run_many(prioritized(exps, n), on_step=_Progress(console, f"priority N={n}"))
@@ -386,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="tenant checkpoints every K steps (default 0: none)")
     p.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (default: all; ratios need "
                                    "serial_cold)")
+    p.add_argument("--staleness", help="comma-separated max_staleness list for the concurrent rows, e.g. 0,1,2 "
+                   "(default 0: on-policy; docs/async.md)")
     p.add_argument("--fused-n", help="comma-separated N list for extra concurrent_fused rows (fuse_max = N)")
     p.add_argument("--reuse-runtime", action=argparse.BooleanOptionalAction, default=None,
                    help="warm and concurrent modes share one runtime (default with --quick)")
@@ -418,6 +428,14 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         if not ns or min(ns) < 1:
             raise SystemExit(f"--n: give positive integers, got {args.n!r}")
         changes["ns"] = ns
+    if args.staleness:
+        try:
+            ks = tuple(sorted({int(x) for x in args.staleness.split(",") if x.strip()}))
+        except ValueError:
+            ks = ()
+        if not ks or min(ks) < 0:
+            raise SystemExit(f"--staleness: give integers >= 0, e.g. 0,1,2, got {args.staleness!r}")
+        changes["staleness"] = ks
     if args.fused_n:
         fused = tuple(sorted({int(x) for x in args.fused_n.split(",") if x.strip()}))
         if not fused or min(fused) < 1 or max(fused) > max(changes.get("ns", s.ns)):

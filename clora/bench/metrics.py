@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from clora.tenant.actor import ExperimentResult
 
-__all__ = ["ModeRow", "aggregate", "serial_prefix_rows", "ratios", "safe_ratio", "reward_curve", "accuracy_vs_serial"]
+__all__ = ["ModeRow", "aggregate", "serial_prefix_rows", "ratios", "safe_ratio", "reward_curve", "accuracy_vs_serial",
+           "overlap_fraction"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,27 @@ class ModeRow:
     # What the vLLM engine did during the mode (EngineStatsSnapshot.fields(): prompt_tokens,
     # prompt_tokens_computed, prompt_tokens_cached, decode_batch_mean, busy_s, ...); empty when not measured.
     engine: dict[str, Any] = field(default_factory=dict)
+    staleness: int = 0  # the experiments' max_staleness (docs/async.md)
+    overlap: float = 0.0  # mean over experiments of overlap_fraction: rollout and train in progress at once
+
+
+def _union(spans: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of intervals."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def overlap_fraction(result: ExperimentResult) -> float:
+    """Fraction of the experiment's wall time in which it had a rollout and a train step in progress at once
+    (0 for the synchronous loop; from the steps' ``rollout_at`` / ``train_at`` spans)."""
+    rollouts = [s.rollout_at for s in result.steps if s.rollout_at is not None]
+    trains = [s.train_at for s in result.steps if s.train_at is not None]
+    both = [(max(a, c), min(b, d)) for a, b in rollouts for c, d in trains if min(b, d) > max(a, c)]
+    return _union(both) / result.duration_s if result.duration_s > 0 else 0.0
 
 
 def reward_curve(results: Sequence[ExperimentResult]) -> list[float]:
@@ -62,6 +84,7 @@ def aggregate(
     runtime_start_s: float = 0.0,
     engine: dict[str, Any] | None = None,
     samples_per_step: int = 0,
+    staleness: int = 0,
 ) -> ModeRow:
     """The metrics of ``results`` (all of one mode) against the mode's start ``t0``.
 
@@ -97,6 +120,8 @@ def aggregate(
         reward_curve=reward_curve(results),
         runtime_start_s=runtime_start_s,
         engine=dict(engine or {}),
+        staleness=staleness,
+        overlap=statistics.fmean(overlap_fraction(r) for r in results),
     )
 
 

@@ -22,7 +22,7 @@ def rows_with_ratios(rows: Sequence[ModeRow]) -> list[dict[str, Any]]:
     serial cold, else serial warm, whose experiments learn the same; {} without either)."""
     baselines = {r.n: r for r in rows if r.mode == BASELINE}
     serial = {r.n: r for r in rows if r.mode == "serial_warm"} | baselines
-    ordered = sorted(rows, key=lambda r: (MODE_ORDER.index(r.mode) if r.mode in MODE_ORDER else 99, r.n))
+    ordered = sorted(rows, key=lambda r: (_order(r.mode), r.staleness, r.n))
     out = []
     for row in ordered:
         item = asdict(row)
@@ -31,6 +31,12 @@ def rows_with_ratios(rows: Sequence[ModeRow]) -> list[dict[str, Any]]:
         item["accuracy_vs_serial"] = accuracy_vs_serial(row, serial[row.n]) if row.n in serial else {}
         out.append(item)
     return out
+
+
+def _order(mode: str) -> int:
+    """A mode's place in tables; ``concurrent_k1`` (max_staleness 1) sorts with ``concurrent``."""
+    base = mode.partition("_k")[0] if mode.startswith("concurrent_k") else mode
+    return MODE_ORDER.index(base) if base in MODE_ORDER else 99
 
 
 def _fmt(value: float, spec: str = ".1f") -> str:
@@ -42,7 +48,7 @@ def results_table(items: Sequence[dict[str, Any]], title: str) -> Any:
 
     table = Table(title=title)
     for column in ("mode", "N", "first s", "mean s", "final s", "final x", "mean x", "step s", "rollout s",
-                   "roll s/sample", "train s", "sync s", "tok/s", "peak RSS GB", "acc start->end", "acc ok"):
+                   "roll s/sample", "train s", "sync s", "overlap", "tok/s", "peak RSS GB", "acc start->end", "acc ok"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for item in items:
         r = item["ratios"]
@@ -51,7 +57,7 @@ def results_table(items: Sequence[dict[str, Any]], title: str) -> Any:
             item["mode"], str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
             _fmt(r.get("final_speedup"), ".2f"), _fmt(r.get("mean_speedup"), ".2f"), _fmt(item["step_s"]),
             _fmt(item["rollout_s"]), _fmt(item.get("rollout_sample_s"), ".3f"), _fmt(item["train_s"]),
-            _fmt(item["sync_s"], ".2f"), _fmt(item["tokens_per_s"]), _fmt(item["peak_rss_gb"], ".2f"), acc,
+            _fmt(item["sync_s"], ".2f"), _fmt(item.get("overlap", 0.0), ".0%"), _fmt(item["tokens_per_s"]), _fmt(item["peak_rss_gb"], ".2f"), acc,
             _ok_cell(item.get("accuracy_vs_serial") or {}),
         )
     table.caption = ("times in seconds from the start of each mode (runtime starts included); "
@@ -145,7 +151,7 @@ def plot(items: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
 def markdown_table(items: Sequence[dict[str, Any]]) -> str:
     """The results table as GitHub markdown (for docs/benchmarks.md)."""
     head = ("| mode | N | first s | mean s | final s | final x | mean x | first x | step s | rollout s "
-            "| rollout s / sample | train s | sync s | tok/s | peak RSS GB | prompt tok computed / cached | decode batch "
+            "| rollout s / sample | train s | sync s | overlap | tok/s | peak RSS GB | prompt tok computed / cached | decode batch "
             "| final acc >= serial mean - sd | accuracy start -> end (per experiment) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for item in items:
@@ -154,7 +160,8 @@ def markdown_table(items: Sequence[dict[str, Any]]) -> str:
         cells = [item["mode"], str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
                  _fmt(r.get("final_speedup"), ".2f"), _fmt(r.get("mean_speedup"), ".2f"),
                  _fmt(r.get("first_speedup"), ".2f"), _fmt(item["step_s"]), _fmt(item["rollout_s"]),
-                 _fmt(item.get("rollout_sample_s"), ".3f"), _fmt(item["train_s"]), _fmt(item["sync_s"], ".2f"), _fmt(item["tokens_per_s"]),
+                 _fmt(item.get("rollout_sample_s"), ".3f"), _fmt(item["train_s"]), _fmt(item["sync_s"], ".2f"),
+                 _fmt(item.get("overlap", 0.0), ".0%"), _fmt(item["tokens_per_s"]),
                  _fmt(item["peak_rss_gb"], ".2f"), *_engine_cells(item.get("engine") or {}),
                  _no_regression_cell(item.get("accuracy_vs_serial") or {}), acc]
         lines.append("| " + " | ".join(cells) + " |")

@@ -79,6 +79,8 @@ class StepRecord(msgspec.Struct, frozen=True, kw_only=True):
     time_sync_s: float
     trained: bool
     accuracy: float | None = None
+    rollout_at: tuple[float, float] | None = None  # wall clock (time.time()) span of the step's rollout
+    train_at: tuple[float, float] | None = None  # ... of its train step (None: nothing trained)
 
 
 class ExperimentResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,6 +117,7 @@ class _Rollout:
     groups: list[list[Trajectory]]  # (prompts, group_size)
     t0: float  # perf_counter when the rollout started
     sampled_s: float  # its sampling time
+    span: tuple[float, float] = (0.0, 0.0)  # wall clock (time.time()) start and end of the sampling
     resampled: bool = False  # sampled again after the trainer found it stale (stale_policy="resample")
 
 
@@ -282,11 +285,13 @@ class TenantActor(Actor):
 
     async def _rollout(self, step: int, problems: list[Problem], t0: float) -> _Rollout:
         exp = self.experiment
+        began = time.time()
         settings = episode_settings(exp, self._max_model_len, step=step)
         groups = await self._retrying(step, "rollout", lambda: sample_groups(
             self._sample, self._renderer, self._env, problems, exp.group_size, settings, step_env=self._env_steps
         ))  # (prompts, group_size)
-        return _Rollout(problems=problems, groups=groups, t0=t0, sampled_s=time.perf_counter() - t0)
+        return _Rollout(problems=problems, groups=groups, t0=t0, sampled_s=time.perf_counter() - t0,
+                        span=(began, time.time()))
 
     async def _train(self, step: int, rollout: _Rollout) -> StepRecord:
         """Train step ``step`` on its rollout, publish the new version, log ``tenant.step``."""
@@ -311,7 +316,7 @@ class TenantActor(Actor):
         if not data:
             return self._skipped(step, "no-signal", reward_mean, t_rollout, time_train_s=0.0)
         await self._checkpoint_written()  # the last step's store copy is taken before this step changes the store
-        t1 = time.perf_counter()
+        t1, train_began = time.perf_counter(), time.time()
         try:
             result: TrainStepResult = await self._trainer.ask(TrainStep(
                 tenant=self.tenant, data=data, loss=exp.resolved_loss, copy_adapter=True,
@@ -335,7 +340,7 @@ class TenantActor(Actor):
             return self._skipped(
                 step, "stale", reward_mean, t_rollout, time_train_s=time.perf_counter() - t1, error=str(e)
             )
-        t2 = time.perf_counter()
+        t2, train_ended = time.perf_counter(), time.time()
         self._step_state = result.state  # the checkpoint's store copy of this step, when asked for
         published = await self._retrying(step, "publish", lambda: self._sync.ask(
             Publish(tenant=self.tenant, adapter=result.adapter, keep_serving=exp.max_staleness > 0)
@@ -357,7 +362,8 @@ class TenantActor(Actor):
         )
         return StepRecord(
             step=step, adapter_version=self._version, reward_mean=reward_mean, time_rollout_s=t_rollout,
-            time_train_s=t2 - t1, time_sync_s=t3 - t2, trained=True,
+            time_train_s=t2 - t1, time_sync_s=t3 - t2, trained=True, rollout_at=rollout.span,
+            train_at=(train_began, train_ended),
         )
 
     def _skipped(
