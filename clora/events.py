@@ -109,7 +109,7 @@ TENANT_STEP: Final = "tenant.step"
 """The canonical line of one RL step: ``step``, ``adapter_version``, ``duration_s``, ``queue_depth``,
 ``reward/mean``, ``time/rollout``, ``time/train``, ``time/sync``, ``train/sequences`` and the trainer's values as ``train/*``
 (``train/ratio_mean``: the mean importance ratio); ``staleness``: the histogram u - v -> data trained (v: the
-version that sampled a datum, u: the version it trained on; docs/async.md), ``stale_dropped`` when the trainer dropped data."""
+version that sampled a datum, u: the version it trained on; docs/async.md), ``stale_dropped``: data the trainer dropped."""
 TENANT_EVAL: Final = "tenant.eval"
 """Held-out ``accuracy`` of a tenant at a ``step``: ``correct`` of ``problems`` (greedy, one sample per problem,
 all in flight at once), its 95% Wilson interval ``ci_low`` .. ``ci_high``, ``duration_s``."""
@@ -151,7 +151,7 @@ TRAINER_STEP: Final = "trainer.step"
 """Canonical line of one optimizer step (TrainStep or OptimStep): ``tenant``, ``step``, ``version``, ``duration_s``,
 ``queue_depth``, ``wait_s`` (TrainStep: time queued) and the StepMetrics values (loss, grad_norm, lr, clip_frac,
 kl_sampler, kl when the loss has a KL penalty, ratio_mean, entropy, tokens, tokens_computed, tokens_lm_head, fused,
-time/*); with tagged data ``staleness`` (u - v -> data trained, u = version - 1: each datum's tag) and
+time/*); ``staleness``: u - v -> data trained (u = version - 1; each datum's tag; empty for untagged data) and
 ``stale_dropped`` (data past the bound, not trained)."""
 TRAINER_FORWARD_BACKWARD: Final = "trainer.forward_backward"
 """One ForwardBackward accumulated gradients: ``tenant``, ``version``, ``duration_s``, ``queue_depth`` and the

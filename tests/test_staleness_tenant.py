@@ -142,7 +142,7 @@ async def test_the_trainer_enforces_the_bound_when_the_tenant_loop_does_not(poli
     stale = _of(events, names.TRAINER_STALE_DATA)
     assert [(e["version"], e["stale"], e["of"], e["trained"]) for e in stale] == [(1, P * G, P * G, False)]
     trained = _of(events, names.TRAINER_STEP)
-    assert all(set(e["staleness"]) == {"0"} for e in trained if "staleness" in e)  # never past k = 0
+    assert all(set(e["staleness"]) <= {"0"} for e in trained)  # never past k = 0 ({}: the untagged bump)
     if policy == "drop":
         skipped = _of(events, names.TENANT_STEP_SKIPPED)
         assert [(e["step"], e["reason"]) for e in skipped] == [(1, "stale")]

@@ -59,7 +59,7 @@ from clora.rl.accuracy import HeldOutScore
 from clora.rl.step import episode_settings, evaluate, sample_groups, to_training_data
 from clora.rl.rollout import Trajectory
 from clora.tenant.checkpoints import TenantCheckpoints
-from clora.tenant.pipeline import pipelined, staleness_fields
+from clora.tenant.pipeline import pipelined
 
 __all__ = ["ExperimentResult", "RunExperiment", "StepRecord", "TenantActor"]
 
@@ -354,8 +354,9 @@ class TenantActor(Actor):
             "time/train": round(t2 - t1, 3),
             "time/sync": round(t3 - t2, 3),
             "train/sequences": len(data),
+            "staleness": {str(age): n for age, n in sorted(result.staleness.items())},
+            "stale_dropped": result.dropped,
         })
-        fields.update(staleness_fields(result))
         self.log.info(
             events.TENANT_STEP, tenant=self.tenant, step=step, adapter_version=self._version,
             duration_s=round(t3 - t0, 3), queue_depth=self._trainer.stats.depth, **fields,

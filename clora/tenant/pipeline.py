@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from clora.messages import TrainStepResult
-
-__all__ = ["pipelined", "staleness_fields"]
+__all__ = ["pipelined"]
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -53,13 +51,3 @@ async def pipelined(
         if rollouts:
             await asyncio.gather(*rollouts.values(), return_exceptions=True)
 
-
-def staleness_fields(result: TrainStepResult) -> dict[str, Any]:
-    """The ``tenant.step`` fields of a trained step's data tags: ``staleness`` (u - v -> data trained,
-    u = the version trained on) and ``stale_dropped`` (data past the bound); none for untagged data."""
-    fields: dict[str, Any] = {}
-    if result.staleness:
-        fields["staleness"] = {str(k): n for k, n in sorted(result.staleness.items())}
-    if result.dropped:
-        fields["stale_dropped"] = result.dropped
-    return fields

@@ -322,7 +322,7 @@ class TrainerActor(Actor):
             self.log.info(
                 events.TRAINER_STEP, tenant=tenant, duration_s=duration, queue_depth=depth,
                 wait_s=round(start - pending.enqueued, 4), **{**outcome, "version": version, "step": version},
-                **seen.event_fields(),
+                staleness={str(age): n for age, n in seen.staleness.items()}, stale_dropped=len(seen.dropped),
             )
             if not pending.future.done():
                 metrics = StepMetrics(tenant=tenant, version=version, values=outcome)

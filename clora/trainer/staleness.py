@@ -33,16 +33,6 @@ class Screened:
     dropped_versions: tuple[int, ...] = ()  # their sampler versions
     error: StaleDataError | None = None
 
-    def event_fields(self) -> dict[str, object]:
-        """The trainer.step event's data tags: ``staleness`` (u - v -> data trained; u = the event's
-        version - 1) and ``stale_dropped``; nothing for untagged data."""
-        fields: dict[str, object] = {}
-        if self.staleness:
-            fields["staleness"] = {str(k): n for k, n in self.staleness.items()}
-        if self.dropped:
-            fields["stale_dropped"] = len(self.dropped)
-        return fields
-
 
 def staleness_histogram(data: list[Datum], version: int) -> dict[int, int]:
     """u - v -> how many of ``data`` (those with a ``sampler_version``) train into ``version`` u."""
