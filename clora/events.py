@@ -107,9 +107,10 @@ TENANT_CLOSED: Final = "tenant.closed"
 ``adapter_version`` written to the ``adapter`` folder, ``duration_s`` since it opened."""
 TENANT_STEP: Final = "tenant.step"
 """The canonical line of one RL step: ``step``, ``adapter_version``, ``duration_s``, ``queue_depth``,
-``reward/mean``, ``time/rollout``, ``time/train``, ``time/sync``, ``train/sequences`` and the trainer's values as ``train/*``
-(``train/ratio_mean``: the mean importance ratio); ``staleness``: the histogram u - v -> data trained (v: the
-version that sampled a datum, u: the version it trained on; docs/async.md), ``stale_dropped``: data the trainer dropped."""
+``reward/mean``, ``time/rollout``, ``time/train``, ``time/sync``, ``train/sequences`` and the trainer's values as
+``train/*`` (``train/ratio_mean``: the mean importance ratio); ``staleness``: the histogram u - v -> data trained (v: the
+version that sampled a datum, u: the version it trained on; docs/async.md), ``stale_dropped``: data the trainer
+dropped."""
 TENANT_EVAL: Final = "tenant.eval"
 """Held-out ``accuracy`` of a tenant at a ``step``: ``correct`` of ``problems`` (greedy, one sample per problem,
 all in flight at once), its 95% Wilson interval ``ci_low`` .. ``ci_high``, ``duration_s``."""
@@ -158,7 +159,8 @@ TRAINER_FORWARD_BACKWARD: Final = "trainer.forward_backward"
 StepMetrics values (loss, tokens, ...)."""
 TRAINER_STALE_DATA: Final = "trainer.stale_data"
 """A TrainStep held data past its ``max_staleness`` on ``version`` (docs/async.md): ``stale`` of ``of`` data
-(``sampler_versions``), ``policy``; ``trained``: the fresh rest trained (drop), else the step was rejected (``error``)."""
+(``sampler_versions``), ``policy``; ``trained``: the fresh rest trained (drop), else the step was rejected
+(``error``)."""
 TRAINER_STEP_REJECTED: Final = "trainer.step_rejected"
 """A step of one tenant was rejected (non-finite loss or gradient: ``error``); its store is unchanged."""
 TRAINER_TENANT_ADDED: Final = "trainer.tenant_added"

@@ -57,7 +57,8 @@ def results_table(items: Sequence[dict[str, Any]], title: str) -> Any:
             item["mode"], str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
             _fmt(r.get("final_speedup"), ".2f"), _fmt(r.get("mean_speedup"), ".2f"), _fmt(item["step_s"]),
             _fmt(item["rollout_s"]), _fmt(item.get("rollout_sample_s"), ".3f"), _fmt(item["train_s"]),
-            _fmt(item["sync_s"], ".2f"), _fmt(item.get("overlap", 0.0), ".0%"), _fmt(item["tokens_per_s"]), _fmt(item["peak_rss_gb"], ".2f"), acc,
+            _fmt(item["sync_s"], ".2f"), _fmt(item.get("overlap", 0.0), ".0%"), _fmt(item["tokens_per_s"]),
+            _fmt(item["peak_rss_gb"], ".2f"), acc,
             _ok_cell(item.get("accuracy_vs_serial") or {}),
         )
     table.caption = ("times in seconds from the start of each mode (runtime starts included); "
@@ -151,7 +152,8 @@ def plot(items: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
 def markdown_table(items: Sequence[dict[str, Any]]) -> str:
     """The results table as GitHub markdown (for docs/benchmarks.md)."""
     head = ("| mode | N | first s | mean s | final s | final x | mean x | first x | step s | rollout s "
-            "| rollout s / sample | train s | sync s | overlap | tok/s | peak RSS GB | prompt tok computed / cached | decode batch "
+            "| rollout s / sample | train s | sync s | overlap | tok/s | peak RSS GB "
+            "| prompt tok computed / cached | decode batch "
             "| final acc >= serial mean - sd | accuracy start -> end (per experiment) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for item in items:

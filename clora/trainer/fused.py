@@ -71,7 +71,9 @@ class _Member:
     work: WorkingCopy
     denominator: float  # the whole request's normalisation denominator
     sums: dict[str, float] = field(
-        default_factory=lambda: {"loss": 0.0, "kl": 0.0, "kl_sampler": 0.0, "entropy": 0.0, "clip_frac": 0.0, "ratio": 0.0}
+        default_factory=lambda: {
+            "loss": 0.0, "kl": 0.0, "kl_sampler": 0.0, "entropy": 0.0, "clip_frac": 0.0, "ratio": 0.0,
+        }
     )
     tokens: float = 0.0
     computed: float = 0.0  # token positions of its rows run through the trunk (padding included)
