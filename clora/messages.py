@@ -195,9 +195,12 @@ class ForwardBackward(_Msg):
 
 
 class OptimStep(_Msg):
-    """Apply the accumulated gradients with the tenant's optimizer; the version goes up by one."""
+    """Apply the accumulated gradients with the tenant's optimizer; the version goes up by one.
+    ``optim``: this step's hyperparameters instead of the tenant's (Tinker's per-step AdamParams);
+    the Adam moments and step count stay the tenant's."""
 
     tenant: str
+    optim: OptimConfig | None = None
 
 
 class TrainStep(_Msg):

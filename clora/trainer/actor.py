@@ -375,7 +375,7 @@ class TrainerActor(Actor):
 
     @handler
     async def optim_step(self, msg: OptimStep) -> StepMetrics:
-        return await self._step(events.TRAINER_STEP, msg.tenant, self._core().optim_step)
+        return await self._step(events.TRAINER_STEP, msg.tenant, self._core().optim_step, msg.optim)
 
     @handler
     async def compute_logprobs(self, msg: ComputeLogprobs) -> list[list[float]]:

@@ -181,8 +181,9 @@ class TrainerCore:
             write_back(store, work, params=False, optim_state=False, grads=True)
         return {**metrics, **timer.values, "version": float(store.version)}
 
-    def optim_step(self, tenant: str) -> dict[str, float]:
-        """Apply the accumulated gradient; the version goes up by one."""
+    def optim_step(self, tenant: str, optim: OptimConfig | None = None) -> dict[str, float]:
+        """Apply the accumulated gradient (with ``optim`` instead of the tenant's hyperparameters when
+        given); the version goes up by one."""
         store = self.store(tenant)
         if store.grad_normalize is None:
             raise ConfigError(
@@ -192,7 +193,7 @@ class TrainerCore:
         with timer("time/swap_in"):
             work = swap_in(store, self.device, optim_state=True, grads=True)
         with timer("time/optim"):
-            metrics = apply_optimizer(store, work)
+            metrics = apply_optimizer(store, work, optim)
         with timer("time/swap_out"):
             write_back(store, work, params=True, optim_state=True, grads=True)
         return {**metrics, **timer.values, "version": float(store.version)}

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from clora.config import LossConfig
+from clora.config import LossConfig, OptimConfig
 from clora.errors import ConfigError, NonFiniteError
 from clora.trainer.attach import lora_layers
 from clora.trainer.lora_layer import SlotRouting
@@ -86,8 +86,10 @@ def merge_grads(store: AdapterStore, work: WorkingCopy, denominator: float, norm
     work.grad_weight, work.grad_normalize = total, normalize
 
 
-def apply_optimizer(store: AdapterStore, work: WorkingCopy) -> dict[str, float]:
-    """Clip, check and apply AdamW at the tenant's scheduled LR to ``work``; reset its accumulated gradient."""
+def apply_optimizer(store: AdapterStore, work: WorkingCopy, optim: OptimConfig | None = None) -> dict[str, float]:
+    """Clip, check and apply AdamW at the tenant's scheduled LR to ``work`` (``optim``'s instead of the
+    tenant's hyperparameters when given); reset its accumulated gradient."""
+    optim = store.optim if optim is None else optim
     assert work.grads is not None and work.exp_avg is not None and work.exp_avg_sq is not None
     keys = list(work.params)
     grads = [work.grads[k] for k in keys]
@@ -98,14 +100,14 @@ def apply_optimizer(store: AdapterStore, work: WorkingCopy) -> dict[str, float]:
             f"adapter stays at version {store.version}"
         )
     clipped = False
-    if store.optim.grad_clip > 0:  # 0 turns clipping off
-        clipped = clip_grads_(grads, store.optim.grad_clip, grad_norm)
-    lr = scheduled_lr(store.optim, work.adam_step)
+    if optim.grad_clip > 0:  # 0 turns clipping off
+        clipped = clip_grads_(grads, optim.grad_clip, grad_norm)
+    lr = scheduled_lr(optim, work.adam_step)
     with torch.no_grad():
         params = [work.params[k].detach() for k in keys]
         adamw_step_(
             params, grads, [work.exp_avg[k] for k in keys], [work.exp_avg_sq[k] for k in keys],
-            work.adam_step + 1, store.optim, lr=lr,
+            work.adam_step + 1, optim, lr=lr,
         )
         if not all(torch.isfinite(p).all() for p in params):
             raise NonFiniteError(
