@@ -24,6 +24,11 @@ __all__ = [
     "PromptTooLongError",
     "NonFiniteError",
     "PublishError",
+    "ServeError",
+    "AccessDeniedError",
+    "NotFoundError",
+    "UnsupportedError",
+    "PayloadTooLargeError",
     "EnvError",
     "StaleDataError",
     "CheckpointError",
@@ -99,6 +104,37 @@ class StaleDataError(TenantError, ValueError):
     def __init__(self, message: str, stale: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.stale = stale
+
+
+class ServeError(CloraError):
+    """An HTTP request to ``clora serve`` was refused; ``status`` is the HTTP status it answers with."""
+
+    status: int = 400
+
+
+class AccessDeniedError(ServeError, PermissionError):
+    """The request's API key is missing, unknown, or not allowed this tenant (the message says nothing
+    about the tenant)."""
+
+    status = 403
+
+
+class NotFoundError(ServeError, LookupError):
+    """A request names a model, tenant, checkpoint or future the server does not have (for this key)."""
+
+    status = 404
+
+
+class UnsupportedError(ServeError, NotImplementedError):
+    """A request asks for a feature clora does not support; the message names the feature."""
+
+    status = 400
+
+
+class PayloadTooLargeError(ServeError, ValueError):
+    """A request body is larger than the server's limit (``--max-body-bytes``)."""
+
+    status = 413
 
 
 # ----------------------------------------------------------------------------- config errors

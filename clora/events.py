@@ -86,6 +86,10 @@ __all__ = [
     "SCHEDULER_PAGE_IN",
     "SCHEDULER_PAGE_OUT",
     "EPISODE_CONTEXT_FULL",
+    "SERVE_STARTED",
+    "SERVE_STOPPED",
+    "SERVE_REQUEST_FAILED",
+    "SERVE_TENANT_CREATED",
     "BENCH_MODE_DONE",
     "JsonlSink",
     "DropBelow",
@@ -224,6 +228,15 @@ recently scheduled, no request in the engine): ``duration_s``, ``resident`` adap
 EPISODE_CONTEXT_FULL: Final = "rollout.context_full"
 """An episode stopped because no room was left in the model's context (reward 0): ``problem``, ``turn``,
 ``tokens``, ``max_model_len``."""
+
+SERVE_STARTED: Final = "serve.started"
+"""``clora serve`` is ready: ``host``, ``port``, ``auth`` ("keys" or "localhost-only"), ``keys`` (how many)."""
+SERVE_STOPPED: Final = "serve.stopped"
+"""``clora serve`` shut down: ``duration_s``, ``requests``, ``errors``."""
+SERVE_REQUEST_FAILED: Final = "serve.request_failed"
+"""An HTTP request got an error answer: ``path``, ``status``, ``error`` (the message the client got)."""
+SERVE_TENANT_CREATED: Final = "serve.tenant_created"
+"""A client created a tenant over HTTP (a Tinker training client): ``tenant``, ``rank``, ``key`` (its key's name)."""
 
 BENCH_MODE_DONE: Final = "bench.mode_done"
 """One benchmark mode finished: ``mode``, ``n``, ``final_s``."""
