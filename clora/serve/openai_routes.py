@@ -1,0 +1,140 @@
+"""The OpenAI inference API (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``).
+
+``model`` is the base model's name, a tenant (its serving version) or ``tenant@version`` (only the
+serving version: clora keeps one version of a tenant in the engine). Requests of every tenant go to
+the same sampler as training rollouts and decode in its mixed-adapter batches. Streaming sends the
+completion token by token once the sampler returned it (the sampler answers whole completions).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from clora.errors import ConfigError, NotFoundError, UnsupportedError
+from clora.messages import SampleRequest, SampleResult, SamplingSpec
+from clora.serve import openai_wire as wire
+from clora.serve.errors import error_body
+from clora.serve.state import ServeState
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1")
+DEFAULT_MAX_TOKENS = 128
+
+
+def _state(request: Request) -> ServeState:
+    return request.app.state.serve
+
+
+async def _decode(request: Request, type_: type) -> Any:
+    try:
+        return msgspec.json.decode(await request.body(), type=type_)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{request.url.path}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{request.url.path}: the body is not valid JSON ({e})") from None
+
+
+def _resolve(state: ServeState, request: Request, model: str) -> str | None:
+    """The tenant a ``model`` names (None: the base model); 403 / 404 as the key allows."""
+    if model == state.base_model:
+        return None
+    name, _, version = model.partition("@")
+    handle = state.tenant(request.state.principal, name)
+    if version and version != str(handle.version):
+        raise NotFoundError(f"model {model!r}: version {version} is not serving (serving: {name}@{handle.version})")
+    return name
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    state, principal = _state(request), request.state.principal
+    rows = [{"id": state.base_model, "object": "model", "owned_by": "clora", "created": 0}]
+    for name, handle in sorted(state.tenants.items()):
+        if state.may_use(principal, name):
+            rows.append({"id": name, "object": "model", "owned_by": "clora", "created": 0,
+                         "root": state.base_model, "version": handle.version})
+    return {"object": "list", "data": rows}
+
+
+def _spec(body: wire._Common, prompt_len: int, max_model_len: int) -> SamplingSpec:
+    if body.logprobs not in (None, False) or body.tools:
+        raise UnsupportedError("logprobs / tools in OpenAI requests are not supported by clora serve")
+    wanted = body.max_completion_tokens or body.max_tokens
+    max_tokens = wanted if wanted is not None else max(1, min(DEFAULT_MAX_TOKENS, max_model_len - prompt_len))
+    return SamplingSpec(n=body.n, max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                        top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stops())
+
+
+async def _sample(state: ServeState, tenant: str | None, prompt: list[int], spec: SamplingSpec) -> SampleResult:
+    return await state.runtime.ask(SampleRequest(tenant=tenant, prompt_token_ids=prompt, sampling=spec))
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    body = await _decode(request, wire.ChatIn)
+    state = _state(request)
+    tenant = _resolve(state, request, body.model)
+    if not body.messages:
+        raise ConfigError("messages: at least one message is needed")
+    prompt = state.runtime.renderer.initial([{"role": m.role, "content": m.content or ""} for m in body.messages])
+    return await _answer(state, request, body, tenant, prompt, chat=True)
+
+
+@router.post("/completions")
+async def completions(request: Request) -> Any:
+    body = await _decode(request, wire.CompletionIn)
+    state = _state(request)
+    tenant = _resolve(state, request, body.model)
+    if isinstance(body.prompt, str):
+        prompt = list(state.runtime.tokenizer.encode(body.prompt, add_special_tokens=False))
+    elif body.prompt and all(isinstance(t, int) for t in body.prompt):
+        prompt = list(body.prompt)
+    else:
+        raise UnsupportedError("a list of several prompts is not supported by clora serve (send one per request)")
+    if not prompt:
+        raise ConfigError("prompt: no tokens")
+    return await _answer(state, request, body, tenant, prompt, chat=False)
+
+
+async def _answer(state: ServeState, request: Request, body: wire._Common, tenant: str | None, prompt: list[int],
+                  *, chat: bool) -> Any:
+    spec = _spec(body, len(prompt), state.runtime.config.model.max_model_len)
+    rid = state.new_id("chatcmpl" if chat else "cmpl")
+    if not body.stream:
+        result = await _sample(state, tenant, prompt, spec)
+        texts = [(c.text, c.finish_reason) for c in result.completions]
+        done = sum(len(c.token_ids) for c in result.completions)
+        make = wire.chat_response if chat else wire.completion_response
+        return JSONResponse(make(rid, body.model, texts, len(prompt), done))
+    # errors before the first byte are one JSON answer; the stream starts once the sampler answered
+    result = await _sample(state, tenant, prompt, spec)
+    return StreamingResponse(_stream(state, result, rid, body.model, chat), media_type="text/event-stream")
+
+
+async def _stream(state: ServeState, result: SampleResult, rid: str, model: str, chat: bool) -> AsyncIterator[bytes]:
+    tokenizer = state.runtime.tokenizer
+    try:
+        for index, completion in enumerate(result.completions):
+            shown = ""
+            for n in range(1, len(completion.token_ids) + 1):
+                text = tokenizer.decode(completion.token_ids[:n], skip_special_tokens=True)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    piece, shown = text[len(shown):], text
+                    yield _sse(wire.chunk(rid, model, index, chat=chat, text=piece, reason=None, first=n == 1))
+            if completion.text and completion.text != shown and completion.text.startswith(shown):
+                yield _sse(wire.chunk(rid, model, index, chat=chat, text=completion.text[len(shown):], reason=None))
+            yield _sse(wire.chunk(rid, model, index, chat=chat, text=None, reason=completion.finish_reason))
+        yield b"data: [DONE]\n\n"
+    except Exception as error:  # noqa: BLE001 - a stream that broke says so in the stream
+        yield _sse(error_body(error))
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
