@@ -7,6 +7,7 @@
     clora export runs/latest lr0.001 out/adapter
     clora sample out/adapter "What is 2+3?"
     clora bench concurrency --quick
+    clora serve runtime.toml                # Tinker + OpenAI HTTP APIs on 127.0.0.1:8765
 
 Exit codes: 0 done, 1 a tenant or the runtime failed, 2 bad input (usage, config, missing
 files), 130 interrupted. Heavy modules (torch, vLLM, the runtime) load inside the commands that
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from clora.cli.run import cmd_run, load_runtime_class
+from clora.cli.serve import add_serve_parser
 from clora.cli.sweep import add_sweep_parser
 from clora.errors import CloraError, ConfigError
 from clora.cli.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -259,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     add_sweep_parser(sub)
+    add_serve_parser(sub)
 
     events = sub.add_parser("events", help="summarize a run folder's events; draw its timeline and curves")
     events.add_argument("run_dir", help="run folder (or an events.jsonl file)")
