@@ -1,0 +1,104 @@
+"""`clora serve`'s OpenAI API driven by the official `openai` client: a real server on a loopback
+port (no API keys configured: loopback clients only), tenants created over the Tinker API."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from clora.config import ModelConfig, RuntimeConfig  # noqa: E402
+from clora.errors import AccessDeniedError  # noqa: E402
+from clora.messages import Completion  # noqa: E402
+from clora.serve import KeyRing  # noqa: E402
+from clora.testing import FakeEngine  # noqa: E402
+from clora.testing.serve import serve_in_thread  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+TEXT = "The answer is 42, of course."
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+
+    def reply(request) -> Completion:
+        tokens = ids[: request.sampling.max_tokens]
+        return Completion(token_ids=tokens, logprobs=[-0.1] * len(tokens), text=tokenizer.decode(tokens),
+                          finish_reason="length" if len(tokens) < len(ids) else "stop")
+
+    config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir)),
+                           run_dir=str(tmp_path_factory.mktemp("serve-openai")))
+    engine = FakeEngine(reply)
+    with serve_in_thread(config, engine=engine, base_model_name="tiny") as s:
+        for name in ("alice", "bob"):
+            created = httpx.post(f"{s.url}/api/v1/create_model", json={
+                "session_id": "s", "base_model": "tiny", "lora_config": {"rank": 4},
+                "user_metadata": {"clora_tenant": name}}).json()
+            done = httpx.post(f"{s.url}/api/v1/retrieve_future", json={"request_id": created["request_id"]}).json()
+            assert done["model_id"] == name, done
+        s.engine, s.tokenizer = engine, tokenizer
+        yield s
+
+
+@pytest.fixture()
+def client(served):
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused-without-keys", max_retries=0)
+
+
+def test_models_lists_the_base_model_and_the_tenants(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "tiny" and {"alice", "bob"} <= set(ids)
+
+
+def test_chat_completion_samples_the_named_tenant(served, client):
+    answer = client.chat.completions.create(model="alice", messages=[{"role": "user", "content": "What is 6*7?"}],
+                                            max_tokens=32, temperature=0.3)
+    assert answer.choices[0].message.content == TEXT and answer.choices[0].finish_reason == "stop"
+    request = served.engine.requests[-1]
+    assert request.tenant == "alice" and request.sampling.temperature == 0.3
+    assert request.prompt_token_ids == served.runtime.renderer.initial([{"role": "user", "content": "What is 6*7?"}])
+    assert answer.usage.completion_tokens == len(served.tokenizer.encode(TEXT, add_special_tokens=False))
+
+
+def test_streamed_chat_pieces_add_up_to_the_completion(served, client):
+    stream = client.chat.completions.create(model="bob@0", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=32, stream=True)
+    pieces, reasons = [], []
+    for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content or "")
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == TEXT and reasons[-1] == "stop" and len(pieces) > 3
+    assert served.engine.requests[-1].tenant == "bob"
+
+
+def test_completions_plain_and_streamed_with_the_base_model(served, client):
+    plain = client.completions.create(model="tiny", prompt="2+2=", max_tokens=3)
+    assert plain.choices[0].finish_reason == "length"
+    assert served.engine.requests[-1].tenant is None and served.engine.requests[-1].sampling.max_tokens == 3
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="alice", prompt=[1, 2, 3],
+                                                                          max_tokens=3, stream=True))
+    assert streamed == plain.choices[0].text
+    assert served.engine.requests[-1].prompt_token_ids == [1, 2, 3]
+
+
+def test_bad_requests_get_the_openai_errors(client):
+    with pytest.raises(openai.NotFoundError, match="unknown model 'carol'"):
+        client.chat.completions.create(model="carol", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.NotFoundError, match="version 7 is not serving"):
+        client.chat.completions.create(model="alice@7", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="(?i)prompt"):
+        client.completions.create(model="alice", prompt=[1] * 1100, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="alice", prompt="x", temperature=-1)
+
+
+def test_without_keys_only_loopback_clients_are_served():
+    keys = KeyRing()
+    assert keys.authenticate(None, "127.0.0.1").admin
+    with pytest.raises(AccessDeniedError, match="only loopback"):
+        keys.authenticate("tml-anything", "10.0.0.5")
