@@ -34,7 +34,7 @@ def served(tiny_model_dir, tmp_path_factory):
     config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir)),
                            run_dir=str(tmp_path_factory.mktemp("serve-openai")))
     engine = FakeEngine(reply)
-    with serve_in_thread(config, engine=engine, base_model_name="tiny") as s:
+    with serve_in_thread(config, engine=engine, base_model_name="tiny", console_level="error") as s:
         for name in ("alice", "bob"):
             created = httpx.post(f"{s.url}/api/v1/create_model", json={
                 "session_id": "s", "base_model": "tiny", "lora_config": {"rank": 4},
@@ -102,3 +102,28 @@ def test_without_keys_only_loopback_clients_are_served():
     assert keys.authenticate(None, "127.0.0.1").admin
     with pytest.raises(AccessDeniedError, match="only loopback"):
         keys.authenticate("tml-anything", "10.0.0.5")
+
+
+def test_the_docs_snippets_run_against_a_server(served, doc_snippets, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    snippets = doc_snippets("docs/serve.md")
+    assert len(snippets) == 2  # the Tinker script, then the OpenAI client (which samples the Tinker tenant)
+    for i, code in enumerate(snippets, start=1):
+        code = re.sub(r'^BASE_URL = ".*"$', f'BASE_URL = "{served.url}"', code, flags=re.M)
+        code = re.sub(r'^BASE_MODEL = ".*"$', 'BASE_MODEL = "tiny"', code, flags=re.M)
+        path = tmp_path / f"snippet_{i}.py"
+        path.write_text(code, encoding="utf-8")
+        proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+        assert proc.returncode == 0, f"docs/serve.md python snippet {i}:\n{proc.stderr[-4000:]}"
+        if i == 1:
+            assert "step 2: reward" in proc.stdout and "saved tinker://even-tokens/weights/final" in proc.stdout
+        else:
+            assert "even-tokens" in proc.stdout and TEXT in proc.stdout
+    assert any(r.tenant == "even-tokens" for r in served.engine.requests)

@@ -256,8 +256,7 @@ async def forward_backward(request: Request) -> dict[str, Any]:
     state = _state(request)
     handle = state.tenant(request.state.principal, model_id)
     loss = wire.loss_config(loss_fn, dict(config), len(raw))
-    vocab = getattr(state.runtime.tokenizer, "vocab_size", None)
-    data = [wire.to_datum(i, entry, loss.kind, vocab) for i, entry in enumerate(raw)]  # bad input: 400 now
+    data = wire.trainable([wire.to_datum(i, entry, loss.kind) for i, entry in enumerate(raw)], loss.kind)
 
     async def work() -> bytes:
         logprobs = await handle.logprobs(data)  # the policy before this call's gradient: Tinker's outputs
@@ -465,7 +464,11 @@ async def retrieve_future(request: Request) -> Response:
                              "category": "server"})
     error = task.exception()
     if error is not None:
-        category = "user" if 400 <= status_of(error) < 500 else "server"
+        status = status_of(error)
+        if status >= 500:  # a bug or a dead engine: the traceback goes to the events, not to the client
+            state.runtime._system.log.error(events.SERVE_REQUEST_FAILED, path=request.url.path, status=status,
+                                            error=repr(error), exc_info=error)
+        category = "user" if 400 <= status < 500 else "server"
         return JSONResponse({"error": error_message(error), "category": category})
     result = task.result()
     if isinstance(result, bytes):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from clora.config import LossConfig
@@ -22,7 +23,7 @@ from clora.errors import ConfigError, UnsupportedError
 from clora.messages import Completion, Datum
 
 __all__ = ["decode_forward_backward", "encode_forward_backward_output", "encode_sample_response",
-           "loss_config", "metrics", "to_datum", "LOSSES"]
+           "loss_config", "metrics", "to_datum", "trainable", "LOSSES"]
 
 # Tinker loss name -> clora LossConfig.kind; other names answer UnsupportedError naming them.
 LOSSES = {"cross_entropy": "cross_entropy", "importance_sampling": "importance_sampling", "ppo": "ppo",
@@ -100,7 +101,7 @@ def _finite(name: str, index: int, values: np.ndarray) -> list[float]:
     return values.astype(np.float64).tolist()
 
 
-def to_datum(index: int, entry: dict[str, Any], kind: str, vocab_size: int | None = None) -> Datum:
+def to_datum(index: int, entry: dict[str, Any], kind: str) -> Datum:
     """A clora Datum of one decoded Tinker datum (see the module docstring for the alignment)."""
     inputs: list[int] = entry["input"]
     if "target_tokens" not in entry:
@@ -151,6 +152,18 @@ def metrics(values: dict[str, float]) -> dict[str, float]:
         reduction = "sum" if key in _SUMMED else "max" if key == "version" else "mean"
         out[f"{key}:{reduction}"] = value
     return out
+
+
+def trainable(data: list[Datum], kind: str) -> list[Datum]:
+    """The call's data, with at least one trained token. An RL batch whose advantages are all zero (every
+    sample of a group scored the same) trains every target instead: Tinker sums over all of them, the
+    gradient is zero either way, and the trainer needs a token to differentiate. A cross-entropy batch
+    whose weights are all zero is a ConfigError."""
+    if any(w for d in data for w in d.loss_mask):
+        return data
+    if kind == "cross_entropy" or not data:
+        raise ConfigError("forward_backward: no datum has a target with a non-zero weight")
+    return [msgspec.structs.replace(d, loss_mask=[0.0] + [1.0] * (len(d.tokens) - 1)) for d in data]
 
 
 def encode_forward_backward_output(per_datum_logprobs: list[list[float]], metrics: dict[str, float]) -> bytes:
