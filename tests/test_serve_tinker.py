@@ -109,8 +109,9 @@ def test_importance_sampling_loss_is_tinkers_sum(served):
     lps = out.loss_fn_outputs[0]["logprobs"].tolist()
     expected = -sum(math.exp(lp - q) * a for lp, q, a in zip(lps, sampler_lps, advantages))
     assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4)
-    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
-    # a group that scored the same everywhere (all advantages 0) is a zero gradient, not an error
+    # a group that scored the same everywhere (all advantages 0) is a zero gradient, not an error: a fresh
+    # client's first Adam step then moves nothing
+    tc = _client(served, ADMIN).create_lora_training_client(base_model="tiny", rank=4).result()
     before = _state(served, tc.model_id)
     tc.forward_backward([_datum(advantages=[0.0] * 6, logprobs=sampler_lps)], "importance_sampling").result()
     tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
