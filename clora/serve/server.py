@@ -8,7 +8,10 @@ tenant, which writes its adapter to ``<run_dir>/tenants/<name>/adapter``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +61,15 @@ class Server:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    def _catch_signals(self) -> None:
+        """SIGTERM / SIGINT start the graceful shutdown (main thread only; elsewhere ``stop()`` does)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+
     def stop(self) -> None:
         """Ask the server to shut down gracefully (thread-safe enough: uvicorn polls the flag)."""
         if self._uvicorn is not None:
@@ -76,8 +88,9 @@ class Server:
             app = create_app(self.state, max_body_bytes=self.max_body_bytes)
             config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                                     timeout_graceful_shutdown=self.graceful_s)
-            self._uvicorn = uvicorn.Server(config)
+            self._uvicorn = _Uvicorn(config)
             log = runtime._system.log
+            self._catch_signals()
             try:
                 serving = asyncio.create_task(self._uvicorn.serve(sockets=[self.socket]))
                 while not self._uvicorn.started and not serving.done():
@@ -94,3 +107,21 @@ class Server:
                 await self.state.futures.aclose()
                 log.info(events.SERVE_STOPPED, duration_s=round(time.perf_counter() - started, 3),
                          requests=self.state.requests, errors=self.state.errors)
+
+
+def _uvicorn_server_class() -> type:
+    import uvicorn
+
+    class Uvicorn(uvicorn.Server):
+        """uvicorn without its own signal handling: it would re-raise SIGTERM after shutting down, killing
+        the process before the runtime closed its tenants; ``Server`` handles the signals instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[override]
+            yield
+
+    return Uvicorn
+
+
+def _Uvicorn(config: Any) -> Any:  # noqa: N802 - a class made on first use (uvicorn imports lazily)
+    return _uvicorn_server_class()(config)
