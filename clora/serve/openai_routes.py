@@ -68,8 +68,10 @@ def _spec(body: wire._Common, prompt_len: int, max_model_len: int) -> SamplingSp
         raise UnsupportedError("logprobs / tools in OpenAI requests are not supported by clora serve")
     wanted = body.max_completion_tokens or body.max_tokens
     max_tokens = wanted if wanted is not None else max(1, min(DEFAULT_MAX_TOKENS, max_model_len - prompt_len))
-    return SamplingSpec(n=body.n, max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                        top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stops())
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    return SamplingSpec(n=body.n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=body.seed,
+                        stop=body.stops())
 
 
 async def _sample(state: ServeState, tenant: str | None, prompt: list[int], spec: SamplingSpec) -> SampleResult:

@@ -34,7 +34,9 @@ class ServedRuntime:
 
 
 @contextlib.contextmanager
-def serve_in_thread(config: Any, *, engine: Any, start_timeout: float = 120.0, **server_kwargs: Any) -> Iterator[ServedRuntime]:
+def serve_in_thread(
+    config: Any, *, engine: Any, start_timeout: float = 120.0, **server_kwargs: Any
+) -> Iterator[ServedRuntime]:
     """Start ``clora.serve.Server(config, port=0, engine=engine, **server_kwargs)`` in a thread; on exit
     stop it gracefully and wait for the thread (the runtime writes every tenant's adapter)."""
     from clora.serve.server import Server
