@@ -54,6 +54,7 @@ BENCHES: dict[str, BenchCommand] = {
     "fused": BenchCommand("clora.bench.fused", "fused vs swapped multi-tenant train steps, K = 1..8 tenants"),
     "gpu": BenchCommand("clora.bench.gpu", "random-weight Qwen3 shapes: fused vs swapped, pinned swaps, memory"),
     "sampler": BenchCommand("clora.bench.sampler", "rollout decoding: clora's grouped CPU LoRA ops vs vLLM's own"),
+    "serve": BenchCommand("clora.bench.serve_load", "load check of clora serve: Tinker loops + OpenAI chats on loopback"),
 }
 
 _BAD_INPUT = (ConfigError, ArtifactError, TensorBoardUnavailable)
