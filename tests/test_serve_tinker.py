@@ -135,6 +135,13 @@ def test_save_state_then_load_state_restores_the_weights(served):
     loaded = _state(served, tc.model_id)
     for k, v in saved.params.items():
         assert np.allclose(v.numpy(), loaded.params[k].numpy(), atol=1e-6), k
+    # the SDK's newer way: a new training client (a new tenant) made from the checkpoint
+    fresh = _client(served, ADMIN).create_training_client_from_state(
+        saved_path, user_metadata={"clora_tenant": "from-ck1"}).result()
+    copied = _state(served, "from-ck1")
+    for k, v in saved.params.items():
+        assert np.allclose(v.numpy(), copied.params[k].numpy(), atol=1e-6), k
+    assert fresh.forward_backward([_datum([1.0] * 6)], "cross_entropy").result().metrics["loss:sum"] > 0
 
 
 def test_unsupported_features_fail_naming_them(served):

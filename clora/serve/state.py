@@ -33,6 +33,8 @@ class ServeState:
     sessions: dict[str, str] = field(default_factory=dict)  # tinker session id -> key name
     sampling: dict[str, SamplingTarget] = field(default_factory=dict)  # sampling session id -> target
     checkpoints: dict[str, tuple[str, str]] = field(default_factory=dict)  # tinker:// path -> (folder, tenant)
+    loras: dict[str, Any] = field(default_factory=dict)  # tenant -> its LoraConfig
+    aliases: dict[str, str] = field(default_factory=dict)  # a model id the SDK derived ("<session>:train:<n>") -> tenant
     counter: Any = field(default_factory=lambda: itertools.count(1))
     ready: bool = False
     requests: int = 0
@@ -43,6 +45,7 @@ class ServeState:
 
     def tenant(self, principal: Principal, name: str) -> TenantHandle:
         """The handle of tenant ``name`` if this key may use it; the same refusal whether it exists or not."""
+        name = self.aliases.get(name, name)
         if not self._owns(principal, name):
             self.keys.check(principal, name)
         handle = self.tenants.get(name)
@@ -54,4 +57,5 @@ class ServeState:
         return self.owners.get(name) == principal.name and name in self.tenants
 
     def may_use(self, principal: Principal, name: str) -> bool:
+        name = self.aliases.get(name, name)
         return principal.may_use(name) or self._owns(principal, name)

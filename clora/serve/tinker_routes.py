@@ -98,6 +98,9 @@ class LoadIn(_Req, kw_only=True):
     path: str
     model_id: str | None = None
     optimizer: bool = False
+    session_id: str | None = None  # with model_seq_id: a new training client made from the checkpoint
+    model_seq_id: int | None = None
+    user_metadata: dict[str, Any] | None = None
 
 
 class SessionIn(_Req, kw_only=True):
@@ -229,6 +232,7 @@ async def create_model(request: Request) -> dict[str, Any]:
                 state.owners.pop(name, None)
             raise
         state.tenants[name] = handle
+        state.loras[name] = lora
         state.runtime._system.log.info(events.SERVE_TENANT_CREATED, tenant=name, rank=lora.rank, key=principal.name)
         return {"type": "create_model", "model_id": name}
 
@@ -240,7 +244,7 @@ async def get_info(request: Request) -> dict[str, Any]:
     body = await _json(request, ModelIn)
     state = _state(request)
     handle = state.tenant(request.state.principal, body.model_id)
-    return {"type": "get_info", "model_id": handle.name, "is_lora": True,
+    return {"type": "get_info", "model_id": body.model_id, "is_lora": True,
             "model_data": {"arch": "llama", "model_name": state.base_model, "tokenizer_id": None}}
 
 
@@ -340,23 +344,44 @@ async def save_weights(request: Request) -> dict[str, Any]:
 async def load_weights(request: Request) -> dict[str, Any]:
     body = await _json(request, LoadIn)
     state, principal = _state(request), request.state.principal
-    if body.model_id is None:
-        raise UnsupportedError("load_weights into a new training client (create from state) is not supported by "
-                               "clora serve; create a model, then load into it")
     if body.optimizer:
-        raise UnsupportedError("load_state with optimizer state is not supported by clora serve (load_weights "
-                               "restores the adapter; the optimizer starts fresh)")
-    handle = state.tenant(principal, body.model_id)
+        raise UnsupportedError("loading optimizer state (load_state_with_optimizer, "
+                               "create_training_client_from_state_with_optimizer) is not supported by clora serve "
+                               "(the adapter loads; the optimizer starts fresh)")
     saved = state.checkpoints.get(body.path)
     if saved is None or not state.may_use(principal, saved[1]):  # another key's checkpoint: not found either
         raise NotFoundError(f"unknown checkpoint {body.path!r}")
-    folder = saved[0]
+    folder, source = saved
+    if body.model_id is None:  # create_training_client_from_state: a new tenant with the checkpoint's shape
+        return _create_from_checkpoint(request, body, folder, source)
+    handle = state.tenant(principal, body.model_id)
 
     async def work() -> dict[str, Any]:
         await handle.load(folder)
-        return {"type": "load_weights", "path": body.path, "model_id": handle.name}
+        return {"type": "load_weights", "path": body.path, "model_id": body.model_id}
 
     return _submit(request, body.model_id, work)
+
+
+def _create_from_checkpoint(request: Request, body: LoadIn, folder: str, source: str) -> dict[str, Any]:
+    state, principal = _state(request), request.state.principal
+    if body.session_id is None or body.model_seq_id is None:
+        raise ConfigError("load_weights: give model_id, or session_id and model_seq_id for a new training client")
+    model_id = f"{body.session_id}:train:{body.model_seq_id}"  # the id the SDK derives for the new client
+    name = str((body.user_metadata or {}).get("clora_tenant") or state.new_id("tinker"))
+    validate_tenant_name(name)
+    if not (principal.admin or name.startswith("tinker-")):
+        state.keys.check(principal, name)
+    lora = state.loras.get(source, LoraConfig())
+    state.owners.setdefault(name, principal.name)
+
+    async def work() -> dict[str, Any]:
+        handle = await state.runtime.tenant(name, lora=lora, optim=OptimConfig())
+        state.tenants[name], state.loras[name], state.aliases[model_id] = handle, lora, name
+        await handle.load(folder)
+        return {"type": "load_weights", "path": body.path, "model_id": model_id}
+
+    return _submit(request, model_id, work)
 
 
 @router.post("/unload_model")
