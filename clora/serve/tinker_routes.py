@@ -348,13 +348,13 @@ async def load_weights(request: Request) -> dict[str, Any]:
         raise UnsupportedError("loading optimizer state (load_state_with_optimizer, "
                                "create_training_client_from_state_with_optimizer) is not supported by clora serve "
                                "(the adapter loads; the optimizer starts fresh)")
+    handle = state.tenant(principal, body.model_id) if body.model_id is not None else None
     saved = state.checkpoints.get(body.path)
     if saved is None or not state.may_use(principal, saved[1]):  # another key's checkpoint: not found either
         raise NotFoundError(f"unknown checkpoint {body.path!r}")
     folder, source = saved
-    if body.model_id is None:  # create_training_client_from_state: a new tenant with the checkpoint's shape
+    if handle is None:  # create_training_client_from_state: a new tenant with the checkpoint's shape
         return _create_from_checkpoint(request, body, folder, source)
-    handle = state.tenant(principal, body.model_id)
 
     async def work() -> dict[str, Any]:
         await handle.load(folder)
