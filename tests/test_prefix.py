@@ -366,6 +366,34 @@ def test_an_adapter_that_leaves_prefix_outputs_without_grad(pair, device):
                                    atol=tolerances(device)["weight"], msg=k)
 
 
+def _unmasked(data: list[Datum]) -> list[Datum]:
+    """The same rows with no loss position at all (a step whose every token is prompt or tool output)."""
+    return [Datum(tokens=d.tokens, loss_mask=[0.0] * len(d.loss_mask), advantages=[0.0] * len(d.loss_mask),
+                  sampler_logprobs=d.sampler_logprobs) for d in data]
+
+
+def test_micro_batches_without_a_loss_position_under_constant_normalisation(pair, device):
+    """normalize='constant' divides by rows x constant, so a micro-batch (or a whole call) with no
+    trained token has a positive denominator and a loss without grad on the shared path (no log-prob
+    was needed): it contributes nothing, as on the naive path, instead of failing in backward."""
+    loss = LossConfig(kind="ppo", normalize="constant", normalize_constant=16.0)
+    add_both(pair, "nomask")
+    data = mixed_data(20)  # micro-batches of 5: the first two hold only unmasked rows
+    data = _unmasked(data[:10]) + data[10:]
+    got = {m: pair[m].forward_backward("nomask", data, loss) for m in (False, True)}
+    assert got[True]["loss"] == pytest.approx(got[False]["loss"], rel=tolerances(device)["rel"])
+    assert_grads_close(pair[False].store("nomask").grads, pair[True].store("nomask").grads, tolerances(device)["grad"])
+    add_both(pair, "nomask-all")
+    for core in pair.values():
+        metrics = core.forward_backward("nomask-all", _unmasked(mixed_data(21)), loss)
+        assert metrics["loss"] == 0.0 and metrics["tokens"] == 0.0
+        assert all(float(g.abs().max()) == 0.0 for g in core.store("nomask-all").grads.values())
+        core.optim_step("nomask-all")
+    for k, t in pair[False].store("nomask-all").params.items():  # weight decay only, the same on both paths
+        torch.testing.assert_close(pair[True].store("nomask-all").params[k], t, rtol=0,
+                                   atol=tolerances(device)["weight"], msg=k)
+
+
 @pytest.mark.parametrize("kl_coef", [0.0, 0.1], ids=["no_kl", "kl"])
 def test_lm_head_runs_only_where_a_log_prob_is_needed(pair, kl_coef):
     add_both(pair, f"head-{kl_coef}")
@@ -470,3 +498,21 @@ def test_fused_step_equals_the_naive_fused_step(tiny_model_dir, device):
                 torch.testing.assert_close(
                     cores[True].store(name).params[k], t, rtol=0, atol=tol["weight"], msg=f"{name} {k}"
                 )
+
+
+def test_a_fused_tenant_without_a_loss_position_under_constant_normalisation(pair):
+    """In a fused step, a tenant whose rows carry no trained token (normalize='constant': a positive
+    denominator, a loss without grad on the shared path) adds nothing to the backward; the other
+    tenant's step equals its naive one."""
+    loss = LossConfig(kind="ppo", normalize="constant", normalize_constant=16.0)
+    for name in ("fa", "fb"):
+        add_both(pair, name)
+    a = rollout_data(random.Random(40), groups=1, group_size=5)  # micro-batches of 5: the second holds only B's rows
+    b = _unmasked(rollout_data(random.Random(41), groups=1, group_size=2))
+    got = {m: pair[m].train_steps_fused([FusedRequest("fa", a, loss), FusedRequest("fb", b, loss)]) for m in (False, True)}
+    for naive, shared in zip(got[False], got[True], strict=True):
+        assert isinstance(shared, dict) and isinstance(naive, dict), (naive, shared)
+        assert shared["loss"] == pytest.approx(naive["loss"], rel=1e-4, abs=1e-6)
+    assert got[True][1]["loss"] == 0.0 and got[True][1]["tokens"] == 0.0
+    for k, t in pair[False].store("fa").params.items():
+        torch.testing.assert_close(pair[True].store("fa").params[k], t, rtol=0, atol=1e-5, msg=k)

@@ -314,7 +314,7 @@ class TrainerCore:
                         f"tenant {store.tenant!r}: non-finite loss in micro-batch {index}; "
                         f"step rejected, adapter stays at version {store.version}"
                     )
-                if denominator > 0:
+                if denominator > 0 and numerator.requires_grad:  # no loss position here: no gradient to send
                     (numerator / denominator).backward()
                 policy.done(index)  # after the call's last micro-batch: backward through the shared prefixes
                 with torch.no_grad():

@@ -210,7 +210,7 @@ def _forward_backward(core: TrainerCore, members: list[_Member]) -> None:
                         f"step rejected, adapter stays at version {m.store.version}"
                     )
                     continue
-                if m.denominator > 0:
+                if m.denominator > 0 and numerator.requires_grad:  # no loss position here: no gradient to send
                     terms.append(numerator / m.denominator)
                 with torch.no_grad():
                     m.sums["loss"] += float(numerator) / m.denominator if m.denominator > 0 else 0.0
