@@ -240,3 +240,18 @@ def test_staleness_rows_from_arguments_and_the_overlap_of_rollouts_and_training(
     items = rows_with_ratios(rows)
     assert [i["mode"] for i in items] == ["concurrent", "concurrent_k1"] and items[1]["overlap"] == pytest.approx(0.3)
     assert "| overlap |" in markdown_table(items).splitlines()[0] and "| 30% |" in markdown_table(items)
+
+
+def test_the_table_never_cuts_a_mode_name_at_the_benchmarks_log_width():
+    import re
+
+    from rich.console import Console
+
+    from clora.bench.report import MODE_ORDER, results_table
+
+    rows = [aggregate(mode, [A], T0, samples_per_step=4) for mode in MODE_ORDER]
+    console = Console(width=180, record=True)  # the width `clora bench concurrency` prints at into a log
+    console.print(results_table(rows_with_ratios(rows), "title"))
+    printed = console.export_text()
+    for mode in MODE_ORDER:
+        assert re.search(rf"^\s*[│|]\s*{mode}\s*[│|]", printed, re.MULTILINE), (mode, printed)

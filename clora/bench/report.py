@@ -49,7 +49,10 @@ def results_table(items: Sequence[dict[str, Any]], title: str) -> Any:
     table = Table(title=title)
     for column in ("mode", "N", "first s", "mean s", "final s", "final x", "mean x", "step s", "rollout s",
                    "roll s/sample", "train s", "sync s", "overlap", "tok/s", "peak RSS GB", "acc start->end", "acc ok"):
-        table.add_column(column, justify="left" if column == "mode" else "right")
+        if column == "mode":  # never cut a mode's name: readers (and tests) look rows up by it
+            table.add_column(column, justify="left", no_wrap=True, min_width=max(map(len, MODE_ORDER)))
+        else:
+            table.add_column(column, justify="right")
     for item in items:
         r = item["ratios"]
         acc = f"{_mean(item['accuracy_start']):.0%}->{_mean(item['accuracy_end']):.0%}"
