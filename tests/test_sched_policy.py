@@ -8,18 +8,7 @@ import pytest
 
 from clora import events
 from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE, Scheduler
-
-
-class Log:
-    """Collects (event, fields) as a structlog logger would log them."""
-
-    def __init__(self, seen: list) -> None:
-        self.seen = seen
-
-    def info(self, event: str, **fields) -> None:
-        self.seen.append((event, fields))
-
-    warning = info
+from clora.testing import RecordingLog
 
 
 class Clock:
@@ -32,7 +21,7 @@ class Clock:
 
 def _scheduler(**kw):
     clock, seen = Clock(), []
-    sched = Scheduler(clock=clock, log=Log(seen), **kw)
+    sched = Scheduler(clock=clock, log=RecordingLog(seen), **kw)
     return sched, clock, seen
 
 

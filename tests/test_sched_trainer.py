@@ -10,18 +10,7 @@ from clora.config import LossConfig
 from clora.messages import Datum, TrainStep
 from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE, Scheduler
 from clora.trainer.step_queue import StepQueue
-
-
-class Log:
-    """Collects (event, fields) as a structlog logger would log them."""
-
-    def __init__(self, seen: list) -> None:
-        self.seen = seen
-
-    def info(self, event: str, **fields) -> None:
-        self.seen.append((event, fields))
-
-    warning = info
+from clora.testing import RecordingLog
 
 
 class Clock:
@@ -67,7 +56,7 @@ async def test_fused_groups_take_the_best_tenants_in_the_schedulers_order():
 
 async def test_a_long_fake_run_gives_each_tenant_its_weighted_share_of_device_seconds():
     clock, seen = Clock(), []
-    sched = Scheduler(aging_s=10_000, clock=clock, log=Log(seen))
+    sched = Scheduler(aging_s=10_000, clock=clock, log=RecordingLog(seen))
     weights = {"a": 1.0, "b": 3.0, "c": 2.0}
     tokens = {"a": 40, "b": 10, "c": 25}  # steps of different sizes: the share is device time, not steps
     for tenant, weight in weights.items():
@@ -113,7 +102,7 @@ async def test_a_trainstep_waiting_past_the_bound_is_reported_while_the_device_s
     from clora.trainer.actor import TrainerActor
 
     seen: list = []
-    sched = Scheduler(wait_bound_s=0.05, log=Log(seen))
+    sched = Scheduler(wait_bound_s=0.05, log=RecordingLog(seen))
     async with ActorSystem("bound") as system:
         actor = TrainerActor(tiny_model_dir, TrainerConfig(), scheduler=sched)
         ref = await system.start(actor, name="trainer")

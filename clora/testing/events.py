@@ -14,7 +14,7 @@ from typing import Any
 
 from clora.events import read_events
 
-__all__ = ["Events", "capture_events"]
+__all__ = ["Events", "RecordingLog", "capture_events"]
 
 
 class Events(list):
@@ -38,6 +38,19 @@ class Events(list):
     def field(self, key: str) -> list[Any]:
         """The value of ``key`` in every event, in order (KeyError when an event lacks it)."""
         return [e[key] for e in self]
+
+
+class RecordingLog:
+    """A stand-in for a structlog logger handed to an object directly (``log=``): appends every
+    ``(event, fields)`` it is given to ``seen``, at info and warning level alike."""
+
+    def __init__(self, seen: list[tuple[str, dict[str, Any]]]) -> None:
+        self.seen = seen
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.seen.append((event, fields))
+
+    warning = info
 
 
 @contextlib.contextmanager
