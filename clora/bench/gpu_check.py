@@ -59,6 +59,8 @@ TEST_FILES = (
     "tests/test_trainer_actor.py",
     "tests/test_fused_actor.py",
     "tests/test_prefix.py",
+    "tests/test_staleness_trainer.py",
+    "tests/test_hot_stores.py",
 )
 """Every test file with a test that takes the ``device`` fixture (tests/conftest.py); checked by a test."""
 _LOCAL = {"clora", "actors"}  # this repository, on PYTHONPATH there
