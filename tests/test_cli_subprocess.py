@@ -68,6 +68,12 @@ def test_python_dash_m_and_the_console_script_agree():
         assert proc.returncode == 0 and "usage: clora" in proc.stdout
 
 
+def _ctrl_c_on() -> None:
+    """In the child before exec: SIGINT at its default, as a shell starts a command, whatever this
+    process inherited (an ignored SIGINT is inherited, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
 @pytest.mark.parametrize("on_exit", ["clean", "crash"])
 def test_ctrl_c_exits_130_after_the_runtime_left_its_context_manager(tmp_path, on_exit):
@@ -75,7 +81,8 @@ def test_ctrl_c_exits_130_after_the_runtime_left_its_context_manager(tmp_path, o
     config.write_text(f'run_dir = "{tmp_path / "run"}"\n[[experiments]]\nname = "a"\n')
     ready, exited = tmp_path / "ready", tmp_path / "exited"
     proc = subprocess.Popen([sys.executable, "-c", FAKE_RUN, str(ready), str(exited), str(config), on_exit],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=_ctrl_c_on)
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():

@@ -56,9 +56,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
+def _ctrl_c_on() -> None:
+    """In the child before exec: SIGINT at its default, as a shell starts a command, whatever this
+    process inherited (an ignored SIGINT is inherited, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _clora(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "clora.cli.main", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True,
+                            preexec_fn=_ctrl_c_on)
 
 
 def _events(path: Path) -> list[dict]:

@@ -112,5 +112,5 @@ async def test_a_trainstep_waiting_past_the_bound_is_reported_while_the_device_s
             await asyncio.sleep(0.3)
             late = [f for name, f in seen if name == events.SCHEDULER_WAIT_EXCEEDED]
             assert [(f["tenant"], f["resource"]) for f in late] == [("a", "train")]  # once, not every poll
-            assert late[0]["wait_s"] > 0.05 and late[0]["bound_s"] == 0.05
+            assert late[0]["wait_s"] >= 0.05 and late[0]["bound_s"] == 0.05  # rounded to ms: 0.0504 is 0.05
         assert (await step).metrics.version == 1

@@ -64,12 +64,12 @@ async def test_an_operation_builds_its_message_for_the_tenant_and_returns_the_re
 async def test_an_operation_has_the_messages_parameters_and_docs():
     handle = TenantHandle(RecordingRuntime(), "t", 0)
     params = inspect.signature(handle.train_step).parameters
-    assert list(params) == ["data", "loss", "copy_adapter", "copy_state"]
+    assert list(params) == ["data", "loss", "copy_adapter", "copy_state", "max_staleness", "stale_policy"]
     assert params["loss"].default == LossConfig() and params["data"].default is inspect.Parameter.empty
     assert handle.forward_backward.__doc__ == ForwardBackward.__doc__
     assert TenantHandle.optim_step.__doc__ == OptimStep.__doc__
     with pytest.raises(TypeError):
-        await handle.optim_step(DATA)  # OptimStep has no field but the tenant
+        await handle.optim_step(None, DATA)  # OptimStep has one field besides the tenant: optim
     with pytest.raises(TypeError):
         await handle.forward_backward()  # data is required
 
