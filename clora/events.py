@@ -117,7 +117,10 @@ version that sampled a datum, u: the version it trained on; docs/async.md), ``st
 dropped."""
 TENANT_EVAL: Final = "tenant.eval"
 """Held-out ``accuracy`` of a tenant at a ``step``: ``correct`` of ``problems`` (greedy, one sample per problem,
-all in flight at once), its 95% Wilson interval ``ci_low`` .. ``ci_high``, ``duration_s``."""
+all in flight at once), its 95% Wilson interval ``ci_low`` .. ``ci_high``, ``by_kind`` (kind -> [correct, problems] for
+envs whose problems name their kind, e.g. the arithmetic env's operation), ``duration_s``, and ``computed_by``:
+the tenant itself, or (the evaluation before step 1, of the base model) the tenant of the same runtime that
+computed the same held-out score first (clora.tenant.base_scores)."""
 TENANT_FINISHED: Final = "tenant.finished"
 """A tenant's experiment completed: ``accuracy_start``, ``accuracy_end`` on ``problems`` held-out problems
 with its 95% Wilson interval ``ci_low`` .. ``ci_high``, ``steps``, ``duration_s``."""

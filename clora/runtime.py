@@ -40,6 +40,7 @@ from clora.sampler.engine_stats import EngineStatsSnapshot
 from clora.sampler.engine_weights import engine_model_dir
 from clora.sampler.sync import SyncActor
 from clora.sched import Scheduler, TenantPolicy
+from clora.tenant.base_scores import BaseScores
 from clora.tenant.actor import ExperimentResult, RunExperiment, StepRecord, TenantActor, release_tenant
 from clora.tenant.handle import TenantHandle
 from clora.trainer.actor import TrainerActor
@@ -81,6 +82,7 @@ class Runtime:
         self.tokenizer: Any = None
         self.base_model: BaseModelIdentity | None = None
         self.scheduler: Scheduler | None = None  # one policy for the engine's admission and the trainer's queue
+        self._base_scores = BaseScores()  # the base model's held-out scores, shared by the tenants' first evals
 
     async def __aenter__(self) -> "Runtime":
         started = time.time()
@@ -174,6 +176,7 @@ class Runtime:
                 checkpoint_dir=self.checkpoint_dir(experiment.name),
                 base_model=self.base_model,
                 resume=self.resume,
+                base_scores=self._base_scores if env is None else None,  # a user's env object: its own held-out set
             )
             ref = await self._system.start(actor, name=f"tenant:{experiment.name}", supervision=Supervision.ISOLATE)
             return await ref.ask(RunExperiment())

@@ -445,3 +445,14 @@ def test_reward_of_every_generated_problem_is_reachable():
     for problem in env.held_out():
         assert env.start(problem).step(f"<tool>Final Answer: {problem.answer}</tool>").reward == 1.0
         assert math.isfinite(float(problem.answer))
+
+
+def test_arithmetic_problems_name_the_operation_they_need():
+    phrase = {"add": "more", "subtract": "to a friend", "multiply": "in each box", "divide": "equally among"}
+    for difficulty, kinds in ((0, {"add", "subtract"}), (1, {"add", "subtract", "multiply", "divide"})):
+        problems = ArithmeticEnv(difficulty=difficulty, seed=3, held_out_size=64).held_out()
+        assert {p.kind for p in problems} == kinds
+        for p in problems:
+            assert phrase[p.kind] in p.question, (p.kind, p.question)
+    stories = ArithmeticEnv(difficulty=2, seed=3, held_out_size=8).held_out()
+    assert {p.kind for p in stories} == {"story2"}

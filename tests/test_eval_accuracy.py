@@ -81,8 +81,14 @@ async def test_evaluation_has_every_held_out_problem_in_flight_at_once(tiny_mode
     score = await evaluate(sampler, renderer, env, problems, settings)
     assert sampler.calls == len(problems) == 64
     assert sampler.most_in_flight == len(problems)  # not one after another, not in smaller batches
-    assert score == HeldOutScore(correct=sum(p.answer == "7" for p in problems), total=64)
+    assert (score.correct, score.total) == (sum(p.answer == "7" for p in problems), 64)
     assert 0 < score.correct < 64  # the count is of right answers, not of episodes
+    # and per operation: every "7" answer counted under its problem's kind, every problem once
+    kinds = {p.kind for p in problems}
+    assert kinds == {"add", "subtract"} and set(score.by_kind) == kinds
+    for kind, (correct, total) in score.by_kind.items():
+        mine = [p for p in problems if p.kind == kind]
+        assert (correct, total) == (sum(p.answer == "7" for p in mine), len(mine))
 
 
 async def test_a_tenant_reports_its_held_out_count_and_interval(tiny_model_dir, tmp_path):

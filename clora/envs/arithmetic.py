@@ -27,7 +27,11 @@ _ITEMS = ("apple", "marble", "book", "coin", "card", "pencil", "sticker", "shell
 _MAX_TRIES = 10_000
 
 
-def _one_op(rng: random.Random, difficulty: int) -> tuple[str, int]:
+_OP_KINDS = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
+"""A one-operation problem's ``Problem.kind``: the operation its answer needs."""
+
+
+def _one_op(rng: random.Random, difficulty: int) -> tuple[str, int, str]:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     if difficulty == 0:
         op, hi = rng.choice("+-"), 10
@@ -35,17 +39,17 @@ def _one_op(rng: random.Random, difficulty: int) -> tuple[str, int]:
         op, hi = rng.choice("+-*/"), 99
     if op == "+":
         a, b = rng.randint(2, hi), rng.randint(1, hi)
-        return (f"{name} has {a} {item}s and buys {b} more. How many {item}s does {name} have now?", a + b)
+        return (f"{name} has {a} {item}s and buys {b} more. How many {item}s does {name} have now?", a + b, op)
     if op == "-":
         a = rng.randint(2, hi)
         b = rng.randint(1, a - 1)
-        return (f"{name} has {a} {item}s and gives {b} to a friend. How many {item}s does {name} have left?", a - b)
+        return (f"{name} has {a} {item}s and gives {b} to a friend. How many {item}s does {name} have left?", a - b, op)
     if op == "*":
         a, b = rng.randint(2, 12), rng.randint(2, hi)
-        return (f"{name} buys {a} boxes with {b} {item}s in each box. How many {item}s does {name} buy?", a * b)
+        return (f"{name} buys {a} boxes with {b} {item}s in each box. How many {item}s does {name} buy?", a * b, op)
     b = rng.randint(2, 12)
     q = rng.randint(2, max(2, hi // b))
-    return (f"{name} shares {b * q} {item}s equally among {b} friends. How many {item}s does each friend get?", q)
+    return (f"{name} shares {b * q} {item}s equally among {b} friends. How many {item}s does each friend get?", q, op)
 
 
 def _story(rng: random.Random, steps: int) -> tuple[str, int]:
@@ -82,8 +86,12 @@ def generate_problem(rng: random.Random, difficulty: int) -> Problem:
     """One problem at ``difficulty`` (>= 0) drawn with ``rng``."""
     if difficulty < 0:
         raise ValueError(f"difficulty must be >= 0, got {difficulty}")
-    question, answer = _one_op(rng, difficulty) if difficulty <= 1 else _story(rng, difficulty)
-    return Problem(id=problem_id(f"arith{difficulty}", question), question=question, answer=str(answer))
+    if difficulty <= 1:
+        question, answer, op = _one_op(rng, difficulty)
+        kind = _OP_KINDS[op]
+    else:
+        (question, answer), kind = _story(rng, difficulty), f"story{difficulty}"
+    return Problem(id=problem_id(f"arith{difficulty}", question), question=question, answer=str(answer), kind=kind)
 
 
 class ArithmeticEnv:

@@ -35,11 +35,14 @@ __all__ = [
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True):
-    """One task with a known answer. ``answer`` is canonical text, e.g. ``"84"`` or ``"2.5"``."""
+    """One task with a known answer. ``answer`` is canonical text, e.g. ``"84"`` or ``"2.5"``. ``kind``
+    (optional) names the sort of problem, e.g. the operation it needs: held-out scores count right
+    answers per kind, so a policy that solves only one sort shows as such."""
 
     id: str
     question: str
     answer: str
+    kind: str = ""
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):

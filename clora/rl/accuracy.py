@@ -42,10 +42,12 @@ def wilson_interval(correct: int, total: int, *, z: float = Z_95) -> tuple[float
 
 
 class HeldOutScore(msgspec.Struct, frozen=True, kw_only=True):
-    """``correct`` of ``total`` held-out problems solved (greedy, one episode each)."""
+    """``correct`` of ``total`` held-out problems solved (greedy, one episode each); ``by_kind``: the same
+    count per ``Problem.kind`` (kind -> (correct, total)), for problems that name their kind."""
 
     correct: int
     total: int
+    by_kind: dict[str, tuple[int, int]] = {}
 
     def __post_init__(self) -> None:
         if self.total < 0 or not 0 <= self.correct <= self.total:

@@ -134,7 +134,7 @@ async def evaluate(
 ) -> HeldOutScore:
     """How many of ``problems`` are solved: one episode each with ``settings.sampling`` (greedy for
     held-out evaluation), every problem in flight at once (the sampler batches them); a problem
-    counts when its reward is at least 1.0."""
+    counts when its reward is at least 1.0, also in its kind's count (``HeldOutScore.by_kind``)."""
     stop = tuple(dict.fromkeys((*settings.sampling.stop, *getattr(env, "stop_sequences", ()))))
     spec = msgspec.structs.replace(settings.sampling, stop=stop)
     trajectories = await gather_first_error(
@@ -144,4 +144,10 @@ async def evaluate(
         )
         for i, problem in enumerate(problems)
     )
-    return HeldOutScore(correct=sum(1 for t in trajectories if t.reward >= 1.0), total=len(trajectories))
+    solved = [t.reward >= 1.0 for t in trajectories]
+    by_kind: dict[str, tuple[int, int]] = {}
+    for problem, right in zip(problems, solved):
+        if problem.kind:
+            correct, total = by_kind.get(problem.kind, (0, 0))
+            by_kind[problem.kind] = (correct + right, total + 1)
+    return HeldOutScore(correct=sum(solved), total=len(solved), by_kind=dict(sorted(by_kind.items())))

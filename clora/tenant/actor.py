@@ -58,6 +58,7 @@ from clora.messages import (
 from clora.rl.accuracy import HeldOutScore
 from clora.rl.step import episode_settings, evaluate, sample_groups, to_training_data
 from clora.rl.rollout import Trajectory
+from clora.tenant.base_scores import BaseScores, base_score_key
 from clora.tenant.checkpoints import TenantCheckpoints
 from clora.tenant.pipeline import pipelined
 
@@ -140,9 +141,12 @@ class TenantActor(Actor):
         checkpoint_dir: Path | None = None,
         base_model: BaseModelIdentity | None = None,
         resume: bool = False,
+        base_scores: BaseScores | None = None,
     ) -> None:
         """``checkpoint_dir`` turns checkpoints on (``base_model`` is then required); ``resume``
-        restores the checkpoint found there instead of deleting it."""
+        restores the checkpoint found there instead of deleting it. ``base_scores``: the runtime's shared
+        base-model scores, for the evaluation before the first step (only for an env made from
+        ``experiment.env``, whose held-out set the config fixes)."""
         super().__init__()
         self.experiment = experiment
         self.tenant = experiment.name
@@ -160,6 +164,7 @@ class TenantActor(Actor):
         if checkpoint_dir is not None and base_model is None:
             raise ValueError(f"tenant {self.tenant!r}: a checkpoint_dir needs the base_model identity")
         self._resume = resume
+        self._base_scores = base_scores
         self._resumed: TenantProgress | None = None  # the checkpoint's progress, when resumed
         self._checkpoint_dir, self._base_model = checkpoint_dir, base_model
         self._checkpoints: TenantCheckpoints | None = None  # made in on_start, where self.log is the system's
@@ -205,7 +210,7 @@ class TenantActor(Actor):
         try:
             if resumed is None:
                 started = time.time()
-                accuracy_start = (await self.evaluate(step=0)).accuracy
+                accuracy_start = (await self._evaluate_start()).accuracy
                 records: list[StepRecord] = []
                 self._commit(0, started, accuracy_start, records)
                 await self._checkpoint_after(0)
@@ -246,18 +251,38 @@ class TenantActor(Actor):
     async def evaluate(self, step: int) -> HeldOutScore:
         """Held-out score of the serving version: greedy, one episode per problem, all in flight at once."""
         started = time.perf_counter()
+        score = await self._score_serving_version(step)
+        self._log_eval(step, score, started, computed_by=self.tenant)
+        return score
+
+    async def _evaluate_start(self) -> HeldOutScore:
+        """The evaluation before the first step: version 0 is the pristine adapter, i.e. the base model, so
+        its score is shared with every tenant of the runtime that evaluates the same held-out set the same way
+        (clora.tenant.base_scores); the event names the tenant that computed it."""
+        if self._base_scores is None or self._version != 0:
+            return await self.evaluate(step=0)
+        started = time.perf_counter()
+        score, computed_by = await self._base_scores.get(
+            base_score_key(self.experiment, self._max_model_len), self.tenant, lambda: self._score_serving_version(0)
+        )
+        self._log_eval(0, score, started, computed_by=computed_by)
+        return score
+
+    async def _score_serving_version(self, step: int) -> HeldOutScore:
         problems = self._env.held_out()
         settings = episode_settings(self.experiment, self._max_model_len, step=step, evaluation=True)
-        score = await self._retrying(step, "eval", lambda: evaluate(
+        return await self._retrying(step, "eval", lambda: evaluate(
             self._sample, self._renderer, self._env, problems, settings, step_env=self._env_steps
         ))
+
+    def _log_eval(self, step: int, score: HeldOutScore, started: float, *, computed_by: str) -> None:
         low, high = score.interval
         self.log.info(
             events.TENANT_EVAL, tenant=self.tenant, step=step, adapter_version=self._version,
             accuracy=score.accuracy, correct=score.correct, problems=score.total, ci_low=round(low, 4),
-            ci_high=round(high, 4), duration_s=round(time.perf_counter() - started, 3),
+            ci_high=round(high, 4), duration_s=round(time.perf_counter() - started, 3), computed_by=computed_by,
+            by_kind={kind: list(count) for kind, count in score.by_kind.items()},
         )
-        return score
 
     async def _steps(self, first: int, last: int) -> AsyncIterator[tuple[int, StepRecord]]:
         """The steps ``first`` .. ``last``: one after another (``max_staleness`` = 0, on-policy), or with
