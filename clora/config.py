@@ -187,7 +187,7 @@ class OptimConfig(_Config):
     is still above the floor; steps past total_steps stay at the floor.
     """
 
-    lr: float = 1e-4  # peak learning rate
+    lr: float = 1e-3  # peak learning rate (the measured recipe: docs/learning.md)
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -338,8 +338,8 @@ class ExperimentConfig(_Config):
     env: EnvConfig = EnvConfig()
     steps: int = 10
     prompts_per_step: int = 4
-    group_size: int = 4
-    max_tokens: int = 64
+    group_size: int = 6  # samples per problem; with 4 problems per step the measured recipe (docs/learning.md)
+    max_tokens: int = 32  # per turn: a tool call or a Final Answer of the built-in envs fits in 20
     temperature: float = 1.0
     advantage: Literal["grpo", "grpo_no_std"] = "grpo"  # grpo: (r - mean) / std per group; grpo_no_std: r - mean (Dr. GRPO)
     eval_every: int = 0  # 0: only before and after

@@ -39,6 +39,7 @@ def test_the_demo_is_quiet_draws_its_pictures_and_shows_commands_that_work(tmp_p
     noisy = [line for line in printed.splitlines() if re.search(r"warn|attempted to load|\d+%\|", line, re.I)]
     assert noisy == [], "\n".join(noisy[:20])
     assert "held-out accuracy" in done.stdout
+    assert re.search(r"[-+*/]\d+/\d+", done.stdout), "the final table counts right answers per operation"
 
     for picture in ("curves.png", "timeline.png"):
         assert (tmp_path / run_dir / picture).stat().st_size > 10_000

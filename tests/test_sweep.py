@@ -277,7 +277,8 @@ def test_check_lists_the_tenants_and_starts_nothing(tmp_path, capsys, monkeypatc
     out = capsys.readouterr().out
     assert "8 tenants (4 points x 2 seeds) on tiny" in out and "lr-0.0003_kind-cispo_s1" in out
     assert not (tmp_path / "runs").exists()
-    assert main(["sweep", str(ROOT / "examples" / "sweep.toml"), "--check"]) == EXIT_OK
+    for example in ("sweep.toml", "recipe.toml"):
+        assert main(["sweep", str(ROOT / "examples" / example), "--check"]) == EXIT_OK, example
 
 
 @pytest.mark.parametrize(
