@@ -5,11 +5,12 @@ Task: difficulty 1 (one of + - * / on numbers up to 99) with the default worked 
 operation). The untrained model writes well-formed Calculator calls but mostly with the wrong operation:
 5 of these 32 held-out problems right (greedy, measured 2026-11-30). The recipe is the defaults of
 ``ExperimentConfig`` (docs/learning.md: lr 1e-3, 4 problems x 6 samples per step, temperature 1.0,
-PPO, LoRA rank 8), 6 steps. Measured with it on this split: 81% and 88% after 6 steps (two runs, at
-temperature 0.7 and 1.0), and a three-seed mean of MEASURED on 64 problems (docs/learning.md); the test asks
-for a rise of MIN_ACCURACY_GAIN, well inside that spread and still a test that fails when learning breaks
-(an unchanged adapter stays at 16%). The final held-out score must also be right per operation: subtraction,
-which the untrained model rarely picks, is solved at least as often as before.
+PPO, LoRA rank 8), 6 steps. Measured with it: 16% -> 81% and 88% after 6 steps on these 32 problems (two
+runs, temperature 0.7 and 1.0), and 25% -> 86%, 81%, 78% on 64 (three seeds; docs/learning.md). The test
+asks for a rise of MIN_ACCURACY_GAIN, about half the smallest measured rise, so it still fails when
+learning breaks (an unchanged adapter stays at 16%). The untrained model multiplies almost everywhere
+(5 of 12 subtractions right on 64 problems); after the recipe's 6 steps 11 of 12 were, in every seed, so
+the test also asks that at least half of the held-out subtractions come out right.
 """
 
 from __future__ import annotations
@@ -49,5 +50,6 @@ async def test_smollm2_tenant_held_out_accuracy_rises(tmp_path):
     assert sum(s.trained for s in result.steps) >= 4, "most steps must carry a learning signal"
     assert result.accuracy_end >= result.accuracy_start + MIN_ACCURACY_GAIN
     assert [e["accuracy"] for e in evals] == [result.accuracy_start, result.accuracy_end]
-    (before, _), (after, total) = evals[0]["by_kind"]["subtract"], evals[-1]["by_kind"]["subtract"]
-    assert after >= before and total > 0
+    after, total = evals[-1]["by_kind"]["subtract"]
+    assert total > 0 and after >= total / 2, f"subtraction: {after} of {total} held-out problems right"
+
