@@ -174,7 +174,7 @@ class FeedbackLog:
             if self._samples_dirty:  # the samples named must be on disk before the feedback naming them
                 _sync(self._samples_file)
                 self._samples_dirty = False
-            pass
+            self._feedback_file.write(b"".join(lines))
             _sync(self._feedback_file)
             for record in fresh.values():
                 self._feedback[record.seq] = record
