@@ -99,6 +99,7 @@ __all__ = [
     "CONTINUAL_LEARNER_SKIPPED",
     "CONTINUAL_LEARNER_FAILED",
     "CONTINUAL_RESUMED",
+    "CONTINUAL_CHECKED_OUT",
     "BENCH_MODE_DONE",
     "JsonlSink",
     "DropBelow",
@@ -271,10 +272,13 @@ CONTINUAL_LEARNER_STEP: Final = "continual.learner_step"
 CONTINUAL_LEARNER_SKIPPED: Final = "continual.learner_skipped"
 """A learner step used ``feedback`` rewards without training (``reason`` no-signal: every advantage was zero)."""
 CONTINUAL_LEARNER_FAILED: Final = "continual.learner_failed"
-"""The background learner stopped on an ``error`` (serving goes on; ``learn()`` retries the step)."""
+"""The background learner stopped on an ``error`` (serving goes on; learn() retries the step)."""
 CONTINUAL_RESUMED: Final = "continual.resumed"
 """A continual tenant continues from its newest committed ``version`` after a restart: its ``aliases``,
 ``feedback`` accepted in all, ``pending`` not yet trained."""
+CONTINUAL_CHECKED_OUT: Final = "continual.checked_out"
+"""The trainer's weights and optimizer state were set back to kept version ``source``; kept again as ``version``
+(its child), from which the learner continues."""
 
 BENCH_MODE_DONE: Final = "bench.mode_done"
 """One benchmark mode finished: ``mode``, ``n``, ``final_s``."""

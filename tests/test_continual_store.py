@@ -16,7 +16,7 @@ from clora.errors import ConfigError, FeedbackError, UnknownSampleError, Unknown
 def _registry(tmp_path, versions=(0, 1, 2)) -> Registry:
     registry = Registry(tmp_path, "t")
     for v in versions:
-        registry.add(registry.child(v, steps=v, data=4, feedback=[10 + v]))
+        registry.add(registry.child(v, parent=None if v == 0 else v - 1, steps=v, data=4, feedback=[10 + v]))
     return registry
 
 

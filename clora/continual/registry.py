@@ -141,12 +141,11 @@ class Registry:
             raise ConfigError(f"tenant {self.tenant!r} already has a version {info.version}")
         self._versions[info.version] = info
 
-    def child(self, version: int, *, steps: int, data: int, feedback: list[int] = ()) -> VersionInfo:
-        """A new version's record, with the head as its parent."""
-        head = self.head
-        return VersionInfo(version=version, parent=None if head is None else head.version, steps=steps,
-                           data=(0 if head is None else head.data) + data, created_at=time.time(),
-                           feedback=list(feedback))
+    def child(self, version: int, *, parent: int | None, steps: int, data: int, feedback: list[int] = ()) -> VersionInfo:
+        """A new version's record: ``parent`` (None: the first), ``data`` trained since the parent."""
+        base = None if parent is None else self.get(parent)
+        return VersionInfo(version=version, parent=parent, steps=steps, data=(0 if base is None else base.data) + data,
+                           created_at=time.time(), feedback=list(feedback))
 
     def set_scores(self, version: int, scores: dict[str, float]) -> None:
         info = self.get(version)

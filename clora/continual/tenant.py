@@ -57,6 +57,7 @@ class Continual:
         self._lock = asyncio.Lock()
         self._learner: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._base: int | None = None  # the kept version the trainer's weights descend from (None: the head)
         self.learner_error: BaseException | None = None  # why the background learner stopped, if it did
 
     @property
@@ -124,11 +125,15 @@ class Continual:
                                       started_at=time.time(), tokens_sampled=0, records=[])
             await asyncio.to_thread(write_checkpoint, self.registry.state_dir(state.version), state, progress,
                                     self.runtime.base_model)
-            info = self.registry.child(state.version, steps=state.adam_step, data=data, feedback=feedback)
+            head = self.registry.head
+            parent = self._base if self._base is not None else (None if head is None else head.version)
+            info = self.registry.child(state.version, parent=parent, steps=state.adam_step, data=data,
+                                       feedback=feedback)
             self.registry.add(info)
             if alias is not None:
                 self.registry.point(alias, info.version)
             await asyncio.to_thread(self.registry.save)  # the commit point
+            self._base = info.version
             self._log.info(events.CONTINUAL_VERSION_COMMITTED, version=info.version, parent=info.parent,
                            steps=info.steps, data=info.data, feedback=len(feedback), alias=alias,
                            path=str(self.registry.version_dir(info.version)))
@@ -136,6 +141,22 @@ class Continual:
         if alias is not None and self.registry.aliases().get(alias) != info.version:
             self.registry.point(alias, info.version)
             await asyncio.to_thread(self.registry.save)
+        return info
+
+    async def checkout(self, version: int | str) -> VersionInfo:
+        """Put a kept version's weights and optimizer state back into the trainer, so learning continues from
+        it (after a rollback, say). It is kept again under a new number (the trainer's versions only go up),
+        with ``version`` as its parent, and published as the serving head."""
+        async with self._lock:
+            source = self.registry.get(self.registry.resolve(version))
+            checkpoint = await asyncio.to_thread(read_checkpoint, self.registry.state_dir(source.version))
+            current = await self.runtime.ask(ExportStoreState(tenant=self.handle.name))
+            state = msgspec.structs.replace(checkpoint.state, version=current.version + 1)
+            await self.runtime.ask(ImportStoreState(tenant=self.handle.name, state=state))
+            self._base = source.version
+            info = await self._commit(alias=None, data=0, feedback=[], state=state)
+        await self.handle.publish()
+        self._log.info(events.CONTINUAL_CHECKED_OUT, version=info.version, source=source.version)
         return info
 
     def resolve(self, version: int | str) -> int:
@@ -192,13 +213,12 @@ class Continual:
                 self.log_.forget(set(seqs))
                 self._log.info(events.CONTINUAL_LEARNER_SKIPPED, feedback=len(seqs), reason="no-signal")
                 return None
-            parent = self.registry.head.version
             result = await self.runtime.ask(TrainStep(tenant=self.handle.name, data=data, loss=self.policy.loss,
                                                       copy_state=True))
             info = await self._commit(alias=self.policy.alias, data=len(data), feedback=seqs, state=result.state)
             self.log_.forget(set(seqs))
             rewards = [f.reward for f, _ in items]
-            self._log.info(events.CONTINUAL_LEARNER_STEP, version=info.version, parent=parent, data=len(data),
+            self._log.info(events.CONTINUAL_LEARNER_STEP, version=info.version, parent=info.parent, data=len(data),
                            feedback=len(seqs), first_seq=seqs[0], last_seq=seqs[-1],
                            reward_mean=round(sum(rewards) / len(rewards), 4),
                            ratio_mean=result.metrics.values.get("ratio_mean"),
@@ -265,9 +285,12 @@ class Continual:
                 self.registry.point(alias, candidate)
             await asyncio.to_thread(self.registry.save)
         self.pinned.release_idle()
-        fields = dict(alias=alias, version=candidate, previous=previous, gate=name, score=cand_score,
-                      baseline=base_score, margin=margin)
-        self._log.info(events.CONTINUAL_PROMOTED if ok else events.CONTINUAL_PROMOTION_REFUSED, **fields)
+        if ok:
+            self._log.info(events.CONTINUAL_PROMOTED, alias=alias, version=candidate, previous=previous, gate=name,
+                           score=cand_score, baseline=base_score, margin=margin)
+        else:
+            self._log.info(events.CONTINUAL_PROMOTION_REFUSED, alias=alias, version=candidate, previous=previous,
+                           gate=name, score=cand_score, baseline=base_score, margin=margin)
         return result
 
     async def rollback(self, alias: str) -> int:

@@ -165,6 +165,11 @@ class TenantHandle:
         """``feedback`` for several samples at once: all accepted, or none (the first bad one raises)."""
         return await self.continual.feedback(items)
 
+    async def checkout(self, version: int | str) -> VersionInfo:
+        """Set the trainer back to a kept version (weights and optimizer), so learning continues from it; it
+        is kept again under a new number whose parent is ``version`` (e.g. after rolling back a bad one)."""
+        return await self.continual.checkout(version)
+
     async def learn(self) -> VersionInfo | None:
         """Train on the pending feedback now (the background learner does this when its policy says so)."""
         return await self.continual.learn()
