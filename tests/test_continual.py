@@ -8,6 +8,8 @@ import asyncio
 import random
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from clora import events as names
 from clora.config import EngineConfig, LossConfig, ModelConfig, RuntimeConfig
@@ -107,6 +109,11 @@ async def test_rollback_is_seen_by_the_next_request_and_survives_a_restart(tiny_
         assert t.aliases() == {"production": 2, "candidate": 2} and t.version == 2
         assert await t.rollback() == 0  # the alias's history is kept on disk too
         assert [v.parent for v in t.versions()] == [None, 0, 1]
+        again = await t.checkout(1)  # the learner goes back to v1: kept again as v3, its child
+        assert (again.version, again.parent, t.version) == (3, 1, 3)
+        registry = t.continual.registry
+    v1, v3 = (load_file(str(registry.adapter_dir(v) / "adapter_model.safetensors")) for v in (1, 3))
+    assert v1.keys() == v3.keys() and all(torch.equal(v1[k], v3[k]) for k in v1)
 
 
 async def test_a_gate_promotes_only_a_better_version_and_the_event_carries_the_scores(tiny_model_dir, tmp_path):
