@@ -6,7 +6,8 @@ conversation) arrives one to three rounds later, out of order. The learner train
 from it in the background; every few rounds the candidate is scored against production on the env's
 held-out problems and promoted only if it is better. Halfway through, an operator promotes a
 deliberately bad version without the gate; the served accuracy drops and the monitor rolls
-production back (and sets the learner back to it). Prints served accuracy per round and writes continual.png into the run folder.
+production back (and sets the learner back to it). Prints served accuracy per round and writes
+continual.png into the run folder.
 
     python examples/continual.py                       # SmolLM2 on vLLM: real learning
     python examples/continual.py --simulate --model tiny
@@ -129,7 +130,8 @@ async def run(rt: clora.Runtime, *, rounds: int = 12, users: int = 8, gate_every
             bad = await _bad_version(tenant, model)
             await tenant.promote(bad)  # an operator's mistake: no gate
             report.promoted.append(bad)
-            row.event, watch = f"v{bad} promoted without the gate", (bad, tenant.continual.registry.history("production")[-1])
+            row.event = f"v{bad} promoted without the gate"
+            watch = (bad, tenant.continual.registry.history("production")[-1])
         elif r % gate_every == 0 and candidate is not None and candidate != tenant.aliases()["production"]:
             promotion = await tenant.promote(candidate, gate=gate_score, margin=0.0)
             (report.promoted if promotion.promoted else report.refused).append(candidate)
@@ -169,7 +171,7 @@ def _plot(report: Report, path: Path) -> Path:
         if r.event:
             ax.axvline(r.round, color="grey", alpha=0.3, linestyle="--")
     ax.set(xlabel="round", ylabel="accuracy", ylim=(-0.05, 1.1), title="continual learning: served accuracy")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path

@@ -81,7 +81,8 @@ def test_feedback_learns_a_candidate_which_is_promoted_then_rolled_back(served):
     assert learned.json()["version"]["parent"] == 0 and learned.json()["aliases"]["candidate"] == 1
     candidate = app.chat.completions.create(model="support@candidate", messages=[{"role": "user", "content": "x"}],
                                             max_tokens=2)
-    assert candidate.system_fingerprint == "support@v1" and candidate.choices[0].message.content.startswith("support@v1#")
+    assert candidate.system_fingerprint == "support@v1"
+    assert candidate.choices[0].message.content.startswith("support@v1#")
 
     promoted = _admin(served, "POST", "promote", version="candidate")
     assert promoted.status_code == 200 and promoted.json()["promoted"] and promoted.json()["previous"] == 0

@@ -141,7 +141,8 @@ class Registry:
             raise ConfigError(f"tenant {self.tenant!r} already has a version {info.version}")
         self._versions[info.version] = info
 
-    def child(self, version: int, *, parent: int | None, steps: int, data: int, feedback: list[int] = ()) -> VersionInfo:
+    def child(self, version: int, *, parent: int | None, steps: int, data: int,
+              feedback: list[int] = ()) -> VersionInfo:
         """A new version's record: ``parent`` (None: the first), ``data`` trained since the parent."""
         base = None if parent is None else self.get(parent)
         return VersionInfo(version=version, parent=parent, steps=steps, data=(0 if base is None else base.data) + data,

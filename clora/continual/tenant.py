@@ -281,7 +281,8 @@ class Continual:
             if ok:
                 await self.pinned.warm(candidate)  # loaded before the alias moves: no request waits for it
                 if self.registry.aliases().get(alias) != previous:
-                    raise PublishError(f"alias {alias!r} moved while version {candidate} was being gated; promote again")
+                    raise PublishError(f"alias {alias!r} moved while version {candidate} was being gated; "
+                                       "promote again")
                 self.registry.point(alias, candidate)
             await asyncio.to_thread(self.registry.save)
         self.pinned.release_idle()

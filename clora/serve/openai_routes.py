@@ -5,8 +5,9 @@ serving version: clora keeps one version of a tenant in the engine). A continual
 (docs/continual.md) keeps named versions: ``tenant`` samples its ``production`` alias,
 ``tenant@alias``, ``tenant@7`` or ``tenant@v7`` exactly that version; the answer names the version in
 ``system_fingerprint`` (``tenant@v7``) and carries ``sample_ids`` (one per choice) for ``/v1/feedback``.
-Requests of every tenant go to the same sampler as training rollouts and decode in its mixed-adapter batches. Streaming sends the
-completion token by token once the sampler returned it (the sampler answers whole completions).
+Requests of every tenant go to the same sampler as training rollouts and decode in its mixed-adapter
+batches. Streaming sends the completion token by token once the sampler returned it (the sampler
+answers whole completions).
 """
 
 from __future__ import annotations
