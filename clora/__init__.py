@@ -24,6 +24,7 @@ from clora.errors import CloraError
 __all__ = [
     "Runtime",
     "TenantHandle",
+    "LearnerPolicy",
     "RuntimeConfig",
     "ModelConfig",
     "EngineConfig",
@@ -36,7 +37,7 @@ __all__ = [
     "CloraError",
 ]
 
-_LAZY = {"Runtime": "clora.runtime", "TenantHandle": "clora.tenant.handle"}
+_LAZY = {"Runtime": "clora.runtime", "TenantHandle": "clora.tenant.handle", "LearnerPolicy": "clora.continual.learner"}
 
 
 def __getattr__(name: str) -> Any:

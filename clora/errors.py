@@ -31,6 +31,9 @@ __all__ = [
     "PayloadTooLargeError",
     "EnvError",
     "StaleDataError",
+    "UnknownVersionError",
+    "UnknownSampleError",
+    "FeedbackError",
     "CheckpointError",
     "describe_validation_error",
     "field_error",
@@ -104,6 +107,24 @@ class StaleDataError(TenantError, ValueError):
     def __init__(self, message: str, stale: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.stale = stale
+
+
+class UnknownVersionError(TenantError, KeyError):
+    """A request names a version or an alias the tenant does not have (or an alias with nothing to roll back to)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown version"
+
+
+class UnknownSampleError(TenantError, KeyError):
+    """Feedback names a sample id this tenant never served, or one older than its feedback window (expired)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown sample"
+
+
+class FeedbackError(TenantError, ValueError):
+    """Feedback is malformed: a non-finite reward, or a second, different reward for the same sample."""
 
 
 class ServeError(CloraError):

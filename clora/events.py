@@ -90,6 +90,16 @@ __all__ = [
     "SERVE_STOPPED",
     "SERVE_REQUEST_FAILED",
     "SERVE_TENANT_CREATED",
+    "CONTINUAL_VERSION_COMMITTED",
+    "CONTINUAL_PROMOTED",
+    "CONTINUAL_PROMOTION_REFUSED",
+    "CONTINUAL_ROLLED_BACK",
+    "CONTINUAL_FEEDBACK",
+    "CONTINUAL_LEARNER_STEP",
+    "CONTINUAL_LEARNER_SKIPPED",
+    "CONTINUAL_LEARNER_FAILED",
+    "CONTINUAL_RESUMED",
+    "CONTINUAL_CHECKED_OUT",
     "BENCH_MODE_DONE",
     "JsonlSink",
     "DropBelow",
@@ -240,6 +250,35 @@ SERVE_REQUEST_FAILED: Final = "serve.request_failed"
 """An HTTP request got an error answer: ``path``, ``status``, ``error`` (the message the client got)."""
 SERVE_TENANT_CREATED: Final = "serve.tenant_created"
 """A client created a tenant over HTTP (a Tinker training client): ``tenant``, ``rank``, ``key`` (its key's name)."""
+
+CONTINUAL_VERSION_COMMITTED: Final = "continual.version_committed"
+"""A continual tenant kept a new ``version`` on disk (docs/continual.md): its ``parent``, total ``steps`` and ``data``,
+the ``feedback`` trained into it, the ``alias`` it got (or None) and its folder ``path``."""
+CONTINUAL_PROMOTED: Final = "continual.promoted"
+"""An ``alias`` now points at ``version`` (it pointed at ``previous``): the ``gate`` (None: none), the candidate's
+``score``, the previous version's ``baseline`` score and the ``margin`` it had to beat."""
+CONTINUAL_PROMOTION_REFUSED: Final = "continual.promotion_refused"
+"""A promotion's ``gate`` refused ``version``: its ``score`` did not beat ``baseline`` (``previous``'s) by more than
+``margin``; ``alias`` still points at ``previous``."""
+CONTINUAL_ROLLED_BACK: Final = "continual.rolled_back"
+"""An ``alias`` points back at ``version``, the version it pointed at before ``from_version``; the next request for
+the alias samples ``version``."""
+CONTINUAL_FEEDBACK: Final = "continual.feedback"
+"""Rewards for served samples were accepted and written durably: ``accepted`` in this call, ``pending`` (accepted,
+not trained yet)."""
+CONTINUAL_LEARNER_STEP: Final = "continual.learner_step"
+"""The learner trained ``feedback`` rewards (sequence numbers ``first_seq`` .. ``last_seq``; ``data`` sequences,
+``reward_mean``) from ``parent`` into the new ``version``: ``ratio_mean`` (pi_trainer / pi_serving), ``duration_s``."""
+CONTINUAL_LEARNER_SKIPPED: Final = "continual.learner_skipped"
+"""A learner step used ``feedback`` rewards without training (``reason`` no-signal: every advantage was zero)."""
+CONTINUAL_LEARNER_FAILED: Final = "continual.learner_failed"
+"""The background learner stopped on an ``error`` (serving goes on; learn() retries the step)."""
+CONTINUAL_RESUMED: Final = "continual.resumed"
+"""A continual tenant continues from its newest committed ``version`` after a restart: its ``aliases``,
+``feedback`` accepted in all, ``pending`` not yet trained."""
+CONTINUAL_CHECKED_OUT: Final = "continual.checked_out"
+"""The trainer's weights and optimizer state were set back to kept version ``source``; kept again as ``version``
+(its child), from which the learner continues."""
 
 BENCH_MODE_DONE: Final = "bench.mode_done"
 """One benchmark mode finished: ``mode``, ``n``, ``final_s``."""

@@ -112,6 +112,7 @@ class SampleResult(_Msg):
     adapter_version: int  # the version that produced every token below (-1 for the base model)
     prompt_token_ids: list[int]
     completions: list[Completion]
+    sample_ids: list[str] = []  # one per completion, for feedback (continual tenants only; docs/continual.md)
 
 
 class RegisterAdapter(_Msg):

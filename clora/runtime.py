@@ -27,6 +27,8 @@ from actors import ActorRef, ActorSystem, Supervision, UnknownMessage
 from clora import events
 from clora.rl.chat import ChatRenderer
 from clora.checkpoint.format import BaseModelIdentity, base_model_identity
+from clora.continual.learner import LearnerPolicy
+from clora.continual.tenant import Continual
 from clora.config import ExperimentConfig, LoraConfig, OptimConfig, RuntimeConfig, validate_tenant_name
 from clora.envs import Env, make_env
 from clora.errors import AdapterMismatchError, ConfigError, DuplicateTenantError, UnknownTenantError
@@ -73,6 +75,7 @@ class Runtime:
         self._stack = contextlib.AsyncExitStack()
         self._tenants: set[str] = set()
         self._opened: dict[str, float] = {}  # scripted tenants still open: when they opened (perf_counter)
+        self._handles: dict[str, TenantHandle] = {}  # their handles
         self._system: ActorSystem | None = None
         self.sampler: ActorRef | None = None
         self.trainer: ActorRef | None = None
@@ -224,10 +227,13 @@ class Runtime:
 
     async def tenant(
         self, name: str, *, lora: LoraConfig | None = None, optim: OptimConfig | None = None,
-        priority: int = 0, weight: float = 1.0,
+        priority: int = 0, weight: float = 1.0, continual: LearnerPolicy | bool | None = None,
     ) -> TenantHandle:
         """A scripted tenant: its adapter is registered with the trainer and serving as version 0.
         ``priority`` / ``weight``: its scheduling class and share (as ExperimentConfig's; docs/scheduling.md).
+        ``continual`` (True or a LearnerPolicy): keep named versions, aliases and feedback in
+        ``<run_dir>/tenants/<name>/continual`` and learn from feedback (docs/continual.md); with
+        ``resume`` it continues from its newest kept version.
 
         ``close()`` (or the runtime's exit) writes its adapter to ``<run_dir>/tenants/<name>/adapter``,
         where ``clora export`` finds it, and frees the name."""
@@ -247,10 +253,28 @@ class Runtime:
         except BaseException:
             await asyncio.shield(self.release(name))
             raise
+        handle = TenantHandle(self, name, published.version)
+        if continual:
+            policy = continual if isinstance(continual, LearnerPolicy) else LearnerPolicy()
+            try:
+                handle._continual = await Continual.open(handle, policy, self.continual_dir(name), resume=self.resume)
+            except BaseException:
+                await asyncio.shield(self.release(name))
+                raise
         self._opened[name] = time.perf_counter()
+        self._handles[name] = handle
         self._system.log.info(events.TENANT_OPENED, tenant=name, rank=lora.rank, lr=optim.lr,
-                              adapter_version=published.version)
-        return TenantHandle(self, name, published.version)
+                              adapter_version=handle.version, continual=bool(continual))
+        return handle
+
+    def continual_dir(self, name: str) -> Path:
+        """Where continual tenant ``name`` keeps its versions, aliases and feedback (docs/continual.md)."""
+        return self.run_dir / "tenants" / validate_tenant_name(name) / "continual"
+
+    @property
+    def log(self) -> Any:
+        """The runtime's event logger (every event also goes to ``<run_dir>/events.jsonl``)."""
+        return self._system.log
 
     def adapter_dir(self, name: str) -> Path:
         """Where tenant ``name``'s final adapter is written (PEFT format; ``clora export`` reads it)."""
@@ -280,7 +304,10 @@ class Runtime:
         opened = self._opened.pop(name, None)
         if opened is None:
             return
+        handle = self._handles.pop(name, None)
         try:
+            if handle is not None and handle._continual is not None:
+                await handle._continual.close()
             adapter = self.adapter_dir(name)
             version = await self.trainer.ask(ExportAdapter(tenant=name, out_dir=str(adapter)))
             self._system.log.info(events.TENANT_CLOSED, tenant=name, adapter_version=version, adapter=str(adapter),

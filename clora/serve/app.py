@@ -51,6 +51,7 @@ class BodyLimit:
 
 
 def create_app(state: ServeState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    from clora.serve.continual_routes import router as continual_router
     from clora.serve.openai_routes import router as openai_router
     from clora.serve.tinker_routes import router as tinker_router
 
@@ -93,6 +94,7 @@ def create_app(state: ServeState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
 
     app.include_router(tinker_router)
     app.include_router(openai_router)
+    app.include_router(continual_router)
     outer = BodyLimit(app, max_body_bytes)
     outer.state = app.state  # type: ignore[attr-defined]
     return outer  # type: ignore[return-value]

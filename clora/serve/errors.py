@@ -11,7 +11,9 @@ from clora.errors import (
     NonFiniteError,
     PromptTooLongError,
     ServeError,
+    UnknownSampleError,
     UnknownTenantError,
+    UnknownVersionError,
 )
 
 __all__ = ["error_body", "error_message", "status_of"]
@@ -20,7 +22,7 @@ __all__ = ["error_body", "error_message", "status_of"]
 def status_of(error: BaseException) -> int:
     if isinstance(error, ServeError):
         return error.status
-    if isinstance(error, UnknownTenantError):
+    if isinstance(error, (UnknownTenantError, UnknownVersionError, UnknownSampleError)):
         return 404
     if isinstance(error, DuplicateTenantError):
         return 409

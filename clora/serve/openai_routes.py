@@ -1,9 +1,13 @@
 """The OpenAI inference API (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``).
 
 ``model`` is the base model's name, a tenant (its serving version) or ``tenant@version`` (only the
-serving version: clora keeps one version of a tenant in the engine). Requests of every tenant go to
-the same sampler as training rollouts and decode in its mixed-adapter batches. Streaming sends the
-completion token by token once the sampler returned it (the sampler answers whole completions).
+serving version: clora keeps one version of a tenant in the engine). A continual tenant
+(docs/continual.md) keeps named versions: ``tenant`` samples its ``production`` alias,
+``tenant@alias``, ``tenant@7`` or ``tenant@v7`` exactly that version; the answer names the version in
+``system_fingerprint`` (``tenant@v7``) and carries ``sample_ids`` (one per choice) for ``/v1/feedback``.
+Requests of every tenant go to the same sampler as training rollouts and decode in its mixed-adapter
+batches. Streaming sends the completion token by token once the sampler returned it (the sampler
+answers whole completions).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from clora.continual.tenant import PRODUCTION
 from clora.errors import ConfigError, NotFoundError, UnsupportedError
 from clora.messages import SampleRequest, SampleResult, SamplingSpec
 from clora.serve import openai_wire as wire
@@ -41,15 +46,23 @@ async def _decode(request: Request, type_: type) -> Any:
         raise ConfigError(f"{request.url.path}: the body is not valid JSON ({e})") from None
 
 
-def _resolve(state: ServeState, request: Request, model: str) -> str | None:
-    """The tenant a ``model`` names (None: the base model); 403 / 404 as the key allows."""
+Target = tuple[str | None, str | None]  # (tenant or None for the base model, a continual tenant's version)
+
+
+def _resolve(state: ServeState, request: Request, model: str) -> Target:
+    """The tenant a ``model`` names (None: the base model) and, for a continual tenant, the version or
+    alias to pin; 403 / 404 as the key allows."""
     if model == state.base_model:
-        return None
-    name, _, version = model.partition("@")
+        return None, None
+    name, at, version = model.partition("@")
     handle = state.tenant(request.state.principal, name)
+    if handle._continual is not None:
+        if at and not version:
+            raise ConfigError(f"model {model!r}: name a version or an alias after '@'")
+        return name, version if at else PRODUCTION
     if version and version != str(handle.version):
         raise NotFoundError(f"model {model!r}: version {version} is not serving (serving: {name}@{handle.version})")
-    return name
+    return name, None
 
 
 @router.get("/models")
@@ -74,26 +87,37 @@ def _spec(body: wire._Common, prompt_len: int, max_model_len: int) -> SamplingSp
                         stop=body.stops())
 
 
-async def _sample(state: ServeState, tenant: str | None, prompt: list[int], spec: SamplingSpec) -> SampleResult:
-    return await state.runtime.ask(SampleRequest(tenant=tenant, prompt_token_ids=prompt, sampling=spec))
+async def _sample(state: ServeState, target: Target, prompt: list[int], spec: SamplingSpec) -> SampleResult:
+    tenant, version = target
+    request = SampleRequest(tenant=tenant, prompt_token_ids=prompt, sampling=spec)
+    if version is None:
+        return await state.runtime.ask(request)
+    return await state.tenants[tenant].continual.sample(request, version, record=True)
+
+
+def _extra(target: Target, result: SampleResult) -> dict[str, Any]:
+    """What a continual tenant's answer adds: the version that served it and the sample ids for feedback."""
+    if target[1] is None:
+        return {}
+    return {"system_fingerprint": f"{target[0]}@v{result.adapter_version}", "sample_ids": list(result.sample_ids)}
 
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Any:
     body = await _decode(request, wire.ChatIn)
     state = _state(request)
-    tenant = _resolve(state, request, body.model)
+    target = _resolve(state, request, body.model)
     if not body.messages:
         raise ConfigError("messages: at least one message is needed")
     prompt = state.runtime.renderer.initial([{"role": m.role, "content": m.content or ""} for m in body.messages])
-    return await _answer(state, request, body, tenant, prompt, chat=True)
+    return await _answer(state, request, body, target, prompt, chat=True)
 
 
 @router.post("/completions")
 async def completions(request: Request) -> Any:
     body = await _decode(request, wire.CompletionIn)
     state = _state(request)
-    tenant = _resolve(state, request, body.model)
+    target = _resolve(state, request, body.model)
     if isinstance(body.prompt, str):
         prompt = list(state.runtime.tokenizer.encode(body.prompt, add_special_tokens=False))
     elif body.prompt and all(isinstance(t, int) for t in body.prompt):
@@ -102,25 +126,27 @@ async def completions(request: Request) -> Any:
         raise UnsupportedError("a list of several prompts is not supported by clora serve (send one per request)")
     if not prompt:
         raise ConfigError("prompt: no tokens")
-    return await _answer(state, request, body, tenant, prompt, chat=False)
+    return await _answer(state, request, body, target, prompt, chat=False)
 
 
-async def _answer(state: ServeState, request: Request, body: wire._Common, tenant: str | None, prompt: list[int],
+async def _answer(state: ServeState, request: Request, body: wire._Common, target: Target, prompt: list[int],
                   *, chat: bool) -> Any:
     spec = _spec(body, len(prompt), state.runtime.config.model.max_model_len)
     rid = state.new_id("chatcmpl" if chat else "cmpl")
     if not body.stream:
-        result = await _sample(state, tenant, prompt, spec)
+        result = await _sample(state, target, prompt, spec)
         texts = [(c.text, c.finish_reason) for c in result.completions]
         done = sum(len(c.token_ids) for c in result.completions)
         make = wire.chat_response if chat else wire.completion_response
-        return JSONResponse(make(rid, body.model, texts, len(prompt), done))
+        return JSONResponse({**make(rid, body.model, texts, len(prompt), done), **_extra(target, result)})
     # errors before the first byte are one JSON answer; the stream starts once the sampler answered
-    result = await _sample(state, tenant, prompt, spec)
-    return StreamingResponse(_stream(state, result, rid, body.model, chat), media_type="text/event-stream")
+    result = await _sample(state, target, prompt, spec)
+    return StreamingResponse(_stream(state, result, rid, body.model, chat, _extra(target, result)),
+                             media_type="text/event-stream")
 
 
-async def _stream(state: ServeState, result: SampleResult, rid: str, model: str, chat: bool) -> AsyncIterator[bytes]:
+async def _stream(state: ServeState, result: SampleResult, rid: str, model: str, chat: bool,
+                  extra: dict[str, Any]) -> AsyncIterator[bytes]:
     tokenizer = state.runtime.tokenizer
     try:
         for index, completion in enumerate(result.completions):
@@ -129,14 +155,15 @@ async def _stream(state: ServeState, result: SampleResult, rid: str, model: str,
                 text = tokenizer.decode(completion.token_ids[:n], skip_special_tokens=True)
                 if len(text) > len(shown) and not text.endswith("\ufffd"):
                     piece, shown = text[len(shown):], text
-                    yield _sse(wire.chunk(rid, model, index, chat=chat, text=piece, reason=None, first=n == 1))
+                    yield _sse(wire.chunk(rid, model, index, chat=chat, text=piece, reason=None, first=n == 1), extra)
             if completion.text and completion.text != shown and completion.text.startswith(shown):
-                yield _sse(wire.chunk(rid, model, index, chat=chat, text=completion.text[len(shown):], reason=None))
-            yield _sse(wire.chunk(rid, model, index, chat=chat, text=None, reason=completion.finish_reason))
+                yield _sse(wire.chunk(rid, model, index, chat=chat, text=completion.text[len(shown):], reason=None),
+                           extra)
+            yield _sse(wire.chunk(rid, model, index, chat=chat, text=None, reason=completion.finish_reason), extra)
         yield b"data: [DONE]\n\n"
     except Exception as error:  # noqa: BLE001 - a stream that broke says so in the stream
         yield _sse(error_body(error))
 
 
-def _sse(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload)}\n\n".encode()
+def _sse(payload: dict[str, Any], extra: dict[str, Any] | None = None) -> bytes:
+    return f"data: {json.dumps({**payload, **(extra or {})})}\n\n".encode()

@@ -21,6 +21,7 @@ from clora.config import LoraConfig, OptimConfig, validate_tenant_name
 from clora.errors import CloraError, ConfigError, NotFoundError, UnsupportedError
 from clora.messages import SampleRequest, SamplingSpec
 from clora.serve import tinker_wire as wire
+from clora.serve.continual_routes import continual_policy
 from clora.serve.errors import error_message, status_of
 from clora.serve.state import SamplingTarget, ServeState
 
@@ -222,11 +223,12 @@ async def create_model(request: Request) -> dict[str, Any]:
     if not state.may_use(principal, name) and not (principal.admin or name.startswith("tinker-")):
         state.keys.check(principal, name)
     lora = LoraConfig(rank=lora_in.rank, init_seed=lora_in.seed or 0)
+    continual = continual_policy((body.user_metadata or {}).get("clora_continual"))
     state.owners.setdefault(name, principal.name)  # claimed now: a second create of the name fails below
 
     async def work() -> dict[str, Any]:
         try:
-            handle = await state.runtime.tenant(name, lora=lora, optim=OptimConfig())
+            handle = await state.runtime.tenant(name, lora=lora, optim=OptimConfig(), continual=continual)
         except BaseException:
             if name not in state.tenants and state.owners.get(name) == principal.name:
                 state.owners.pop(name, None)

@@ -33,6 +33,10 @@ from clora.messages import (
 )
 
 if TYPE_CHECKING:
+    from clora.continual.feedback import FeedbackRecord
+    from clora.continual.gate import Gate, Promotion
+    from clora.continual.registry import VersionInfo
+    from clora.continual.tenant import Continual
     from clora.runtime import Runtime
 
 __all__ = ["TenantHandle", "operation"]
@@ -82,6 +86,7 @@ class TenantHandle:
         self.runtime = runtime
         self.name = name
         self.version = version  # the version serving in the engine
+        self._continual: Continual | None = None  # versions, aliases, feedback (rt.tenant(..., continual=...))
 
     forward_backward = operation(ForwardBackward)
     optim_step = operation(OptimStep)
@@ -97,19 +102,84 @@ class TenantHandle:
         max_tokens: int = 64,
         temperature: float = 1.0,
         seed: int | None = None,
+        stop: tuple[str, ...] = (),
+        version: int | str | None = None,
+        record: bool = True,
     ) -> SampleResult:
-        """Sample from this tenant's serving adapter. A string is one user message; a list of dicts a chat."""
+        """Sample from this tenant's adapter. A string is one user message; a list of dicts a chat.
+
+        ``version``: None samples the serving (newest published) version; a number or an alias
+        (``"production"``) samples exactly that kept version, resolved when the call starts (continual
+        tenants). A continual tenant records each completion and returns its id in ``sample_ids``
+        for ``feedback`` (``record=False``: not recorded)."""
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         if prompt and isinstance(prompt[0], dict):
             prompt = self.runtime.renderer.initial(prompt)
-        spec = SamplingSpec(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        return await self.runtime.ask(SampleRequest(tenant=self.name, prompt_token_ids=list(prompt), sampling=spec))
+        spec = SamplingSpec(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed, stop=tuple(stop))
+        request = SampleRequest(tenant=self.name, prompt_token_ids=list(prompt), sampling=spec)
+        if self._continual is None:
+            if version is not None:
+                self.continual  # raises: versions need a continual tenant
+            return await self.runtime.ask(request)
+        return await self._continual.sample(request, version, record=record)
+
+    # ------------------------------------------------------------------ continual learning (docs/continual.md)
+
+    @property
+    def continual(self) -> Continual:
+        """This tenant's versions, feedback log and learner; ConfigError if opened without ``continual=``."""
+        if self._continual is None:
+            from clora.errors import ConfigError
+
+            raise ConfigError(f"tenant {self.name!r} keeps no versions: open it with rt.tenant(name, continual=True)")
+        return self._continual
+
+    async def commit(self, alias: str | None = None) -> VersionInfo:
+        """Keep the trainer's current weights as a named version on disk (``alias``: point it there too)."""
+        return await self.continual.commit(alias=alias)
+
+    def versions(self) -> list[VersionInfo]:
+        """Every kept version with its lineage (parent, steps, data, scores), oldest first."""
+        return self.continual.registry.versions()
+
+    def aliases(self) -> dict[str, int]:
+        """Alias -> version (``production``, ``candidate``, ...)."""
+        return self.continual.registry.aliases()
+
+    async def promote(self, version: int | str, alias: str = "production", *, gate: Gate | None = None,
+                      margin: float = 0.0) -> Promotion:
+        """Point ``alias`` at ``version`` if ``gate`` (an async ``gate(tenant, version) -> float`` or an Env's
+        held-out set) scores it above the alias's current version by more than ``margin`` (no gate: always)."""
+        return await self.continual.promote(version, alias, gate, margin)
+
+    async def rollback(self, alias: str = "production") -> int:
+        """Point ``alias`` back at the version it pointed at before, at once; returns that version."""
+        return await self.continual.rollback(alias)
+
+    async def feedback(self, sample_id: str, reward: float) -> FeedbackRecord:
+        """Attach ``reward`` to a completion this tenant served (a ``sample_ids`` entry), in any order, durably."""
+        return (await self.continual.feedback([(sample_id, reward)]))[0]
+
+    async def feedback_many(self, items: list[tuple[str, float]]) -> list[FeedbackRecord]:
+        """``feedback`` for several samples at once: all accepted, or none (the first bad one raises)."""
+        return await self.continual.feedback(items)
+
+    async def checkout(self, version: int | str) -> VersionInfo:
+        """Set the trainer back to a kept version (weights and optimizer), so learning continues from it; it
+        is kept again under a new number whose parent is ``version`` (e.g. after rolling back a bad one)."""
+        return await self.continual.checkout(version)
+
+    async def learn(self) -> VersionInfo | None:
+        """Train on the pending feedback now (the background learner does this when its policy says so)."""
+        return await self.continual.learn()
 
     async def publish(self) -> Published:
         """Make the trainer's newest version serve in the engine."""
         published = await self.runtime.ask(Publish(tenant=self.name))
         self.version = published.version
+        if self._continual is not None:  # every published version of a continual tenant is kept
+            await self._continual.commit()
         return published
 
     async def save(self, out_dir: str | Path) -> Path:

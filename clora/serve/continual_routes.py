@@ -1,0 +1,150 @@
+"""Continual learning over HTTP: ``/v1/feedback`` and the admin API (versions, promote, rollback, learn).
+
+- ``POST /v1/feedback`` ``{"model": TENANT, "sample_id": ID, "reward": R}`` or ``{"model": TENANT,
+  "feedback": [{"sample_id": ID, "reward": R}, ...]}`` (all accepted or none): rewards for completions
+  the OpenAI routes served (their ``sample_ids``). Any key that may use the tenant may send feedback.
+  Unknown or expired sample id: 404; a non-finite or conflicting reward: 400.
+- ``GET /v1/admin/tenants/{tenant}/versions``: every kept version with its lineage, and the aliases.
+- ``POST /v1/admin/tenants/{tenant}/promote`` ``{"version": 7 | "candidate", "alias": "production"}``.
+- ``POST /v1/admin/tenants/{tenant}/rollback`` ``{"alias": "production"}``.
+- ``POST /v1/admin/tenants/{tenant}/learn``: one learner step on the pending feedback now.
+
+The admin endpoints need an admin key (``"admin": true`` in the key file; without keys, loopback
+clients are admins): any other key, or none, gets 403. A tenant opened without ``continual`` gets 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Request
+
+from clora.continual.learner import LearnerPolicy
+from clora.continual.tenant import PRODUCTION
+from clora.errors import AccessDeniedError, ConfigError
+from clora.serve.state import ServeState
+from clora.tenant.handle import TenantHandle
+
+__all__ = ["router", "continual_policy"]
+
+router = APIRouter(prefix="/v1")
+
+
+class _In(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class FeedbackItem(_In, kw_only=True):
+    sample_id: str
+    reward: float
+
+
+class FeedbackIn(_In, kw_only=True):
+    model: str
+    sample_id: str | None = None
+    reward: float | None = None
+    feedback: list[FeedbackItem] | None = None
+
+    def items(self) -> list[tuple[str, float]]:
+        single = self.sample_id is not None or self.reward is not None
+        if single == (self.feedback is not None) or (single and (self.sample_id is None or self.reward is None)):
+            raise ConfigError("feedback: give either sample_id and reward, or a feedback list")
+        if single:
+            return [(self.sample_id, self.reward)]
+        if not self.feedback:
+            raise ConfigError("feedback: the list is empty")
+        return [(f.sample_id, f.reward) for f in self.feedback]
+
+
+class PromoteIn(_In, kw_only=True):
+    version: int | str
+    alias: str = PRODUCTION
+
+
+class RollbackIn(_In, kw_only=True):
+    alias: str = PRODUCTION
+
+
+def continual_policy(value: Any) -> LearnerPolicy | None:
+    """A Tinker client's ``user_metadata["clora_continual"]``: absent / false -> None (no versions), true ->
+    the default LearnerPolicy, a JSON object (or its text) -> a LearnerPolicy with those fields."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("", "0", "false", "no")):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in ("1", "true", "yes")):
+        return LearnerPolicy()
+    try:
+        fields = msgspec.json.decode(value) if isinstance(value, str) else value
+        return msgspec.convert(fields, LearnerPolicy)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ConfigError(f"user_metadata.clora_continual: true, or a LearnerPolicy as JSON ({e})") from None
+
+
+def _state(request: Request) -> ServeState:
+    return request.app.state.serve
+
+
+async def _decode(request: Request, type_: type) -> Any:
+    raw = await request.body()
+    try:
+        return msgspec.json.decode(raw or b"{}", type=type_)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{request.url.path}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{request.url.path}: the body is not valid JSON ({e})") from None
+
+
+def _continual(state: ServeState, request: Request, tenant: str) -> TenantHandle:
+    handle = state.tenant(request.state.principal, tenant)
+    handle.continual  # ConfigError (400) for a tenant without versions
+    return handle
+
+
+def _admin(request: Request, tenant: str) -> TenantHandle:
+    if not request.state.principal.admin:
+        raise AccessDeniedError("not allowed: the admin API needs an admin key")
+    return _continual(_state(request), request, tenant)
+
+
+def _version(info: Any) -> dict[str, Any]:
+    return msgspec.to_builtins(info)
+
+
+@router.post("/feedback")
+async def feedback(request: Request) -> dict[str, Any]:
+    body = await _decode(request, FeedbackIn)
+    items = body.items()
+    handle = _continual(_state(request), request, body.model)
+    records = await handle.feedback_many(items)
+    return {"object": "feedback", "model": body.model,
+            "accepted": [{"sample_id": r.sample, "seq": r.seq, "reward": r.reward} for r in records],
+            "pending": len(handle.continual.pending())}
+
+
+@router.get("/admin/tenants/{tenant}/versions")
+async def versions(request: Request, tenant: str) -> dict[str, Any]:
+    handle = _admin(request, tenant)
+    return {"tenant": tenant, "versions": [_version(v) for v in handle.versions()], "aliases": handle.aliases(),
+            "live": handle.continual.pinned.live(), "pending_feedback": len(handle.continual.pending())}
+
+
+@router.post("/admin/tenants/{tenant}/promote")
+async def promote(request: Request, tenant: str) -> dict[str, Any]:
+    handle = _admin(request, tenant)
+    body = await _decode(request, PromoteIn)
+    return msgspec.to_builtins(await handle.promote(body.version, body.alias))
+
+
+@router.post("/admin/tenants/{tenant}/rollback")
+async def rollback(request: Request, tenant: str) -> dict[str, Any]:
+    handle = _admin(request, tenant)
+    body = await _decode(request, RollbackIn)
+    version = await handle.rollback(body.alias)
+    return {"tenant": tenant, "alias": body.alias, "version": version}
+
+
+@router.post("/admin/tenants/{tenant}/learn")
+async def learn(request: Request, tenant: str) -> dict[str, Any]:
+    handle = _admin(request, tenant)
+    info = await handle.learn()
+    return {"tenant": tenant, "version": None if info is None else _version(info), "aliases": handle.aliases()}
