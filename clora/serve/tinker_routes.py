@@ -192,6 +192,16 @@ async def session_heartbeat(request: Request) -> dict[str, Any]:
     return {"type": "session_heartbeat"}
 
 
+@router.post("/sessions/{session_id}/finish")
+async def finish_session(session_id: str, request: Request) -> dict[str, Any]:
+    # the SDK's ServiceClient.close() (a `with` block's end); the session's tenants keep serving
+    state = _state(request)
+    if state.sessions.get(session_id) != request.state.principal.name and not request.state.principal.admin:
+        raise NotFoundError(f"unknown session {session_id!r}")
+    state.sessions.pop(session_id, None)
+    return {"type": "finish_session"}
+
+
 @router.post("/telemetry")
 async def telemetry(request: Request) -> dict[str, Any]:
     return {"status": "accepted"}
