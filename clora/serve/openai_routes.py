@@ -8,6 +8,8 @@ completion token by token once the sampler returned it (the sampler answers whol
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +18,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from clora.errors import ConfigError, NotFoundError, UnsupportedError
+from clora.errors import ClientDisconnectedError, ConfigError, NotFoundError, UnsupportedError
 from clora.messages import SampleRequest, SampleResult, SamplingSpec
 from clora.serve import openai_wire as wire
 from clora.serve.errors import error_body
@@ -74,8 +76,31 @@ def _spec(body: wire._Common, prompt_len: int, max_model_len: int) -> SamplingSp
                         stop=body.stops())
 
 
-async def _sample(state: ServeState, tenant: str | None, prompt: list[int], spec: SamplingSpec) -> SampleResult:
-    return await state.runtime.ask(SampleRequest(tenant=tenant, prompt_token_ids=prompt, sampling=spec))
+async def _sample(state: ServeState, request: Request, tenant: str | None, prompt: list[int],
+                  spec: SamplingSpec) -> SampleResult:
+    """The sampler's answer. A client that disconnects before it comes cancels its request: the sampler
+    drops it and the engine aborts it, so its decode slots go to the other requests."""
+    sampling = asyncio.ensure_future(
+        state.runtime.ask(SampleRequest(tenant=tenant, prompt_token_ids=prompt, sampling=spec)))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({sampling, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not sampling.done():
+            sampling.cancel()
+    if sampling.cancelled() or not sampling.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling  # the abort has reached the engine when this returns
+        raise ClientDisconnectedError(f"the client disconnected before its answer came; model {tenant or 'base'!r}, "
+                                      "request cancelled")
+    return sampling.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (the body is read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.post("/chat/completions")
@@ -110,13 +135,13 @@ async def _answer(state: ServeState, request: Request, body: wire._Common, tenan
     spec = _spec(body, len(prompt), state.runtime.config.model.max_model_len)
     rid = state.new_id("chatcmpl" if chat else "cmpl")
     if not body.stream:
-        result = await _sample(state, tenant, prompt, spec)
+        result = await _sample(state, request, tenant, prompt, spec)
         texts = [(c.text, c.finish_reason) for c in result.completions]
         done = sum(len(c.token_ids) for c in result.completions)
         make = wire.chat_response if chat else wire.completion_response
         return JSONResponse(make(rid, body.model, texts, len(prompt), done))
     # errors before the first byte are one JSON answer; the stream starts once the sampler answered
-    result = await _sample(state, tenant, prompt, spec)
+    result = await _sample(state, request, tenant, prompt, spec)
     return StreamingResponse(_stream(state, result, rid, body.model, chat), media_type="text/event-stream")
 
 
