@@ -81,6 +81,16 @@ def test_a_service_client_used_as_a_context_manager_finishes_its_session(served)
     assert _post(served, "session_heartbeat", ALICE, {"session_id": session_id}).status_code == 404
     assert _post(served, f"sessions/{session_id}/finish", ALICE, {}).status_code == 404
     assert tc.model_id in served.server.state.tenants  # the tenant outlives the session
+    # the server logs through the runtime's logger, into the runtime's events
+    logged = [json.loads(line) for line in (served.runtime.run_dir / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "serve.tenant_created" and e["tenant"] == tc.model_id for e in logged)
+
+
+def test_the_runtime_logger_exists_only_while_the_runtime_runs():
+    from clora.runtime import Runtime
+
+    with pytest.raises(RuntimeError, match="not started"):
+        Runtime().log
 
 
 def test_cross_entropy_step_sample_and_logprobs_through_the_sdk(served):

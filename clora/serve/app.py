@@ -53,10 +53,11 @@ class BodyLimit:
 def create_app(state: ServeState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     from clora.serve.openai_routes import router as openai_router
     from clora.serve.tinker_routes import router as tinker_router
+    from clora.serve.tinker_sampling import router as tinker_sampling_router
 
     app = FastAPI(title="clora serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
-    log = state.runtime._system.log
+    log = state.runtime.log
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Any) -> Any:
@@ -92,6 +93,7 @@ def create_app(state: ServeState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
         return JSONResponse({"status": "ready", "base_model": state.base_model, "tenants": len(state.tenants)})
 
     app.include_router(tinker_router)
+    app.include_router(tinker_sampling_router)
     app.include_router(openai_router)
     outer = BodyLimit(app, max_body_bytes)
     outer.state = app.state  # type: ignore[attr-defined]

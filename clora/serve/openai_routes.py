@@ -14,13 +14,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from clora.errors import ClientDisconnectedError, ConfigError, NotFoundError, UnsupportedError
 from clora.messages import SampleRequest, SampleResult, SamplingSpec
 from clora.serve import openai_wire as wire
+from clora.serve.bodies import read_json, serve_state
 from clora.serve.errors import error_body
 from clora.serve.state import ServeState
 
@@ -28,19 +28,6 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1")
 DEFAULT_MAX_TOKENS = 128
-
-
-def _state(request: Request) -> ServeState:
-    return request.app.state.serve
-
-
-async def _decode(request: Request, type_: type) -> Any:
-    try:
-        return msgspec.json.decode(await request.body(), type=type_)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"{request.url.path}: {e}") from None
-    except msgspec.DecodeError as e:
-        raise ConfigError(f"{request.url.path}: the body is not valid JSON ({e})") from None
 
 
 def _resolve(state: ServeState, request: Request, model: str) -> str | None:
@@ -56,7 +43,7 @@ def _resolve(state: ServeState, request: Request, model: str) -> str | None:
 
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
-    state, principal = _state(request), request.state.principal
+    state, principal = serve_state(request), request.state.principal
     rows = [{"id": state.base_model, "object": "model", "owned_by": "clora", "created": 0}]
     for name, handle in sorted(state.tenants.items()):
         if state.may_use(principal, name):
@@ -105,8 +92,8 @@ async def _disconnected(request: Request) -> None:
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Any:
-    body = await _decode(request, wire.ChatIn)
-    state = _state(request)
+    body = await read_json(request, wire.ChatIn)
+    state = serve_state(request)
     tenant = _resolve(state, request, body.model)
     if not body.messages:
         raise ConfigError("messages: at least one message is needed")
@@ -116,8 +103,8 @@ async def chat_completions(request: Request) -> Any:
 
 @router.post("/completions")
 async def completions(request: Request) -> Any:
-    body = await _decode(request, wire.CompletionIn)
-    state = _state(request)
+    body = await read_json(request, wire.CompletionIn)
+    state = serve_state(request)
     tenant = _resolve(state, request, body.model)
     if isinstance(body.prompt, str):
         prompt = list(state.runtime.tokenizer.encode(body.prompt, add_special_tokens=False))
