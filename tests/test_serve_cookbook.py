@@ -99,3 +99,46 @@ def test_the_cookbook_math_rl_recipe_trains_two_tenants_on_one_server(tiny_model
         assert (tmp_path / "run" / "tenants" / tenant / "adapter" / "adapter_config.json").is_file()
         tenants.add(tenant)
     assert len(tenants) == 2  # two recipe processes: two tenants on the one server
+
+
+@pytest.mark.vllm
+def test_the_cookbook_recipe_against_clora_serve_on_the_real_engine(tiny_model_dir, tmp_path):
+    """The same recipe against the `clora serve` command on the real vLLM engine (tiny model: the reward
+    need not rise). Written, not run, by the session that added it: the lead runs it."""
+    import time
+
+    import httpx
+
+    from clora.config import EngineConfig, ModelConfig, RuntimeConfig, dump_toml
+
+    config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir), max_model_len=256),
+                           engine=EngineConfig(max_loras=2, max_lora_rank=8, max_num_seqs=16, kv_cache_gib=1.0),
+                           run_dir=str(tmp_path / "run"))
+    (tmp_path / "serve.toml").write_bytes(dump_toml(config))
+    port, env = 18766, {**os.environ, "PYTHONPATH": str(ROOT), "TINKER_API_KEY": "tml-local"}
+    server = subprocess.Popen([sys.executable, "-m", "clora.cli.main", "serve", "serve.toml", "--port", str(port),
+                               "--model-name", str(tiny_model_dir)], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            time.sleep(2)
+        recipe = subprocess.run(_recipe(url, str(tiny_model_dir), tmp_path / "recipe"), cwd=tmp_path, env=env,
+                                text=True, capture_output=True, timeout=800)
+        assert recipe.returncode == 0, (recipe.stdout + recipe.stderr)[-4000:]
+        server.send_signal(signal.SIGTERM)
+        server.wait(120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0
+    steps = [json.loads(line) for line in (tmp_path / "recipe" / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in steps if "env/all/reward/total" in row]
+    assert len(trained) == STEPS and all(row["tokens/sampled"] > 0 for row in trained)
