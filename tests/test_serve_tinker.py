@@ -72,6 +72,27 @@ def test_health_and_capabilities_name_the_served_model(served):
     assert _post(served, "session_heartbeat", BOB, {"session_id": session["session_id"]}).status_code == 404
 
 
+def test_a_service_client_used_as_a_context_manager_finishes_its_session(served):
+    # tinker-cookbook's RL loop uses `with tinker.ServiceClient(...)`; closing it finishes the session
+    with _client(served, ALICE) as service:
+        tc = service.create_lora_training_client(base_model="tiny", rank=4).result()
+        session_id = service.holder.get_session_id()
+        assert _post(served, "session_heartbeat", ALICE, {"session_id": session_id}).status_code == 200
+    assert _post(served, "session_heartbeat", ALICE, {"session_id": session_id}).status_code == 404
+    assert _post(served, f"sessions/{session_id}/finish", ALICE, {}).status_code == 404
+    assert tc.model_id in served.server.state.tenants  # the tenant outlives the session
+    # the server logs through the runtime's logger, into the runtime's events
+    logged = [json.loads(line) for line in (served.runtime.run_dir / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "serve.tenant_created" and e["tenant"] == tc.model_id for e in logged)
+
+
+def test_the_runtime_logger_exists_only_while_the_runtime_runs():
+    from clora.runtime import Runtime
+
+    with pytest.raises(RuntimeError, match="not started"):
+        Runtime().log
+
+
 def test_cross_entropy_step_sample_and_logprobs_through_the_sdk(served):
     tc = _client(served, ADMIN).create_lora_training_client(base_model="tiny", rank=4).result()
     name = tc.model_id

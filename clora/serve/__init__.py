@@ -2,8 +2,9 @@
 one warm runtime (docs/serve.md).
 
 Modules: ``server`` (runtime + uvicorn, shutdown), ``app`` (body limit, keys, errors, readiness),
-``tinker_routes`` / ``tinker_wire`` (the Tinker REST API and its protobuf payloads),
-``openai_routes`` / ``openai_wire``, ``auth`` (API keys), ``futures`` (Tinker futures),
+``tinker_routes`` (the Tinker REST API: service, training, futures), ``tinker_sampling`` (its sampling),
+``tinker_requests`` / ``tinker_wire`` (its JSON bodies and protobuf payloads), ``openai_routes`` /
+``openai_wire``, ``bodies`` (reading a request), ``auth`` (API keys), ``futures`` (Tinker futures),
 ``state`` (what the server remembers), ``errors`` (HTTP status of each clora error).
 """
 

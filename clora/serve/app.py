@@ -54,10 +54,11 @@ def create_app(state: ServeState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
     from clora.serve.continual_routes import router as continual_router
     from clora.serve.openai_routes import router as openai_router
     from clora.serve.tinker_routes import router as tinker_router
+    from clora.serve.tinker_sampling import router as tinker_sampling_router
 
     app = FastAPI(title="clora serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
-    log = state.runtime._system.log
+    log = state.runtime.log
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Any) -> Any:
@@ -93,6 +94,7 @@ def create_app(state: ServeState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
         return JSONResponse({"status": "ready", "base_model": state.base_model, "tenants": len(state.tenants)})
 
     app.include_router(tinker_router)
+    app.include_router(tinker_sampling_router)
     app.include_router(openai_router)
     app.include_router(continual_router)
     outer = BodyLimit(app, max_body_bytes)

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from clora.continual.learner import LearnerPolicy
 from clora.continual.tenant import PRODUCTION
 from clora.errors import AccessDeniedError, ConfigError
+from clora.serve.bodies import read_json, serve_state
 from clora.serve.state import ServeState
 from clora.tenant.handle import TenantHandle
 
@@ -80,20 +81,6 @@ def continual_policy(value: Any) -> LearnerPolicy | None:
         raise ConfigError(f"user_metadata.clora_continual: true, or a LearnerPolicy as JSON ({e})") from None
 
 
-def _state(request: Request) -> ServeState:
-    return request.app.state.serve
-
-
-async def _decode(request: Request, type_: type) -> Any:
-    raw = await request.body()
-    try:
-        return msgspec.json.decode(raw or b"{}", type=type_)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"{request.url.path}: {e}") from None
-    except msgspec.DecodeError as e:
-        raise ConfigError(f"{request.url.path}: the body is not valid JSON ({e})") from None
-
-
 def _continual(state: ServeState, request: Request, tenant: str) -> TenantHandle:
     handle = state.tenant(request.state.principal, tenant)
     handle.continual  # ConfigError (400) for a tenant without versions
@@ -103,7 +90,7 @@ def _continual(state: ServeState, request: Request, tenant: str) -> TenantHandle
 def _admin(request: Request, tenant: str) -> TenantHandle:
     if not request.state.principal.admin:
         raise AccessDeniedError("not allowed: the admin API needs an admin key")
-    return _continual(_state(request), request, tenant)
+    return _continual(serve_state(request), request, tenant)
 
 
 def _version(info: Any) -> dict[str, Any]:
@@ -112,9 +99,9 @@ def _version(info: Any) -> dict[str, Any]:
 
 @router.post("/feedback")
 async def feedback(request: Request) -> dict[str, Any]:
-    body = await _decode(request, FeedbackIn)
+    body = await read_json(request, FeedbackIn, empty_is_object=True)
     items = body.items()
-    handle = _continual(_state(request), request, body.model)
+    handle = _continual(serve_state(request), request, body.model)
     records = await handle.feedback_many(items)
     return {"object": "feedback", "model": body.model,
             "accepted": [{"sample_id": r.sample, "seq": r.seq, "reward": r.reward} for r in records],
@@ -131,14 +118,14 @@ async def versions(request: Request, tenant: str) -> dict[str, Any]:
 @router.post("/admin/tenants/{tenant}/promote")
 async def promote(request: Request, tenant: str) -> dict[str, Any]:
     handle = _admin(request, tenant)
-    body = await _decode(request, PromoteIn)
+    body = await read_json(request, PromoteIn, empty_is_object=True)
     return msgspec.to_builtins(await handle.promote(body.version, body.alias))
 
 
 @router.post("/admin/tenants/{tenant}/rollback")
 async def rollback(request: Request, tenant: str) -> dict[str, Any]:
     handle = _admin(request, tenant)
-    body = await _decode(request, RollbackIn)
+    body = await read_json(request, RollbackIn, empty_is_object=True)
     version = await handle.rollback(body.alias)
     return {"tenant": tenant, "alias": body.alias, "version": version}
 

@@ -12,18 +12,20 @@ answers whole completions).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from clora.continual.tenant import PRODUCTION
-from clora.errors import ConfigError, NotFoundError, UnsupportedError
+from clora.errors import ClientDisconnectedError, ConfigError, NotFoundError, UnsupportedError
 from clora.messages import SampleRequest, SampleResult, SamplingSpec
 from clora.serve import openai_wire as wire
+from clora.serve.bodies import read_json, serve_state
 from clora.serve.errors import error_body
 from clora.serve.state import ServeState
 
@@ -31,19 +33,6 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1")
 DEFAULT_MAX_TOKENS = 128
-
-
-def _state(request: Request) -> ServeState:
-    return request.app.state.serve
-
-
-async def _decode(request: Request, type_: type) -> Any:
-    try:
-        return msgspec.json.decode(await request.body(), type=type_)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"{request.url.path}: {e}") from None
-    except msgspec.DecodeError as e:
-        raise ConfigError(f"{request.url.path}: the body is not valid JSON ({e})") from None
 
 
 Target = tuple[str | None, str | None]  # (tenant or None for the base model, a continual tenant's version)
@@ -67,7 +56,7 @@ def _resolve(state: ServeState, request: Request, model: str) -> Target:
 
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
-    state, principal = _state(request), request.state.principal
+    state, principal = serve_state(request), request.state.principal
     rows = [{"id": state.base_model, "object": "model", "owned_by": "clora", "created": 0}]
     for name, handle in sorted(state.tenants.items()):
         if state.may_use(principal, name):
@@ -87,12 +76,39 @@ def _spec(body: wire._Common, prompt_len: int, max_model_len: int) -> SamplingSp
                         stop=body.stops())
 
 
-async def _sample(state: ServeState, target: Target, prompt: list[int], spec: SamplingSpec) -> SampleResult:
+async def _sample(state: ServeState, request: Request, target: Target, prompt: list[int],
+                  spec: SamplingSpec) -> SampleResult:
+    """The sampler's answer (a continual tenant's: from the pinned version). A client that disconnects before
+    it comes cancels its request: the sampler drops it and the engine aborts it, so its decode slots go to
+    the other requests."""
+    sampling = asyncio.ensure_future(_ask(state, target, prompt, spec))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({sampling, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not sampling.done():
+            sampling.cancel()
+    if sampling.cancelled() or not sampling.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling  # the abort has reached the engine when this returns
+        raise ClientDisconnectedError(f"the client disconnected before its answer came; model {target[0] or 'base'!r}, "
+                                      "request cancelled")
+    return sampling.result()
+
+
+async def _ask(state: ServeState, target: Target, prompt: list[int], spec: SamplingSpec) -> SampleResult:
     tenant, version = target
     request = SampleRequest(tenant=tenant, prompt_token_ids=prompt, sampling=spec)
     if version is None:
         return await state.runtime.ask(request)
     return await state.tenants[tenant].continual.sample(request, version, record=True)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (the body is read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _extra(target: Target, result: SampleResult) -> dict[str, Any]:
@@ -104,8 +120,8 @@ def _extra(target: Target, result: SampleResult) -> dict[str, Any]:
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Any:
-    body = await _decode(request, wire.ChatIn)
-    state = _state(request)
+    body = await read_json(request, wire.ChatIn)
+    state = serve_state(request)
     target = _resolve(state, request, body.model)
     if not body.messages:
         raise ConfigError("messages: at least one message is needed")
@@ -115,8 +131,8 @@ async def chat_completions(request: Request) -> Any:
 
 @router.post("/completions")
 async def completions(request: Request) -> Any:
-    body = await _decode(request, wire.CompletionIn)
-    state = _state(request)
+    body = await read_json(request, wire.CompletionIn)
+    state = serve_state(request)
     target = _resolve(state, request, body.model)
     if isinstance(body.prompt, str):
         prompt = list(state.runtime.tokenizer.encode(body.prompt, add_special_tokens=False))
@@ -134,13 +150,13 @@ async def _answer(state: ServeState, request: Request, body: wire._Common, targe
     spec = _spec(body, len(prompt), state.runtime.config.model.max_model_len)
     rid = state.new_id("chatcmpl" if chat else "cmpl")
     if not body.stream:
-        result = await _sample(state, target, prompt, spec)
+        result = await _sample(state, request, target, prompt, spec)
         texts = [(c.text, c.finish_reason) for c in result.completions]
         done = sum(len(c.token_ids) for c in result.completions)
         make = wire.chat_response if chat else wire.completion_response
         return JSONResponse({**make(rid, body.model, texts, len(prompt), done), **_extra(target, result)})
     # errors before the first byte are one JSON answer; the stream starts once the sampler answered
-    result = await _sample(state, target, prompt, spec)
+    result = await _sample(state, request, target, prompt, spec)
     return StreamingResponse(_stream(state, result, rid, body.model, chat, _extra(target, result)),
                              media_type="text/event-stream")
 

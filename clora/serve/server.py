@@ -89,7 +89,7 @@ class Server:
             config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                                     timeout_graceful_shutdown=self.graceful_s)
             self._uvicorn = _Uvicorn(config)
-            log = runtime._system.log
+            log = runtime.log
             self._catch_signals()
             try:
                 serving = asyncio.create_task(self._uvicorn.serve(sockets=[self.socket]))

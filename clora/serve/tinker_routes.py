@@ -1,4 +1,5 @@
-"""The Tinker REST API (``/api/v1/...``) over the runtime's in-process primitives.
+"""The Tinker REST API (``/api/v1/...``) over the runtime's in-process primitives: the service
+routes, training and futures (sampling is in ``tinker_sampling``, request bodies in ``tinker_requests``).
 
 A training client (``create_model``) is a clora tenant driven through its ``TenantHandle``;
 ``forward_backward`` / ``optim_step`` / ``save_*`` / ``load_weights`` / ``create_model`` answer
@@ -12,20 +13,21 @@ import asyncio
 import shutil
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from clora import events
 from clora.config import LoraConfig, OptimConfig, validate_tenant_name
-from clora.errors import CloraError, ConfigError, NotFoundError, UnsupportedError
-from clora.messages import SampleRequest, SamplingSpec
+from clora.errors import ConfigError, NotFoundError, UnsupportedError
 from clora.serve import tinker_wire as wire
+from clora.serve.bodies import read_json, serve_state
 from clora.serve.continual_routes import continual_policy
 from clora.serve.errors import error_message, status_of
 from clora.serve.state import SamplingTarget, ServeState
+from clora.serve.tinker_requests import CreateModelIn, FutureIn, LoadIn, LoraIn, ModelIn, OptimStepIn, SaveIn, SessionIn
+from clora.tenant.handle import TenantHandle
 
-__all__ = ["router"]
+__all__ = ["router", "submit", "PROTO", "TINKER_PREFIX"]
 
 router = APIRouter(prefix="/api/v1")
 PROTO = "application/x-protobuf"
@@ -33,120 +35,12 @@ RETRIEVE_WAIT_S = 20.0  # a retrieve_future waits this long for its result befor
 TINKER_PREFIX = "tinker://"
 
 
-def _state(request: Request) -> ServeState:
-    return request.app.state.serve
-
-
-async def _json(request: Request, type_: type) -> Any:
-    body = await request.body()
-    try:
-        return msgspec.json.decode(body, type=type_)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"{request.url.path}: {e}") from None
-    except msgspec.DecodeError as e:
-        raise ConfigError(f"{request.url.path}: the body is not valid JSON ({e})") from None
-
-
-class _Req(msgspec.Struct, kw_only=True):  # unknown fields are ignored: the SDK adds fields over time
-    pass
-
-
-class LoraIn(_Req, kw_only=True):
-    rank: int = 8
-    seed: int | None = None
-    train_unembed: bool = True
-    train_mlp: bool = True
-    train_attn: bool = True
-
-
-class CreateModelIn(_Req, kw_only=True):
-    session_id: str
-    base_model: str
-    model_seq_id: int = 0
-    user_metadata: dict[str, Any] | None = None
-    lora_config: LoraIn | None = None
-    optimizer_config: dict[str, Any] | None = None
-
-
-class AdamIn(_Req, kw_only=True):
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-    type: str | None = None
-
-
-class OptimStepIn(_Req, kw_only=True):
-    model_id: str
-    adam_params: AdamIn | None = None
-    optimizer_params: dict[str, Any] | None = None
-    seq_id: int | None = None
-
-
-class ModelIn(_Req, kw_only=True):
-    model_id: str
-
-
-class SaveIn(_Req, kw_only=True):
-    model_id: str
-    path: str | None = None
-    sampling_session_seq_id: int | None = None
-
-
-class LoadIn(_Req, kw_only=True):
-    path: str
-    model_id: str | None = None
-    optimizer: bool = False
-    session_id: str | None = None  # with model_seq_id: a new training client made from the checkpoint
-    model_seq_id: int | None = None
-    user_metadata: dict[str, Any] | None = None
-
-
-class SessionIn(_Req, kw_only=True):
-    session_id: str
-
-
-class SamplingSessionIn(_Req, kw_only=True):
-    session_id: str
-    sampling_session_seq_id: int = 0
-    base_model: str | None = None
-    model_path: str | None = None
-
-
-class FutureIn(_Req, kw_only=True):
-    request_id: str
-
-
-class ChunkIn(_Req, kw_only=True):
-    tokens: list[int] = []
-    type: str = "encoded_text"
-
-
-class PromptIn(_Req, kw_only=True):
-    chunks: list[ChunkIn]
-
-
-class SamplingParamsIn(_Req, kw_only=True):
-    max_tokens: int | None = None
-    seed: int | None = None
-    stop: str | list[str | int] | None = None
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
-
-
-class SampleIn(_Req, kw_only=True):
-    prompt: PromptIn
-    sampling_params: SamplingParamsIn
-    num_samples: int = 1
-    base_model: str | None = None
-    model_path: str | None = None
-    sampling_session_id: str | None = None
-    prompt_logprobs: bool | None = None
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
+async def _model_request(request: Request, type_: type) -> tuple[Any, ServeState, TenantHandle]:
+    """A request about one training client (``model_id``): its body, the state, and the tenant, if this
+    request's key may use it (403 / 404 otherwise)."""
+    body = await read_json(request, type_)
+    state = serve_state(request)
+    return body, state, state.tenant(request.state.principal, body.model_id)
 
 
 # ----------------------------------------------------------------------------- service
@@ -158,7 +52,7 @@ async def healthz(request: Request) -> dict[str, str]:
 
 @router.get("/get_server_capabilities")
 async def capabilities(request: Request) -> dict[str, Any]:
-    state = _state(request)
+    state = serve_state(request)
     return {"supported_models": [{"model_name": state.base_model, "trainable": True, "sampleable": True,
                                   "max_context_length": state.runtime.config.model.max_model_len}]}
 
@@ -178,19 +72,31 @@ async def client_dynamic_config(request: Request) -> dict[str, Any]:
 
 @router.post("/create_session")
 async def create_session(request: Request) -> dict[str, Any]:
-    state = _state(request)
+    state = serve_state(request)
     session_id = state.new_id("session")
     state.sessions[session_id] = request.state.principal.name
     return {"type": "create_session", "session_id": session_id}
 
 
+def _session(request: Request, session_id: str) -> None:
+    """404 unless the session exists and belongs to this request's key (or the key is an admin)."""
+    principal = request.state.principal
+    if serve_state(request).sessions.get(session_id) != principal.name and not principal.admin:
+        raise NotFoundError(f"unknown session {session_id!r}")
+
+
 @router.post("/session_heartbeat")
 async def session_heartbeat(request: Request) -> dict[str, Any]:
-    body = await _json(request, SessionIn)
-    state = _state(request)
-    if state.sessions.get(body.session_id) != request.state.principal.name and not request.state.principal.admin:
-        raise NotFoundError(f"unknown session {body.session_id!r}")
+    _session(request, (await read_json(request, SessionIn)).session_id)
     return {"type": "session_heartbeat"}
+
+
+@router.post("/sessions/{session_id}/finish")
+async def finish_session(session_id: str, request: Request) -> dict[str, Any]:
+    # the SDK's ServiceClient.close() (a `with` block's end); the session's tenants keep serving
+    _session(request, session_id)
+    serve_state(request).sessions.pop(session_id, None)
+    return {"type": "finish_session"}
 
 
 @router.post("/telemetry")
@@ -200,16 +106,17 @@ async def telemetry(request: Request) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- training
 
-def _submit(request: Request, chain: str | None, work: Any) -> dict[str, Any]:
-    state = _state(request)
+def submit(request: Request, chain: str | None, work: Any) -> dict[str, Any]:
+    """Run ``work`` in the background after ``chain``'s earlier work; the answer names its future."""
+    state = serve_state(request)
     request_id = state.futures.submit(request.state.principal.name, chain, work)
     return {"request_id": request_id, "model_id": chain}
 
 
 @router.post("/create_model")
 async def create_model(request: Request) -> dict[str, Any]:
-    body = await _json(request, CreateModelIn)
-    state, principal = _state(request), request.state.principal
+    body = await read_json(request, CreateModelIn)
+    state, principal = serve_state(request), request.state.principal
     if body.base_model != state.base_model:
         raise NotFoundError(f"unknown base model {body.base_model!r} (this server trains {state.base_model!r})")
     if body.optimizer_config and body.optimizer_config.get("type", "adamw") != "adamw":
@@ -235,17 +142,15 @@ async def create_model(request: Request) -> dict[str, Any]:
             raise
         state.tenants[name] = handle
         state.loras[name] = lora
-        state.runtime._system.log.info(events.SERVE_TENANT_CREATED, tenant=name, rank=lora.rank, key=principal.name)
+        state.runtime.log.info(events.SERVE_TENANT_CREATED, tenant=name, rank=lora.rank, key=principal.name)
         return {"type": "create_model", "model_id": name}
 
-    return _submit(request, name, work)
+    return submit(request, name, work)
 
 
 @router.post("/get_info")
 async def get_info(request: Request) -> dict[str, Any]:
-    body = await _json(request, ModelIn)
-    state = _state(request)
-    handle = state.tenant(request.state.principal, body.model_id)
+    body, state, _ = await _model_request(request, ModelIn)
     return {"type": "get_info", "model_id": body.model_id, "is_lora": True,
             "model_data": {"arch": "llama", "model_name": state.base_model, "tokenizer_id": None}}
 
@@ -259,7 +164,7 @@ async def forward_backward(request: Request) -> dict[str, Any]:
         raise UnsupportedError(f"Content-Encoding {request.headers['content-encoding']!r} is not supported by "
                                "clora serve")
     model_id, loss_fn, config, raw, forward_only = wire.decode_forward_backward(await request.body())
-    state = _state(request)
+    state = serve_state(request)
     handle = state.tenant(request.state.principal, model_id)
     loss = wire.loss_config(loss_fn, dict(config), len(raw))
     data = wire.trainable([wire.to_datum(i, entry, loss.kind) for i, entry in enumerate(raw)], loss.kind)
@@ -272,7 +177,7 @@ async def forward_backward(request: Request) -> dict[str, Any]:
             metrics = wire.metrics(result.values)
         return wire.encode_forward_backward_output([row[1:] for row in logprobs], metrics)
 
-    return _submit(request, model_id, work)
+    return submit(request, model_id, work)
 
 
 @router.post("/forward")
@@ -282,9 +187,7 @@ async def forward(request: Request) -> dict[str, Any]:
 
 @router.post("/optim_step")
 async def optim_step(request: Request) -> dict[str, Any]:
-    body = await _json(request, OptimStepIn)
-    state = _state(request)
-    handle = state.tenant(request.state.principal, body.model_id)
+    body, state, handle = await _model_request(request, OptimStepIn)
     if body.optimizer_params is not None or body.adam_params is None:
         raise UnsupportedError("optimizer_params other than AdamParams are not supported by clora serve")
     adam = body.adam_params
@@ -296,7 +199,7 @@ async def optim_step(request: Request) -> dict[str, Any]:
         return {"type": "optim_step",
                 "metrics": {k: v for k, v in result.values.items() if not k.startswith("time/")}}
 
-    return _submit(request, body.model_id, work)
+    return submit(request, body.model_id, work)
 
 
 def _weights_path(model_id: str, kind: str, name: str | None, state: ServeState) -> str:
@@ -307,9 +210,7 @@ def _weights_path(model_id: str, kind: str, name: str | None, state: ServeState)
 
 @router.post("/save_weights_for_sampler")
 async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
-    body = await _json(request, SaveIn)
-    state = _state(request)
-    handle = state.tenant(request.state.principal, body.model_id)
+    body, state, handle = await _model_request(request, SaveIn)
     path = _weights_path(body.model_id, "sampler_weights", body.path, state) if body.path else None
 
     async def work() -> dict[str, Any]:
@@ -321,14 +222,12 @@ async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
             out["sampling_session_id"] = session
         return out
 
-    return _submit(request, body.model_id, work)
+    return submit(request, body.model_id, work)
 
 
 @router.post("/save_weights")
 async def save_weights(request: Request) -> dict[str, Any]:
-    body = await _json(request, SaveIn)
-    state = _state(request)
-    handle = state.tenant(request.state.principal, body.model_id)
+    body, state, handle = await _model_request(request, SaveIn)
     path = _weights_path(body.model_id, "weights", body.path, state)
     folder = state.runtime.run_dir / "serve" / "weights" / body.model_id / path.rsplit("/", 1)[1]
 
@@ -339,13 +238,13 @@ async def save_weights(request: Request) -> dict[str, Any]:
         state.checkpoints[path] = (str(folder), handle.name)
         return {"type": "save_weights", "path": path}
 
-    return _submit(request, body.model_id, work)
+    return submit(request, body.model_id, work)
 
 
 @router.post("/load_weights")
 async def load_weights(request: Request) -> dict[str, Any]:
-    body = await _json(request, LoadIn)
-    state, principal = _state(request), request.state.principal
+    body = await read_json(request, LoadIn)
+    state, principal = serve_state(request), request.state.principal
     if body.optimizer:
         raise UnsupportedError("loading optimizer state (load_state_with_optimizer, "
                                "create_training_client_from_state_with_optimizer) is not supported by clora serve "
@@ -362,11 +261,11 @@ async def load_weights(request: Request) -> dict[str, Any]:
         await handle.load(folder)
         return {"type": "load_weights", "path": body.path, "model_id": body.model_id}
 
-    return _submit(request, body.model_id, work)
+    return submit(request, body.model_id, work)
 
 
 def _create_from_checkpoint(request: Request, body: LoadIn, folder: str, source: str) -> dict[str, Any]:
-    state, principal = _state(request), request.state.principal
+    state, principal = serve_state(request), request.state.principal
     if body.session_id is None or body.model_seq_id is None:
         raise ConfigError("load_weights: give model_id, or session_id and model_seq_id for a new training client")
     model_id = f"{body.session_id}:train:{body.model_seq_id}"  # the id the SDK derives for the new client
@@ -383,14 +282,12 @@ def _create_from_checkpoint(request: Request, body: LoadIn, folder: str, source:
         await handle.load(folder)
         return {"type": "load_weights", "path": body.path, "model_id": model_id}
 
-    return _submit(request, model_id, work)
+    return submit(request, model_id, work)
 
 
 @router.post("/unload_model")
 async def unload_model(request: Request) -> dict[str, Any]:
-    body = await _json(request, ModelIn)
-    state = _state(request)
-    handle = state.tenant(request.state.principal, body.model_id)
+    body, state, handle = await _model_request(request, ModelIn)
 
     async def work() -> dict[str, Any]:
         await handle.close()
@@ -398,91 +295,15 @@ async def unload_model(request: Request) -> dict[str, Any]:
         state.owners.pop(handle.name, None)
         return {"type": "unload_model", "model_id": handle.name}
 
-    return _submit(request, body.model_id, work)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-@router.post("/create_sampling_session")
-async def create_sampling_session(request: Request) -> dict[str, Any]:
-    body = await _json(request, SamplingSessionIn)
-    state = _state(request)
-    target = _target(state, request, body.model_path, body.base_model)
-    session = state.new_id("sampling")
-    state.sampling[session] = target
-    return {"type": "create_sampling_session", "sampling_session_id": session}
-
-
-def _target(state: ServeState, request: Request, model_path: str | None, base_model: str | None) -> SamplingTarget:
-    if model_path:
-        if not model_path.startswith(TINKER_PREFIX):
-            raise NotFoundError(f"unknown model_path {model_path!r} (expected tinker://<model>/sampler_weights/...)")
-        tenant = model_path[len(TINKER_PREFIX):].split("/", 1)[0]
-        state.tenant(request.state.principal, tenant)
-        return SamplingTarget(tenant)
-    if base_model is not None and base_model != state.base_model:
-        raise NotFoundError(f"unknown base model {base_model!r} (this server serves {state.base_model!r})")
-    return SamplingTarget(None)
-
-
-@router.post("/asample")
-async def asample(request: Request) -> dict[str, Any]:
-    body = await _json(request, SampleIn)
-    state = _state(request)
-    if body.sampling_session_id is not None:
-        target = state.sampling.get(body.sampling_session_id)
-        if target is None:
-            raise NotFoundError(f"unknown sampling session {body.sampling_session_id!r}")
-        if target.tenant is not None:
-            state.tenant(request.state.principal, target.tenant)
-    else:
-        target = _target(state, request, body.model_path, body.base_model)
-    if body.topk_prompt_logprobs or body.topk_sample_logprobs:
-        raise UnsupportedError("top-k logprobs are not supported by clora serve")
-    params = body.sampling_params
-    if params.top_k != -1:
-        raise UnsupportedError("sampling_params.top_k is not supported by clora serve")
-    stop = params.stop
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop and not all(isinstance(s, str) for s in stop):
-        raise UnsupportedError("stop token ids are not supported by clora serve (use stop strings)")
-    prompt: list[int] = []
-    for chunk in body.prompt.chunks:
-        if chunk.type != "encoded_text":
-            raise UnsupportedError(f"{chunk.type} prompt chunks are not supported by clora serve")
-        prompt.extend(chunk.tokens)
-    if not prompt:
-        raise ConfigError("prompt: no tokens")
-    spec = SamplingSpec(n=body.num_samples, max_tokens=params.max_tokens or 16, temperature=params.temperature,
-                        top_p=params.top_p, seed=params.seed, stop=tuple(stop or ()))
-    if body.prompt_logprobs and target.tenant is None:
-        raise UnsupportedError("prompt_logprobs (compute_logprobs) of the base model is not supported by clora serve")
-
-    async def work() -> bytes:
-        result = await state.runtime.ask(SampleRequest(tenant=target.tenant, prompt_token_ids=prompt, sampling=spec))
-        prompt_logprobs = None
-        if body.prompt_logprobs:
-            handle = state.tenants[target.tenant]
-            from clora.messages import Datum
-
-            datum = Datum(tokens=prompt, loss_mask=[0.0] * len(prompt), advantages=[0.0] * len(prompt),
-                          sampler_logprobs=[0.0] * len(prompt))
-            (row,) = await handle.logprobs([datum])
-            prompt_logprobs = [float("nan")] + row[1:]
-        return wire.encode_sample_response(result.completions, prompt_logprobs)
-
-    answer = _submit(request, None, work)
-    answer["sample_sequence_ids"] = [f"{answer['request_id']}-{i}" for i in range(body.num_samples)]
-    return answer
+    return submit(request, body.model_id, work)
 
 
 # ----------------------------------------------------------------------------- futures
 
 @router.post("/retrieve_future")
 async def retrieve_future(request: Request) -> Response:
-    body = await _json(request, FutureIn)
-    state, principal = _state(request), request.state.principal
+    body = await read_json(request, FutureIn)
+    state, principal = serve_state(request), request.state.principal
     task = await state.futures.wait(body.request_id, principal.name, principal.admin, RETRIEVE_WAIT_S)
     if task is None:
         return JSONResponse({"type": "try_again", "request_id": body.request_id, "queue_state": "active"})
@@ -493,8 +314,8 @@ async def retrieve_future(request: Request) -> Response:
     if error is not None:
         status = status_of(error)
         if status >= 500:  # a bug or a dead engine: the traceback goes to the events, not to the client
-            state.runtime._system.log.error(events.SERVE_REQUEST_FAILED, path=request.url.path, status=status,
-                                            error=repr(error), exc_info=error)
+            state.runtime.log.error(events.SERVE_REQUEST_FAILED, path=request.url.path, status=status,
+                                    error=repr(error), exc_info=error)
         category = "user" if 400 <= status < 500 else "server"
         return JSONResponse({"error": error_message(error), "category": category})
     result = task.result()
