@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import os
 import random
 import statistics
 import sys
@@ -153,7 +152,6 @@ def run_trl_in_process(exp: ExperimentConfig, model: ModelConfig, *, bf16: bool 
                        on_step: Callable[[str, StepRecord], None] | None = None) -> ExperimentResult:
     """Train ``exp`` with TRL's GRPOTrainer in this process, with held-out accuracy before and after."""
     check_trl_experiment(exp)
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     started = time.time()
     import datasets
     import peft
