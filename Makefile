@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.clora-installed
 
-.PHONY: install demo test test-all bench gpu-wheels gpu-check-dry clean
+.PHONY: install demo test test-all bench bench-trl gpu-wheels gpu-check-dry clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,11 +27,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Everything, the `slow` tests included; one of them runs a TRL peer process, so the `trl` extra comes first.
 test-all: $(STAMP)
+	$(BIN)/pip install -q -e '.[trl]'
 	$(BIN)/python -m pytest -q -m ''
 
 bench: $(STAMP)
 	$(BIN)/clora bench concurrency --quick
+
+# clora against TRL's GRPOTrainer run one experiment after another (docs/benchmarks.md): installs the
+# optional `trl` extra first. BENCH_ARGS=--quick for the tiny-model smoke run.
+BENCH_ARGS ?=
+bench-trl: $(STAMP)
+	$(BIN)/pip install -q -e '.[trl]'
+	$(BIN)/clora bench concurrency --peer trl $(BENCH_ARGS)
 
 # The wheels the GPU machine's image lacks (scripts/gpu-wheels.txt) into the ignored .gpu-wheels/
 # that travels with the repository (docs/gpu.md). Its image has Python 3.12 on x86_64; msgspec, the

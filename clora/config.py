@@ -314,10 +314,13 @@ class EnvConfig(_Config):
     held_out_size: int = 32  # problems in each held-out evaluation; one problem is 100 / held_out_size points
     step_timeout_s: float = 60.0  # one env step (tool calls, reward) must return within this; 0: no limit
     examples: ExampleStyle = "each_op"  # worked examples before each question: each_op, addition, none (docs/envs.md)
+    single_turn: bool = False  # arithmetic only: answer in one turn, no Calculator (clora.envs.single_turn)
 
     def validate(self) -> None:
         if self.kind == "gsm8k" and not self.path:
             _fail("env.path", "the gsm8k env needs a jsonl file path")
+        if self.single_turn and self.kind != "arithmetic":
+            _fail("env.single_turn", f"only the arithmetic env has a single-turn variant, not {self.kind!r}")
         if self.difficulty < 0:
             _fail("env.difficulty", f"must be >= 0, got {self.difficulty}")
         if self.max_turns < 1:

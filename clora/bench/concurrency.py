@@ -15,7 +15,13 @@ config in every mode; the tenants differ in seed and learning rate, as in a swee
   says what priority buys the interactive one, its final time against ``concurrent``'s what it
   costs the others. ``--max-loras`` / ``--max-resident`` cap the engine's LoRA slots and resident
   adapters (below N the sampler pages adapters: the ``scheduler.page_in`` events give the cost).
-* ``peer`` (``--peer``): a single-tenant loop from HF transformers + peft (clora.bench.peer).
+* ``peer`` (``--peer`` or ``--peer loop``): a single-tenant loop from HF transformers + peft
+  (clora.bench.peer); ``trl`` (``--peer trl``): Hugging Face TRL's GRPOTrainer, each experiment in
+  its own process (clora.bench.trl_peer, clora.bench.peers).
+
+``--turns multi,single`` runs every mode on the multi-turn tool task and on its single-turn variant
+(``env.single_turn``: the same problems answered in one turn, the only one TRL can run); rows say
+which (``turns``). ``--peer trl`` adds ``single``.
 
 ``--task`` picks every experiment's env: ``arith0`` (default: one + or - on numbers to 10),
 ``arith1`` (one of + - * / on numbers to 99) or ``story2`` (two-step stories, GSM8K-like).
@@ -45,7 +51,8 @@ import msgspec
 import structlog
 
 from clora import events
-from clora.bench.metrics import ModeRow, aggregate, safe_ratio, serial_prefix_rows
+from clora.bench.metrics import ModeRow, aggregate, serial_prefix_rows
+from clora.bench.peers import PEERS, peer_comparison, run_peer
 from clora.bench.report import markdown_table, plot, results_table, rows_with_ratios, write_json
 from clora.bench.rss import PeakRss
 from clora.config import (
@@ -63,7 +70,7 @@ from clora.config import (
 from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE
 from clora.tenant.actor import ExperimentResult, StepRecord
 
-__all__ = ["BenchSettings", "MODES", "TASKS", "QUICK", "FULL", "experiments", "task_env", "runtime_config",
+__all__ = ["BenchSettings", "MODES", "TASKS", "TURNS", "QUICK", "FULL", "experiments", "task_env", "runtime_config",
            "run_benchmark", "build_parser", "main", "prioritized"]
 
 log = structlog.get_logger(__name__)
@@ -76,6 +83,9 @@ MODES = ("serial_cold", "serial_warm", "concurrent")
 
 TASKS: dict[str, int] = {"arith0": 0, "arith1": 1, "story2": 2}
 """``--task``: the arithmetic env's difficulty (clora.envs.arithmetic) of every experiment."""
+
+TURNS = ("multi", "single")
+"""``--turns``: the multi-turn tool task, its single-turn variant (env.single_turn)."""
 
 HELD_OUT_SIZE = 64  # one held-out problem is 1.6 points of accuracy
 
@@ -101,8 +111,9 @@ class BenchSettings:
     fused_ns: tuple[int, ...] = ()  # extra "concurrent_fused" rows: N tenants with TrainerConfig.fuse_max = N
     fuse_max: int = 1
     reuse_runtime: bool = False
-    peer: bool = False
-    peer_experiments: int = 1
+    peer: tuple[str, ...] = ()  # peers of clora.bench.peers.PEERS: "loop", "trl"
+    peer_experiments: int | None = None  # None: 1 for the loop, max(ns) for TRL
+    turns: tuple[str, ...] = ("multi",)  # of TURNS: the task variants every mode runs
     modes: tuple[str, ...] = MODES
     # How the engine and the trainer share the cores (None / 0: the runtime's defaults)
     block_size: int | None = None  # EngineConfig.block_size
@@ -126,21 +137,26 @@ QUICK = BenchSettings(model="tiny", ns=(1, 2), steps=2, prompts_per_step=2, grou
 FULL = BenchSettings(prompts_per_step=2, group_size=4, max_tokens=32, dtype="auto", autocast_bf16="auto")
 
 
-def task_env(task: str, held_out_size: int, examples: str = "each_op") -> EnvConfig:
-    """The env of ``--task``: the arithmetic tool-use env at the task's difficulty, one held-out set (seed 7)."""
+def task_env(task: str, held_out_size: int, examples: str = "each_op", single_turn: bool = False) -> EnvConfig:
+    """The env of ``--task``: the arithmetic tool-use env at the task's difficulty, one held-out set
+    (seed 7); ``single_turn``: its single-turn variant (the same problems)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
-    return EnvConfig(kind="arithmetic", difficulty=TASKS[task], examples=examples, held_out_size=held_out_size, seed=7)
+    return EnvConfig(kind="arithmetic", difficulty=TASKS[task], examples=examples, held_out_size=held_out_size, seed=7,
+                     single_turn=single_turn)
 
 
-def experiments(s: BenchSettings, count: int, staleness: int = 0) -> list[ExperimentConfig]:
-    """Experiment i: the same task and budget for every i; seed i and a learning rate from a sweep."""
+def experiments(s: BenchSettings, count: int, staleness: int = 0, turns: str = "multi") -> list[ExperimentConfig]:
+    """Experiment i: the same task and budget for every i; seed i and a learning rate from a sweep.
+    ``turns="single"``: the single-turn variant, experiment names ``st_exp{i}``."""
+    if turns not in TURNS:
+        raise ValueError(f"unknown turns {turns!r}; use one of {', '.join(TURNS)}")
     return [
         ExperimentConfig(
-            name=f"exp{i}",
+            name=f"exp{i}" if turns == "multi" else f"st_exp{i}",
             lora=LoraConfig(rank=s.rank, alpha=2.0 * s.rank),
             optim=OptimConfig(lr=LEARNING_RATES[i % len(LEARNING_RATES)]),
-            env=task_env(s.task, s.held_out_size, s.examples),
+            env=task_env(s.task, s.held_out_size, s.examples, single_turn=turns == "single"),
             steps=s.steps,
             prompts_per_step=s.prompts_per_step,
             group_size=s.group_size,
@@ -284,18 +300,25 @@ async def _warm_modes(s: BenchSettings, exps: list[ExperimentConfig], out: Path,
     return rows
 
 
-async def _peer(s: BenchSettings, exps: list[ExperimentConfig], console: Any) -> list[ModeRow]:
-    from clora.bench.peer import run_peer_experiment
+async def _peers(s: BenchSettings, exps: list[ExperimentConfig], turns: str, console: Any) -> list[ModeRow]:
+    """Each ``--peer`` that runs ``turns`` (TRL: the single-turn task only), rows tagged with it."""
+    if not s.peer:
+        return []
+    from clora.precision import trainer_autocast_bf16
 
-    count = min(s.peer_experiments, len(exps))
-    results = []
-    with PeakRss() as peak:
-        t0 = time.time()
-        for exp in exps[:count]:
-            results.append(await run_peer_experiment(
-                exp, ModelConfig(source=s.model, max_model_len=s.max_model_len), on_step=_Progress(console, "peer")))
-    ns = [n for n in s.ns if n <= count] or [count]
-    return serial_prefix_rows("peer", results, t0, ns, peak_rss_bytes=peak.bytes, samples_per_step=s.samples_per_step)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16 = trainer_autocast_bf16(s.autocast_bf16, "cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported())
+    rows: list[ModeRow] = []
+    for peer in s.peer:
+        if peer == "trl" and turns != "single":
+            continue
+        count = min(s.peer_experiments or (max(s.ns) if peer == "trl" else 1), len(exps))
+        rows += [replace(row, turns=turns) for row in await run_peer(
+            peer, exps, ModelConfig(source=s.model, max_model_len=s.max_model_len), s.ns, count=count, bf16=bf16,
+            samples_per_step=s.samples_per_step, on_step=_Progress(console, f"{peer} ({turns}-turn)"))]
+    return rows
 
 
 async def run_benchmark(s: BenchSettings, out: Path, console: Any) -> dict[str, Any]:
@@ -305,7 +328,6 @@ async def run_benchmark(s: BenchSettings, out: Path, console: Any) -> dict[str, 
     interrupted run keeps the modes it finished.
     """
     out.mkdir(parents=True, exist_ok=True)
-    exps = experiments(s, max(s.ns))
     load_before = os.getloadavg()
     started = time.time()
     rows: list[ModeRow] = []
@@ -324,44 +346,31 @@ async def run_benchmark(s: BenchSettings, out: Path, console: Any) -> dict[str, 
                          "sampled (rollouts and evals) / final time; peak RSS = largest sum of RSS over this "
                          "process and its children during the mode"),
             "rows": items,
-            "peer_comparison": _peer_comparison(items),
+            "peer_comparison": peer_comparison(items),
         }
         write_json(out / "results.json", document)
         return document
 
-    if "serial_cold" in s.modes:
-        rows += await _serial_cold(s, exps, out, console)
+    for turns in s.turns:  # the multi-turn task, then its single-turn variant (own run folders)
+        exps = experiments(s, max(s.ns), turns=turns)
+        where = out if turns == "multi" else out / "single_turn"
+        if "serial_cold" in s.modes:
+            rows += [replace(r, turns=turns) for r in await _serial_cold(s, exps, where, console)]
+            save(complete=False)
+        rows += [replace(r, turns=turns) for r in await _warm_modes(s, exps, where, console)]
         save(complete=False)
-    rows += await _warm_modes(s, exps, out, console)
-    save(complete=False)
-    if s.peer:
-        rows += await _peer(s, exps, console)
+    for turns in s.turns:
+        rows += await _peers(s, experiments(s, max(s.ns), turns=turns), turns, console)
+        save(complete=False)
     document = save(complete=True)
     (out / "results.md").write_text(markdown_table(document["rows"]))
     plot(document["rows"], out / "concurrency.png", _title(s))
     return document
 
 
-def _peer_comparison(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Peer loop vs clora at the same N: final-time speedups of clora's serial cold and concurrent modes."""
-    by_key = {(i["mode"], i["n"]): i for i in items}
-    out = []
-    for item in items:
-        if item["mode"] != "peer":
-            continue
-        n = item["n"]
-        entry = {"n": n, "peer_final_s": item["final_s"], "peer_mean_s": item["mean_s"]}
-        for mode in ("serial_cold", "serial_warm", "concurrent"):
-            other = by_key.get((mode, n))
-            if other is not None:
-                entry[f"{mode}_final_s"] = other["final_s"]
-                entry[f"{mode}_speedup_vs_peer"] = safe_ratio(item["final_s"], other["final_s"])
-        out.append(entry)
-    return out
-
-
 def _title(s: BenchSettings) -> str:
-    return (f"clora concurrency on {s.model} ({s.dtype}), task {s.task} ({s.examples} examples): {s.steps} steps x {s.prompts_per_step} "
+    return (f"clora concurrency on {s.model} ({s.dtype}), task {s.task} ({'/'.join(s.turns)}-turn, {s.examples} "
+            f"examples): {s.steps} steps x {s.prompts_per_step} "
             f"prompts x "
             f"{s.group_size} samples at T={s.temperature:g}, max_tokens {s.max_tokens}, held-out {s.held_out_size}, "
             f"trainer bf16 {s.autocast_bf16}, fuse_max {s.fuse_max}, {os.cpu_count()} CPUs{_cpu_note(s)}")
@@ -404,7 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loras", type=int, help="cap the engine's LoRA slots (default: N); below N tenants share them")
     p.add_argument("--max-resident", type=int, help="adapters kept in the engine (default: its CPU cache); "
                    "fewer than N pages adapters in and out")
-    p.add_argument("--peer", action="store_true", help="also run the HF transformers + peft single-tenant loop")
+    p.add_argument("--peer", nargs="?", const="loop", metavar="loop,trl",
+                   help="also run peers, one experiment after another: 'loop' (the default of a bare --peer: the "
+                        "in-repo transformers + peft loop) and/or 'trl' (TRL's GRPOTrainer, single-turn task; "
+                        "needs the trl extra)")
+    p.add_argument("--turns", metavar="multi,single",
+                   help="task variants every mode runs: multi (the tool task, default) and/or single (its "
+                        "single-turn variant; added by --peer trl)")
     p.add_argument("--block-size", type=int, help="engine KV block size = prefix cache unit (default: vLLM's)")
     p.add_argument("--engine-cpus", help="cores for the engine's threads, e.g. 0 (default: all)")
     p.add_argument("--trainer-cpus", help="cores for the trainer's threads, e.g. 1 (default: all)")
@@ -449,11 +464,22 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         changes["modes"] = modes
     if args.bf16 is not None:
         changes["autocast_bf16"] = args.bf16
-    if args.peer:
-        changes["peer"] = True
+    turns = _choices("--turns", args.turns, TURNS) if args.turns is not None else s.turns
+    if args.peer is not None:
+        changes["peer"] = _choices("--peer", args.peer, PEERS)
+        if "trl" in changes["peer"] and "single" not in turns:  # TRL runs only the single-turn task
+            turns = (*turns, "single")
+    changes["turns"] = tuple(t for t in TURNS if t in turns)
     if args.priority:
         changes["priority"] = True
     return replace(s, **changes)
+
+
+def _choices(option: str, value: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not chosen or any(v not in allowed for v in chosen):
+        raise SystemExit(f"{option}: choose from {', '.join(allowed)}, got {value!r}")
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -474,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for entry in document["peer_comparison"]:
         parts = [f"{m} {entry[f'{m}_final_s']:.1f} s ({entry[f'{m}_speedup_vs_peer']:.2f}x)"
                  for m in ("serial_cold", "serial_warm", "concurrent") if f"{m}_speedup_vs_peer" in entry]
-        console.print(f"peer loop (transformers + peft) N={entry['n']}: final {entry['peer_final_s']:.1f} s; "
+        who = "peer loop (transformers + peft)" if entry["peer"] == "peer" else "TRL GRPOTrainer serial"
+        console.print(f"{who} {entry['turns']}-turn N={entry['n']}: final {entry['peer_final_s']:.1f} s; "
                       "clora final (peer time / clora time): " + ", ".join(parts))
     console.print(f"results: {out / 'results.json'}, plot: {out / 'concurrency.png'}")
     return 0

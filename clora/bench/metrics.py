@@ -22,7 +22,7 @@ __all__ = ["ModeRow", "aggregate", "serial_prefix_rows", "ratios", "safe_ratio",
 class ModeRow:
     """One mode at one N: N experiments measured from the mode's start."""
 
-    mode: str  # "serial_cold" | "serial_warm" | "concurrent" | "peer"
+    mode: str  # "serial_cold" | "serial_warm" | "concurrent" | "peer" (the in-repo loop) | "trl" (TRL GRPOTrainer)
     n: int
     first_s: float  # first experiment finished, seconds after the mode's start
     mean_s: float  # mean over experiments of (finish - mode start)
@@ -44,6 +44,7 @@ class ModeRow:
     engine: dict[str, Any] = field(default_factory=dict)
     staleness: int = 0  # the experiments' max_staleness (docs/async.md)
     overlap: float = 0.0  # mean over experiments of overlap_fraction: rollout and train in progress at once
+    turns: str = "multi"  # the task: "multi" (Calculator + Final Answer episodes) or "single" (env.single_turn)
 
 
 def _union(spans: Sequence[tuple[float, float]]) -> float:

@@ -12,23 +12,25 @@ from clora.bench.metrics import ModeRow, accuracy_vs_serial, ratios
 
 __all__ = ["MODE_ORDER", "rows_with_ratios", "results_table", "markdown_table", "write_json", "plot"]
 
-MODE_ORDER = ("serial_cold", "serial_warm", "concurrent", "concurrent_priority", "concurrent_fused", "peer")
+MODE_ORDER = ("serial_cold", "serial_warm", "concurrent", "concurrent_priority", "concurrent_fused", "peer", "trl")
 BASELINE = "serial_cold"
 
 
 def rows_with_ratios(rows: Sequence[ModeRow]) -> list[dict[str, Any]]:
-    """Each row as a dict with ``ratios`` against the serial cold row of the same N (when there is one)
-    and ``accuracy_vs_serial`` against the serial runs of the same N (clora.bench.metrics.accuracy_vs_serial:
-    serial cold, else serial warm, whose experiments learn the same; {} without either)."""
-    baselines = {r.n: r for r in rows if r.mode == BASELINE}
-    serial = {r.n: r for r in rows if r.mode == "serial_warm"} | baselines
-    ordered = sorted(rows, key=lambda r: (_order(r.mode), r.staleness, r.n))
+    """Each row as a dict with ``ratios`` against the serial cold row of the same task and N (when there
+    is one) and ``accuracy_vs_serial`` against the serial runs of the same task and N
+    (clora.bench.metrics.accuracy_vs_serial: serial cold, else serial warm, whose experiments learn the
+    same; {} without either). Multi-turn rows come first, then single-turn rows."""
+    baselines = {(r.turns, r.n): r for r in rows if r.mode == BASELINE}
+    serial = {(r.turns, r.n): r for r in rows if r.mode == "serial_warm"} | baselines
+    ordered = sorted(rows, key=lambda r: (r.turns != "multi", _order(r.mode), r.staleness, r.n))
     out = []
     for row in ordered:
         item = asdict(row)
-        base = baselines.get(row.n)
+        key = (row.turns, row.n)
+        base = baselines.get(key)
         item["ratios"] = ratios(row, base) if base is not None else {}
-        item["accuracy_vs_serial"] = accuracy_vs_serial(row, serial[row.n]) if row.n in serial else {}
+        item["accuracy_vs_serial"] = accuracy_vs_serial(row, serial[key]) if key in serial else {}
         out.append(item)
     return out
 
@@ -47,7 +49,7 @@ def results_table(items: Sequence[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("mode", "N", "first s", "mean s", "final s", "final x", "mean x", "step s", "rollout s",
+    for column in ("mode", "turns", "N", "first s", "mean s", "final s", "final x", "mean x", "step s", "rollout s",
                    "roll s/sample", "train s", "sync s", "overlap", "tok/s", "peak RSS GB", "acc start->end", "acc ok"):
         if column == "mode":  # never cut a mode's name: readers (and tests) look rows up by it
             table.add_column(column, justify="left", no_wrap=True, min_width=max(map(len, MODE_ORDER)))
@@ -57,15 +59,16 @@ def results_table(items: Sequence[dict[str, Any]], title: str) -> Any:
         r = item["ratios"]
         acc = f"{_mean(item['accuracy_start']):.0%}->{_mean(item['accuracy_end']):.0%}"
         table.add_row(
-            item["mode"], str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
+            item["mode"], item.get("turns", "multi"), str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
             _fmt(r.get("final_speedup"), ".2f"), _fmt(r.get("mean_speedup"), ".2f"), _fmt(item["step_s"]),
             _fmt(item["rollout_s"]), _fmt(item.get("rollout_sample_s"), ".3f"), _fmt(item["train_s"]),
             _fmt(item["sync_s"], ".2f"), _fmt(item.get("overlap", 0.0), ".0%"), _fmt(item["tokens_per_s"]),
             _fmt(item["peak_rss_gb"], ".2f"), acc,
             _ok_cell(item.get("accuracy_vs_serial") or {}),
         )
-    table.caption = ("times in seconds from the start of each mode (runtime starts included); "
-                     "x = serial cold time / this time at the same N; roll s/sample = rollout time per step / "
+    table.caption = ("times in seconds from the start of each mode (runtime starts included); turns: multi = "
+                     "Calculator + Final Answer episodes, single = the answer in one turn (env.single_turn); "
+                     "x = serial cold time / this time at the same turns and N; roll s/sample = rollout time per step / "
                      "samples decoded at once; acc ok = experiments ending at or above the serial runs' "
                      "mean - 1 sd of final accuracy")
     return table
@@ -118,15 +121,18 @@ def plot(items: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
 
     fig, (times_ax, reward_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"serial_cold": "tab:red", "serial_warm": "tab:orange", "concurrent": "tab:blue",
-              "concurrent_priority": "tab:purple", "concurrent_fused": "tab:green", "peer": "tab:gray"}
-    for mode in MODE_ORDER:
-        mode_items = [i for i in items if i["mode"] == mode]
-        if not mode_items:
-            continue
-        ns = [i["n"] for i in mode_items]
-        color = styles[mode]
-        times_ax.plot(ns, [i["final_s"] for i in mode_items], "o-", color=color, label=f"{mode} final")
-        times_ax.plot(ns, [i["mean_s"] for i in mode_items], "s--", color=color, alpha=0.7, label=f"{mode} mean")
+              "concurrent_priority": "tab:purple", "concurrent_fused": "tab:green", "peer": "tab:gray", "trl": "tab:brown"}
+    for turns in ("multi", "single"):
+        for mode in MODE_ORDER:
+            mode_items = [i for i in items if i["mode"] == mode and i.get("turns", "multi") == turns]
+            if not mode_items:
+                continue
+            ns = [i["n"] for i in mode_items]
+            color, label = styles[mode], mode if turns == "multi" else f"{mode} (1 turn)"
+            alpha = 1.0 if turns == "multi" else 0.55
+            times_ax.plot(ns, [i["final_s"] for i in mode_items], "o-", color=color, alpha=alpha, label=f"{label} final")
+            times_ax.plot(ns, [i["mean_s"] for i in mode_items], "s--", color=color, alpha=0.7 * alpha,
+                          label=f"{label} mean")
     times_ax.set_xlabel("N experiments")
     times_ax.set_ylabel("experiment time (s from mode start)")
     times_ax.set_xscale("log", base=2)
@@ -135,10 +141,11 @@ def plot(items: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     times_ax.set_title("experiment time vs N")
     times_ax.legend(fontsize=7)
     for item in items:
-        if item["mode"] in ("concurrent", "peer") and item["reward_curve"]:
+        if item["mode"] in ("concurrent", "peer", "trl") and item["reward_curve"]:
             steps = range(1, len(item["reward_curve"]) + 1)
             style = "-" if item["mode"] == "concurrent" else ":"
-            reward_ax.plot(steps, item["reward_curve"], style, marker=".", label=f"{item['mode']} N={item['n']}")
+            turns = "" if item.get("turns", "multi") == "multi" else " (1 turn)"
+            reward_ax.plot(steps, item["reward_curve"], style, marker=".", label=f"{item['mode']}{turns} N={item['n']}")
     reward_ax.xaxis.get_major_locator().set_params(integer=True)
     reward_ax.set_xlabel("step")
     reward_ax.set_ylabel("mean reward (over the N experiments)")
@@ -154,7 +161,7 @@ def plot(items: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
 
 def markdown_table(items: Sequence[dict[str, Any]]) -> str:
     """The results table as GitHub markdown (for docs/benchmarks.md)."""
-    head = ("| mode | N | first s | mean s | final s | final x | mean x | first x | step s | rollout s "
+    head = ("| mode | turns | N | first s | mean s | final s | final x | mean x | first x | step s | rollout s "
             "| rollout s / sample | train s | sync s | overlap | tok/s | peak RSS GB "
             "| prompt tok computed / cached | decode batch "
             "| final acc >= serial mean - sd | accuracy start -> end (per experiment) |")
@@ -162,7 +169,7 @@ def markdown_table(items: Sequence[dict[str, Any]]) -> str:
     for item in items:
         r = item["ratios"]
         acc = ", ".join(f"{a:.0%}->{b:.0%}" for a, b in zip(item["accuracy_start"], item["accuracy_end"]))
-        cells = [item["mode"], str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
+        cells = [item["mode"], item.get("turns", "multi"), str(item["n"]), _fmt(item["first_s"]), _fmt(item["mean_s"]), _fmt(item["final_s"]),
                  _fmt(r.get("final_speedup"), ".2f"), _fmt(r.get("mean_speedup"), ".2f"),
                  _fmt(r.get("first_speedup"), ".2f"), _fmt(item["step_s"]), _fmt(item["rollout_s"]),
                  _fmt(item.get("rollout_sample_s"), ".3f"), _fmt(item["train_s"]), _fmt(item["sync_s"], ".2f"),

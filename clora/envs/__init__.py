@@ -10,6 +10,7 @@ from clora.config import EnvConfig
 from clora.envs.arithmetic import ArithmeticEnv, generate_problem
 from clora.envs.base import Env, Episode, Outcome, Problem, answers_match, check_reward, parse_number, problem_id
 from clora.envs.calculator import CalculatorError, evaluate, format_number
+from clora.envs.single_turn import SINGLE_TURN_INSTRUCTIONS, SingleTurnEpisode
 from clora.envs.gsm8k import Gsm8kEnv, load_jsonl_problems, parse_answer
 from clora.envs.tools import (
     CALCULATOR,
@@ -52,6 +53,8 @@ __all__ = [
     "CALCULATOR",
     "FINAL_ANSWER",
     "ArithmeticEnv",
+    "SingleTurnEpisode",
+    "SINGLE_TURN_INSTRUCTIONS",
     "generate_problem",
     "Gsm8kEnv",
     "load_jsonl_problems",
@@ -64,7 +67,8 @@ def make_env(cfg: EnvConfig) -> Env:
     """The env named by ``cfg.kind``; a bad file or value raises ``ConfigError``."""
     if cfg.kind == "arithmetic":
         return ArithmeticEnv(
-            difficulty=cfg.difficulty, seed=cfg.seed, held_out_size=cfg.held_out_size, examples=cfg.examples
+            difficulty=cfg.difficulty, seed=cfg.seed, held_out_size=cfg.held_out_size, examples=cfg.examples,
+            single_turn=cfg.single_turn,
         )
     if cfg.kind == "gsm8k":
         if not cfg.path:

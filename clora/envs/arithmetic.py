@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 
 from clora.envs.base import Episode, Problem, problem_id
+from clora.envs.single_turn import SingleTurnEpisode
 from clora.envs.tools import TOOL_STOP_SEQUENCES, ExampleStyle, ToolUseEpisode, tool_system_prompt, worked_examples
 from clora.errors import EnvError
 
@@ -95,20 +96,25 @@ def generate_problem(rng: random.Random, difficulty: int) -> Problem:
 
 
 class ArithmeticEnv:
-    """Built-in tool-use env: Calculator + Final Answer over generated word problems."""
+    """Built-in tool-use env: Calculator + Final Answer over generated word problems.
+
+    ``single_turn=True``: the same problems (training stream and held-out split) answered in one
+    turn without the Calculator (clora.envs.single_turn), no stop strings.
+    """
 
     name = "arithmetic"
-    stop_sequences = TOOL_STOP_SEQUENCES
 
     def __init__(
         self, *, difficulty: int = 1, seed: int = 0, held_out_size: int = 32, tool_role: str = "tool",
-        examples: ExampleStyle = "each_op",
+        examples: ExampleStyle = "each_op", single_turn: bool = False,
     ):
         """``examples``: the worked examples every episode opens with (clora.envs.tools.worked_examples)."""
         if difficulty < 0:
             raise ValueError(f"difficulty must be >= 0, got {difficulty}")
         self.difficulty = difficulty
         self.seed = seed
+        self.single_turn = single_turn
+        self.stop_sequences: tuple[str, ...] = () if single_turn else TOOL_STOP_SEQUENCES
         self._tool_role = tool_role
         self.examples = worked_examples(examples, difficulty)  # the same for every problem: a shared prompt prefix
         self._system_prompt = tool_system_prompt(examples)
@@ -136,6 +142,8 @@ class ArithmeticEnv:
         raise EnvError(f"arithmetic env: could not draw {n} training problems outside the held-out split")
 
     def start(self, problem: Problem) -> Episode:
+        if self.single_turn:
+            return SingleTurnEpisode(problem, examples=self.examples)
         return ToolUseEpisode(
             problem, tool_role=self._tool_role, system_prompt=self._system_prompt, examples=self.examples
         )

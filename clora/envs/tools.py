@@ -42,6 +42,7 @@ __all__ = [
     "CALCULATOR",
     "FINAL_ANSWER",
     "few_shot_messages",
+    "final_answer_outcome",
 ]
 
 CALCULATOR = "Calculator"
@@ -226,12 +227,17 @@ class ToolUseEpisode:
                     info={"tool": CALCULATOR, "error": str(e)},
                 )
             return Outcome(done=False, tool_messages=self._reply(result), info={"tool": CALCULATOR, "result": result})
-        given = parse_number(call.args)
-        if given is None:
-            return Outcome(done=True, reward=0.0, info={"error": "final answer is not a number", "given": call.args})
-        correct = answers_match(given, self._expected)
-        return Outcome(
-            done=True,
-            reward=1.0 if correct else 0.0,
-            info={"given": format_number(given), "expected": self.problem.answer, "correct": correct},
-        )
+        return final_answer_outcome(call.args, self._expected, self.problem)
+
+
+def final_answer_outcome(args: str, expected: float, problem: Problem) -> Outcome:
+    """The reward rule of a Final Answer call with ``args``: 1.0 only if it is the expected number."""
+    given = parse_number(args)
+    if given is None:
+        return Outcome(done=True, reward=0.0, info={"error": "final answer is not a number", "given": args})
+    correct = answers_match(given, expected)
+    return Outcome(
+        done=True,
+        reward=1.0 if correct else 0.0,
+        info={"given": format_number(given), "expected": problem.answer, "correct": correct},
+    )
