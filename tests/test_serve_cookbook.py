@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from clora.serve.readiness import wait_until_ready
+
 pytest.importorskip("tinker_cookbook.recipes.math_rl.train")
 
 # ~1 min unloaded: a server process and two recipe processes, each importing torch and the cookbook
@@ -105,10 +107,6 @@ def test_the_cookbook_math_rl_recipe_trains_two_tenants_on_one_server(tiny_model
 def test_the_cookbook_recipe_against_clora_serve_on_the_real_engine(tiny_model_dir, tmp_path):
     """The same recipe against the `clora serve` command on the real vLLM engine (tiny model: the reward
     need not rise). Written, not run, by the session that added it: the lead runs it."""
-    import time
-
-    import httpx
-
     from clora.config import EngineConfig, ModelConfig, RuntimeConfig, dump_toml
 
     config = RuntimeConfig(model=ModelConfig(source=str(tiny_model_dir), max_model_len=256),
@@ -121,15 +119,7 @@ def test_the_cookbook_recipe_against_clora_serve_on_the_real_engine(tiny_model_d
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, server.stderr.read()[-3000:]
-            time.sleep(2)
+        wait_until_ready(url, server, poll_s=2.0)
         recipe = subprocess.run(_recipe(url, str(tiny_model_dir), tmp_path / "recipe"), cwd=tmp_path, env=env,
                                 text=True, capture_output=True, timeout=800)
         assert recipe.returncode == 0, (recipe.stdout + recipe.stderr)[-4000:]

@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from clora.config import EngineConfig, ModelConfig, RuntimeConfig, dump_toml
+from clora.serve.readiness import wait_until_ready
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]  # its own engine process: not in the default run
 tinker = pytest.importorskip("tinker")
@@ -34,15 +33,7 @@ def test_clora_serve_trains_publishes_and_serves_on_the_real_engine(tmp_path):
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(2)
+        wait_until_ready(url, proc, poll_s=2.0)
         from tinker import types
 
         trainer = tinker.ServiceClient(base_url=url, api_key="tml-local").create_lora_training_client(

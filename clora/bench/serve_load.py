@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from clora import events
+from clora.serve.readiness import wait_until_ready
 
 __all__ = ["main", "run_load"]
 
@@ -73,8 +74,6 @@ def run_load(*, tinker_clients: int, chat_clients: int, rounds: int, max_seconds
 def _serve_process(folder: Path) -> Iterator[tuple[str, int]]:
     """``clora serve`` on the real engine (tiny model) in its own process, run folder ``folder/run``; its
     URL and pid. Stopped with SIGTERM (graceful) on exit."""
-    import httpx
-
     from clora.config import EngineConfig, ModelConfig, RuntimeConfig, dump_toml
 
     config = RuntimeConfig(model=ModelConfig(source="tiny", max_model_len=256),
@@ -89,15 +88,10 @@ def _serve_process(folder: Path) -> Iterator[tuple[str, int]]:
                             stderr=open(folder / "serve.err", "wb"))
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"clora serve exited with {proc.returncode}: see {folder / 'serve.err'}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        try:
+            wait_until_ready(url, proc, timeout_s=float("inf"))
+        except RuntimeError:
+            raise RuntimeError(f"clora serve exited with {proc.returncode}: see {folder / 'serve.err'}") from None
         yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)

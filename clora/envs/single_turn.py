@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from clora.envs.base import Outcome, Problem, parse_number
-from clora.envs.tools import CALCULATOR, FINAL_ANSWER, WorkedExample, final_answer_outcome, parse_tool_call
+from clora.envs.tools import CALCULATOR, FINAL_ANSWER, WorkedExample, final_answer_outcome, known_tool_call
 
 __all__ = ["SINGLE_TURN_INSTRUCTIONS", "SingleTurnEpisode", "answer_messages"]
 
@@ -57,11 +57,9 @@ class SingleTurnEpisode:
         ]
 
     def step(self, assistant_text: str) -> Outcome:
-        call = parse_tool_call(assistant_text)
-        if call is None:
-            return Outcome(done=True, reward=0.0, info={"error": "no tool call"})
-        if not call.known:
-            return Outcome(done=True, reward=0.0, info={"error": f"unknown tool {call.name!r}"})
+        call = known_tool_call(assistant_text)
+        if isinstance(call, Outcome):
+            return call
         if call.name == CALCULATOR:
             return Outcome(done=True, reward=0.0, info={"error": "no Calculator in the single-turn task"})
         return final_answer_outcome(call.args, self._expected, self.problem)

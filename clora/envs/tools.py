@@ -30,6 +30,7 @@ from clora.envs.calculator import CalculatorError, evaluate, format_number
 __all__ = [
     "ToolCall",
     "parse_tool_call",
+    "known_tool_call",
     "TOOL_STOP_SEQUENCES",
     "TOOL_SYSTEM_PROMPT",
     "TOOL_INSTRUCTIONS",
@@ -174,6 +175,17 @@ def parse_tool_call(text: str) -> ToolCall | None:
     return ToolCall(canonical, args, True)
 
 
+def known_tool_call(assistant_text: str) -> ToolCall | Outcome:
+    """The known tool called in an assistant turn, or the Outcome that ends the episode with reward 0
+    when the turn calls no tool or an unknown one."""
+    call = parse_tool_call(assistant_text)
+    if call is None:
+        return Outcome(done=True, reward=0.0, info={"error": "no tool call"})
+    if not call.known:
+        return Outcome(done=True, reward=0.0, info={"error": f"unknown tool {call.name!r}"})
+    return call
+
+
 class ToolUseEpisode:
     """One problem solved by Calculator calls and one Final Answer; reward 1.0 only if right."""
 
@@ -211,11 +223,9 @@ class ToolUseEpisode:
         return [{"role": self._tool_role, "content": content}]
 
     def step(self, assistant_text: str) -> Outcome:
-        call = parse_tool_call(assistant_text)
-        if call is None:
-            return Outcome(done=True, reward=0.0, info={"error": "no tool call"})
-        if not call.known:
-            return Outcome(done=True, reward=0.0, info={"error": f"unknown tool {call.name!r}"})
+        call = known_tool_call(assistant_text)
+        if isinstance(call, Outcome):
+            return call
         if call.name == CALCULATOR:
             self.calculator_calls += 1
             try:
