@@ -60,8 +60,8 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path, capsys):
     table_rows = [line for line in printed.splitlines()
                   if re.match(r"^\s*[│|]\s*(serial_cold|serial_warm|concurrent)\s*[│|]", line)]
     assert len(table_rows) == 6, printed
-    assert re.search(r"^\s*[│|]\s*concurrent_fused\s*[│|]\s*2\s*[│|]", printed, re.MULTILINE), printed
-    assert "peer loop (transformers + peft) N=1" in printed
+    assert re.search(r"^\s*[│|]\s*concurrent_fused\s*[│|]\s*multi\s*[│|]\s*2\s*[│|]", printed, re.MULTILINE), printed
+    assert "peer loop (transformers + peft) multi-turn N=1" in printed
 
 
 def test_only_the_chosen_modes_run_and_rows_without_a_baseline_have_no_ratios(tmp_path, capsys):

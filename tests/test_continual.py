@@ -44,8 +44,10 @@ async def _train_and_commit(t, seed: int, alias: str | None = "candidate") -> in
 
 async def test_production_samples_come_from_the_production_version_even_while_it_is_promoted(tiny_model_dir, tmp_path):
     rng = random.Random(3)
+    promoted = asyncio.Event()  # the early requests decode until the promotion is done: in flight during it
 
     async def slow(request: FakeRequest) -> Completion:
+        await promoted.wait()
         await asyncio.sleep(rng.uniform(0, 0.03))
         return _named(request)
 
@@ -63,8 +65,10 @@ async def test_production_samples_come_from_the_production_version_even_while_it
             into.append(await t.sample([5, 6, 7], max_tokens=2, version="production"))
 
         early = [asyncio.ensure_future(ask(before, rng.uniform(0, 0.01))) for _ in range(12)]
-        await until(lambda: len(engine.requests) >= 6)
-        promotion = await t.promote(v1)  # while production requests decode on v0
+        await until(lambda: len(engine.requests) >= 12)  # every early request has asked for production (v0)
+        promotion = await t.promote(v1)  # while they all decode on v0
+        assert before == []
+        promoted.set()
         late = [asyncio.ensure_future(ask(after, 0)) for _ in range(8)]
         await asyncio.gather(*early, *late)
         candidate = await t.sample([5, 6, 7], max_tokens=2, version="candidate")
