@@ -72,7 +72,10 @@ async def main(args: argparse.Namespace) -> None:
     table = Table(title=f"held-out accuracy ({time.perf_counter() - started:.0f} s in all)")
     for column in ("tenant", "lr", "before", "after (95% interval)", "after, per operation", "steps trained", "time s"):
         table.add_column(column)
-    per_operation = final_counts_by_kind(args.run_dir)
+    from clora.observe import load_run_events  # after the run: the pictures' modules load only now
+
+    events = load_run_events(args.run_dir)
+    per_operation = final_counts_by_kind(events)
     for exp in config.experiments:
         result = results[exp.name]
         if isinstance(result, BaseException):
@@ -88,18 +91,17 @@ async def main(args: argparse.Namespace) -> None:
             f"{result.duration_s:.0f}",
         )
     console.print(table)
-    show_next_steps(console, args.run_dir, config.experiments, results)
+    show_next_steps(console, args.run_dir, events, config.experiments, results)
 
 
 OPERATION_SIGNS = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}
 
 
-def final_counts_by_kind(run_dir: str) -> dict[str, str]:
+def final_counts_by_kind(events: list[dict]) -> dict[str, str]:
     """Each tenant's last held-out evaluation per operation, e.g. "+16/16 -15/15 *9/17 /12/16"."""
     from clora import events as names
-    from clora.observe import load_run_events
 
-    last = {e["tenant"]: e for e in load_run_events(run_dir) if e["event"] == names.TENANT_EVAL}
+    last = {e["tenant"]: e for e in events if e["event"] == names.TENANT_EVAL}
     return {
         tenant: " ".join(f"{OPERATION_SIGNS.get(kind, kind)}{correct}/{total}"
                           for kind, (correct, total) in e.get("by_kind", {}).items())
@@ -107,11 +109,10 @@ def final_counts_by_kind(run_dir: str) -> dict[str, str]:
     }
 
 
-def show_next_steps(console: Console, run_dir: str, experiments, results) -> None:
+def show_next_steps(console: Console, run_dir: str, events: list[dict], experiments, results) -> None:
     """The run's pictures, written into the run folder, and the commands to look further."""
-    from clora.observe import curves, load_run_events, timeline
+    from clora.observe import curves, timeline
 
-    events = load_run_events(run_dir)
     for draw, name, what in ((curves, "curves.png", "reward and held-out accuracy per step"),
                              (timeline, "timeline.png", "where the time went")):
         try:
