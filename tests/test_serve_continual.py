@@ -121,3 +121,25 @@ def test_admin_endpoints_refuse_a_wrong_token_and_bad_requests_get_the_matching_
         app.chat.completions.create(model="support@staging", messages=[{"role": "user", "content": "x"}], max_tokens=2)
     broken = httpx.post(f"{served.url}/v1/feedback", content=b"{not json", headers={"Authorization": f"Bearer {APP}"})
     assert broken.status_code == 400 and broken.json()["error"]["type"] == "ConfigError"
+
+
+def test_a_gated_promotion_over_http_scores_both_versions_and_refuses_one_that_is_not_better_by_the_margin(served):
+    gate = {"kind": "arithmetic", "difficulty": 1, "held_out_size": 2}
+    before = _admin(served, "GET", "versions").json()["aliases"]["production"]
+    # The FakeEngine's replies solve nothing: both versions score 0.0, so the candidate is not better by 0.0.
+    refused = _admin(served, "POST", "promote", version=1, gate=gate)
+    assert refused.status_code == 200, refused.text
+    assert refused.json() == {"tenant": "support", "alias": "production", "version": 1, "previous": before,
+                              "promoted": False, "gate": "held_out:arithmetic", "score": 0.0, "baseline": 0.0,
+                              "margin": 0.0}
+    assert _admin(served, "GET", "versions").json()["aliases"]["production"] == before
+    # A margin below zero lets an equal score through: the margin reaches the gate.
+    passed = _admin(served, "POST", "promote", version=1, gate=gate, margin=-0.5)
+    assert passed.status_code == 200 and passed.json()["promoted"] and passed.json()["margin"] == -0.5
+    assert _admin(served, "GET", "versions").json()["aliases"]["production"] == 1
+    assert _admin(served, "POST", "rollback", alias="production").json()["version"] == before
+    # A gate that is not an env config: 400 naming the field, and the alias does not move.
+    bad = _admin(served, "POST", "promote", version=1, gate={"kind": "arithmetic", "held_out_size": 0})
+    assert bad.status_code == 400 and "held_out_size" in bad.json()["error"]["message"]
+    assert _admin(served, "POST", "promote", version=1, gate={"kind": "poetry"}).status_code == 400
+    assert _admin(served, "GET", "versions").json()["aliases"]["production"] == before

@@ -5,7 +5,11 @@
   the OpenAI routes served (their ``sample_ids``). Any key that may use the tenant may send feedback.
   Unknown or expired sample id: 404; a non-finite or conflicting reward: 400.
 - ``GET /v1/admin/tenants/{tenant}/versions``: every kept version with its lineage, and the aliases.
-- ``POST /v1/admin/tenants/{tenant}/promote`` ``{"version": 7 | "candidate", "alias": "production"}``.
+- ``POST /v1/admin/tenants/{tenant}/promote`` ``{"version": 7 | "candidate", "alias": "production"}``, optionally
+  gated: ``"gate": {ENV}`` (an ``EnvConfig`` as JSON, e.g. ``{"kind": "arithmetic", "difficulty": 1,
+  "held_out_size": 32}``: the candidate and the alias's version are scored on that env's held-out set) and
+  ``"margin": 0.05`` (the candidate must beat the alias's version by more). The reply says ``promoted`` or
+  not, with both scores.
 - ``POST /v1/admin/tenants/{tenant}/rollback`` ``{"alias": "production"}``.
 - ``POST /v1/admin/tenants/{tenant}/learn``: one learner step on the pending feedback now.
 
@@ -22,6 +26,8 @@ from fastapi import APIRouter, Request
 
 from clora.continual.learner import LearnerPolicy
 from clora.continual.tenant import PRODUCTION
+from clora.config import EnvConfig
+from clora.envs import make_env
 from clora.errors import AccessDeniedError, ConfigError
 from clora.serve.bodies import read_json, serve_state
 from clora.serve.state import ServeState
@@ -61,6 +67,8 @@ class FeedbackIn(_In, kw_only=True):
 class PromoteIn(_In, kw_only=True):
     version: int | str
     alias: str = PRODUCTION
+    gate: EnvConfig | None = None  # score on this env's held-out set (clora.continual.gate)
+    margin: float = 0.0
 
 
 class RollbackIn(_In, kw_only=True):
@@ -119,7 +127,8 @@ async def versions(request: Request, tenant: str) -> dict[str, Any]:
 async def promote(request: Request, tenant: str) -> dict[str, Any]:
     handle = _admin(request, tenant)
     body = await read_json(request, PromoteIn, empty_is_object=True)
-    return msgspec.to_builtins(await handle.promote(body.version, body.alias))
+    gate = None if body.gate is None else make_env(body.gate)
+    return msgspec.to_builtins(await handle.promote(body.version, body.alias, gate=gate, margin=body.margin))
 
 
 @router.post("/admin/tenants/{tenant}/rollback")
