@@ -99,6 +99,7 @@ __all__ = [
     "CONTINUAL_LEARNER_SKIPPED",
     "CONTINUAL_LEARNER_FAILED",
     "CONTINUAL_RESUMED",
+    "CONTINUAL_SAMPLES_COMPACTED",
     "CONTINUAL_CHECKED_OUT",
     "BENCH_MODE_DONE",
     "JsonlSink",
@@ -273,6 +274,9 @@ CONTINUAL_LEARNER_SKIPPED: Final = "continual.learner_skipped"
 """A learner step used ``feedback`` rewards without training (``reason`` no-signal: every advantage was zero)."""
 CONTINUAL_LEARNER_FAILED: Final = "continual.learner_failed"
 """The background learner stopped on an ``error`` (serving goes on; learn() retries the step)."""
+CONTINUAL_SAMPLES_COMPACTED: Final = "continual.samples_compacted"
+"""samples.jsonl was rewritten with only the samples that can still get or train on feedback: lines ``kept``
+and ``dropped``, its size ``bytes_before`` -> ``bytes_after``."""
 CONTINUAL_RESUMED: Final = "continual.resumed"
 """A continual tenant continues from its newest committed ``version`` after a restart: its ``aliases``,
 ``feedback`` accepted in all, ``pending`` not yet trained."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+
 import pytest
 
 from clora.continual.feedback import FEEDBACK_FILE, FeedbackLog, SampleRecord
@@ -101,3 +103,41 @@ def test_feedback_data_carries_the_serving_versions_logprobs_and_batch_mean_adva
     assert {d.sampler_version for d in data} == {3}
     policy = LearnerPolicy(min_batch=3, max_age_s=5.0)
     assert not due(policy, records, now=records[0].at + 1) and due(policy, records, now=records[0].at + 6)
+
+
+def test_compaction_keeps_exactly_the_samples_that_can_still_matter_and_a_reopen_sees_the_same_log(tmp_path):
+    from clora.continual import feedback as fb
+    from clora.continual.feedback import SAMPLES_FILE
+
+    log = _log(tmp_path, max_age_s=30.0, max_samples=1000)
+    log.record(_sample(0, at=time.time() - 60))  # expired: no feedback can come for it any more
+    for i in range(1, 7):
+        log.record(_sample(i))
+    log.accept([("s1", 1.0), ("s2", 0.0), ("s3", 0.5)])
+    log.forget({0, 1})  # s1 and s2's feedback is applied (in the registry); s3's is pending
+    assert log.compact() is None  # 7 lines: far below COMPACT_MIN_LINES
+    done = log.compact(force=True)
+    assert (done.kept, done.dropped) == (4, 3) and done.bytes_after < done.bytes_before
+    kept = (tmp_path / SAMPLES_FILE).read_bytes().splitlines()
+    assert [msgspec.json.decode(x)["id"] for x in kept] == ["s3", "s4", "s5", "s6"]
+    log.record(_sample(7))  # appending goes on in the new file
+    log.accept([("s7", 1.0)])
+    log.close()
+
+    again = _log(tmp_path, max_age_s=30.0, max_samples=1000)
+    assert [(f.seq, f.sample) for f in again.pending({0, 1})] == [(2, "s3"), (3, "s7")]
+    assert again.sample_of(again.pending({0, 1})[0]).tokens == [8]  # the pending feedback's sample survived
+    again.accept([("s4", 1.0)])  # a windowed sample can still get feedback
+    with pytest.raises(UnknownSampleError):
+        again.accept([("s0", 1.0)])
+    assert again.accept([("s1", 1.0)])[0].seq == 0  # an applied reward's retry is still recognised
+
+    # due by size: more than COMPACT_RATIO lines per live sample, and at least COMPACT_MIN_LINES
+    fb_min = fb.COMPACT_MIN_LINES
+    try:
+        fb.COMPACT_MIN_LINES = 8
+        for i in range(10, 20):
+            again.record(_sample(i, at=time.time() - 60))  # all expired at once
+        assert again.compact() is not None and again.compact() is None
+    finally:
+        fb.COMPACT_MIN_LINES = fb_min

@@ -13,6 +13,14 @@ Which feedback is already applied is not kept here but in the version registry (
 next to the trainer state it went into. A torn last line (a crash mid-write) is skipped on reading.
 Samples older than ``max_age_s`` (or beyond the newest ``max_samples``) are expired: feedback for
 them is refused. Pure: no actors, no torch.
+
+Compaction: ``samples.jsonl`` (prompt and completion tokens: the big file) is rewritten with only the
+samples that can still matter (in the feedback window without feedback, or with feedback not yet
+applied) once it holds more than ``COMPACT_RATIO`` times that many lines (and at least
+``COMPACT_MIN_LINES``), so its size and a reopen's reading time follow the window, not the service's
+age. The new file is written beside the old one, fsynced and renamed over it: a crash leaves one or
+the other. ``feedback.jsonl`` stays append-only (one short line per reward; its sequence numbers must
+never be reused, since the registry names applied feedback by them).
 """
 
 from __future__ import annotations
@@ -20,18 +28,23 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import IO, Final
 
 import msgspec
 
+from clora.checkpoint.atomic import write_bytes_atomically
 from clora.errors import FeedbackError, UnknownSampleError
 
-__all__ = ["SAMPLES_FILE", "FEEDBACK_FILE", "SampleRecord", "FeedbackRecord", "FeedbackLog", "new_sample_id"]
+__all__ = ["SAMPLES_FILE", "FEEDBACK_FILE", "SampleRecord", "FeedbackRecord", "FeedbackLog", "Compaction",
+           "new_sample_id"]
 
 SAMPLES_FILE: Final = "samples.jsonl"
 FEEDBACK_FILE: Final = "feedback.jsonl"
+COMPACT_RATIO: Final = 2.0  # rewrite samples.jsonl when it holds more than this many lines per live sample
+COMPACT_MIN_LINES: Final = 4096  # ... and at least this many lines (a small file is not worth a rewrite)
 
 
 class SampleRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,6 +67,15 @@ class FeedbackRecord(msgspec.Struct, frozen=True, kw_only=True):
     at: float
 
 
+class Compaction(msgspec.Struct, frozen=True, kw_only=True):
+    """What one rewrite of samples.jsonl did."""
+
+    kept: int  # sample lines in the new file
+    dropped: int  # lines of the old file left out (expired, applied, or torn)
+    bytes_before: int
+    bytes_after: int
+
+
 def new_sample_id() -> str:
     """A fresh sample id (random: ids of several tenants and restarts never collide)."""
     return f"smp_{secrets.token_hex(10)}"
@@ -74,6 +96,8 @@ class FeedbackLog:
         self._samples_file: IO[bytes] | None = None
         self._feedback_file: IO[bytes] | None = None
         self._samples_dirty = False
+        self._sample_lines = 0  # lines in samples.jsonl (what a compaction would shorten)
+        self._lock = threading.Lock()  # record / accept / compact: accept and compact run in worker threads
         self._encoder = msgspec.json.Encoder()
 
     # ------------------------------------------------------------------ open / close
@@ -85,7 +109,9 @@ class FeedbackLog:
         for record in _read_lines(self.folder / FEEDBACK_FILE, FeedbackRecord):
             self._feedback[record.seq] = record
             self._by_sample[record.sample] = record
-        for record in _read_lines(self.folder / SAMPLES_FILE, SampleRecord):
+        samples = _read_lines(self.folder / SAMPLES_FILE, SampleRecord)
+        self._sample_lines = len(samples)
+        for record in samples:
             if record.id in self._by_sample:
                 self._rewarded[record.id] = record
             elif now - record.at <= self.max_age_s:
@@ -103,9 +129,11 @@ class FeedbackLog:
 
     def record(self, record: SampleRecord) -> None:
         """Remember a served sample (written now; fsynced before feedback naming it is accepted)."""
-        self._samples_file.write(self._encoder.encode(record) + b"\n")
-        self._samples_dirty = True
-        self._keep_sample(record)
+        with self._lock:
+            self._samples_file.write(self._encoder.encode(record) + b"\n")
+            self._samples_dirty = True
+            self._sample_lines += 1
+            self._keep_sample(record)
 
     def _keep_sample(self, record: SampleRecord) -> None:
         self._samples[record.id] = record
@@ -154,6 +182,10 @@ class FeedbackLog:
     def accept(self, items: list[tuple[str, float]]) -> list[FeedbackRecord]:
         """Accept rewards (all or none: each is checked first), durably. A repeat of an accepted reward is
         a no-op that returns the earlier record."""
+        with self._lock:
+            return self._accept(items)
+
+    def _accept(self, items: list[tuple[str, float]]) -> list[FeedbackRecord]:
         out: list[FeedbackRecord | None] = []
         seen: dict[str, float] = {}
         for sample_id, reward in items:
@@ -196,6 +228,28 @@ class FeedbackLog:
             record = self._feedback.get(seq)
             if record is not None:
                 self._rewarded.pop(record.sample, None)
+
+    # ------------------------------------------------------------------ compaction
+
+    def compact(self, *, force: bool = False) -> Compaction | None:
+        """Rewrite samples.jsonl with only the live samples (see the module doc) when it is due, or always
+        with ``force``; None when it was not due. Call it after ``forget`` (applied samples are then gone)."""
+        with self._lock:
+            self.expire()
+            live = sorted([*self._samples.values(), *self._rewarded.values()], key=lambda r: r.at)
+            if not force and (self._sample_lines < COMPACT_MIN_LINES
+                              or self._sample_lines <= COMPACT_RATIO * len(live)):
+                return None
+            path = self.folder / SAMPLES_FILE
+            self._samples_file.close()
+            before = path.stat().st_size
+            try:  # a failed rewrite leaves the old file whole; appending goes on either way
+                write_bytes_atomically(path, b"".join(self._encoder.encode(r) + b"\n" for r in live), durable=True)
+            finally:
+                self._samples_file = _append(path)
+            self._samples_dirty = False
+            dropped, self._sample_lines = self._sample_lines - len(live), len(live)
+            return Compaction(kept=len(live), dropped=dropped, bytes_before=before, bytes_after=path.stat().st_size)
 
     def __len__(self) -> int:
         return len(self._feedback)

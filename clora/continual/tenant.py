@@ -86,6 +86,7 @@ class Continual:
             await handle.publish()
             applied = self.registry.applied_feedback()
             self.log_.forget(applied)
+            await self._compact()
             self._log.info(events.CONTINUAL_RESUMED, version=head.version, aliases=self.registry.aliases(),
                            pending=len(self.log_.pending(applied)), feedback=len(self.log_))
         else:
@@ -211,12 +212,14 @@ class Continual:
                 self.registry.consume(seqs)
                 await asyncio.to_thread(self.registry.save)
                 self.log_.forget(set(seqs))
+                await self._compact()
                 self._log.info(events.CONTINUAL_LEARNER_SKIPPED, feedback=len(seqs), reason="no-signal")
                 return None
             result = await self.runtime.ask(TrainStep(tenant=self.handle.name, data=data, loss=self.policy.loss,
                                                       copy_state=True))
             info = await self._commit(alias=self.policy.alias, data=len(data), feedback=seqs, state=result.state)
             self.log_.forget(set(seqs))
+            await self._compact()
             rewards = [f.reward for f, _ in items]
             self._log.info(events.CONTINUAL_LEARNER_STEP, version=info.version, parent=info.parent, data=len(data),
                            feedback=len(seqs), first_seq=seqs[0], last_seq=seqs[-1],
@@ -224,6 +227,13 @@ class Continual:
                            ratio_mean=result.metrics.values.get("ratio_mean"),
                            duration_s=round(time.perf_counter() - started, 4))
             return info
+
+    async def _compact(self) -> None:
+        """Shorten samples.jsonl when it is due (clora.continual.feedback: after ``forget``)."""
+        done = await asyncio.to_thread(self.log_.compact)
+        if done is not None:
+            self._log.info(events.CONTINUAL_SAMPLES_COMPACTED, kept=done.kept, dropped=done.dropped,
+                           bytes_before=done.bytes_before, bytes_after=done.bytes_after)
 
     def _poke(self) -> None:
         """New feedback: wake the background learner (start it if it is not running)."""
