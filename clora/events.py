@@ -80,6 +80,10 @@ __all__ = [
     "ADAPTER_LOADED_BESIDE",
     "ADAPTER_RETIRED",
     "SAMPLE_DONE",
+    "REPLICA_PLACED",
+    "REPLICA_FAILED",
+    "FAILOVER",
+    "REQUEST_RETRIED",
     "SCHEDULER_DECISION",
     "SCHEDULER_WAIT_EXCEEDED",
     "SCHEDULER_POLICY_CHANGED",
@@ -222,6 +226,18 @@ unloaded from the engine."""
 SAMPLE_DONE: Final = "sampler.sample_done"
 """One SampleRequest finished: ``tenant``, ``adapter_version``, ``n``, ``prompt_tokens``, ``completion_tokens``,
 ``duration_s``."""
+REPLICA_PLACED: Final = "sampler.replica_placed"
+"""A sampler pool registered a ``tenant``'s adapter ``version`` on a ``replica`` (``replicas``: all of the tenant's;
+``tenants``: how many that replica serves now; docs/sampler-pool.md)."""
+REPLICA_FAILED: Final = "sampler.replica_failed"
+"""A sampler pool's ``replica`` died (``error``); its ``tenants`` fail over to the ``alive`` replicas (none left:
+the pool fails as a single sampler does)."""
+FAILOVER: Final = "sampler.failover"
+"""A ``tenant`` left ``from_replica`` (it died, or could not go back to the live version after a failed publish)
+and now serves ``version`` on ``to_replica`` as well (None: on no new replica; ``error`` says why)."""
+REQUEST_RETRIED: Final = "sampler.request_retried"
+"""A ``tenant``'s request that was in flight on ``from_replica`` when it died was sent once more, to ``to_replica``
+(``error``: the first try's); a second failure reaches the asker."""
 SCHEDULER_DECISION: Final = "scheduler.decision"
 """The scheduler chose among several waiters for a ``resource`` (decode: an engine LoRA slot; train: the
 trainer's device): ``chosen`` (best first), ``reason`` (aged / priority / fair_share) and the ``queue`` in

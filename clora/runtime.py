@@ -27,6 +27,7 @@ from actors import ActorRef, ActorSystem, Supervision, UnknownMessage
 from clora import events
 from clora.rl.chat import ChatRenderer
 from clora.checkpoint.format import BaseModelIdentity, base_model_identity
+from clora.cluster.pool import start_local_pool
 from clora.continual.learner import LearnerPolicy
 from clora.continual.tenant import Continual
 from clora.config import ExperimentConfig, LoraConfig, OptimConfig, RuntimeConfig, validate_tenant_name
@@ -60,16 +61,23 @@ class Runtime:
         run_dir: str | Path | None = None,
         console_level: str = "warning",
         resume: bool = False,
-        engine: Engine | None = None,
+        engine: Engine | Sequence[Engine] | None = None,
     ) -> None:
         """``console_level``: events below it reach only the run folder, not your structlog output (by
         default only warnings and errors do: a library is quiet; every event is in events.jsonl).
         ``resume``: experiments continue from their checkpoints in ``run_dir`` (see the module doc).
         ``engine``: a running engine to borrow instead of starting one (the runtime neither starts nor
-        shuts it down): one engine shared by several runtimes, or ``clora.testing.FakeEngine``."""
+        shuts it down): one engine shared by several runtimes, or ``clora.testing.FakeEngine``. A list of
+        several: one sampler per engine, with a ``SamplerPool`` in front (docs/sampler-pool.md)."""
         self.config = config or RuntimeConfig()
         self.console_level = console_level
         self.resume = resume
+        self._engines: list[Engine] | None = None  # several: one sampler replica each, behind a pool
+        if isinstance(engine, Sequence):
+            if not engine:
+                raise ConfigError("engine: give an engine, a list of engines (a sampler pool), or None")
+            self._engines = list(engine) if len(engine) > 1 else None
+            engine = engine[0] if len(engine) == 1 else None
         self._engine = engine
         self.run_dir = Path(run_dir if run_dir is not None else self.config.run_dir)
         self._stack = contextlib.AsyncExitStack()
@@ -107,15 +115,21 @@ class Runtime:
             )
             # vLLM's own logging: errors only, unless VLLM_LOGGING_LEVEL says otherwise (a library is quiet).
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-            engine_dir = self.model_dir if self._engine is not None else await asyncio.to_thread(
+            borrowed = self._engine is not None or self._engines is not None
+            engine_dir = self.model_dir if borrowed else await asyncio.to_thread(
                 engine_model_dir, self.model_dir, model_cfg.dtype)  # a bf16 engine loads bf16 weights
             self.scheduler = Scheduler(aging_s=cfg.scheduler.aging_s, wait_bound_s=cfg.scheduler.wait_bound_s,
                                        log=self._system.log)
-            self.sampler = await self._system.start(
-                SamplerActor(engine_dir, model_cfg, cfg.engine, shared_engine=self._engine, scheduler=self.scheduler,
-                             max_resident=cfg.scheduler.max_resident_adapters),
-                name="sampler", supervision=Supervision.ESCALATE,
-            )
+
+            def sampler(engine: Engine | None) -> SamplerActor:
+                return SamplerActor(engine_dir, model_cfg, cfg.engine, shared_engine=engine, scheduler=self.scheduler,
+                                    max_resident=cfg.scheduler.max_resident_adapters)
+
+            if self._engines is None:
+                self.sampler = await self._system.start(sampler(self._engine), name="sampler",
+                                                        supervision=Supervision.ESCALATE)
+            else:
+                self.sampler = await start_local_pool(self._system, [sampler(e) for e in self._engines])
             self.trainer = await TrainerActor.start_in(self._system, self.model_dir, cfg.trainer,
                                                        scheduler=self.scheduler)
             self.sync = await self._system.start(

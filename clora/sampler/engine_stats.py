@@ -22,7 +22,8 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["BATCH_BUCKETS", "EngineStats", "EngineStatsSnapshot", "bucket_label", "stat_logger_factory"]
+__all__ = ["BATCH_BUCKETS", "EngineStats", "EngineStatsSnapshot", "bucket_label", "combine_snapshots",
+           "stat_logger_factory"]
 
 BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 """Lower bounds of the decode batch histogram's buckets: 1, 2-3, 4-7, ..., 64-127, 128+."""
@@ -57,6 +58,7 @@ class EngineStatsSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     running_sum: int = 0  # sum over steps of the requests running (prefill + decode)
     waiting_max: int = 0  # largest number of requests waiting at a step (max over the whole life)
     decode_batches: dict[str, int] = {}  # bucket_label -> steps with a decode batch of that size
+    replicas: tuple[EngineStatsSnapshot, ...] = ()  # a sampler pool's sum: each replica's own (combine_snapshots)
 
     @property
     def cached_fraction(self) -> float:
@@ -76,6 +78,8 @@ class EngineStatsSnapshot(msgspec.Struct, frozen=True, kw_only=True):
             value, old = getattr(self, name), getattr(previous, name)
             if name in ("decode_batch_max", "waiting_max"):
                 diff[name] = value
+            elif name == "replicas":  # replica by replica, while the pool has the same replicas
+                diff[name] = tuple(a.minus(b) for a, b in zip(value, old)) if len(value) == len(old) else ()
             elif name == "decode_batches":
                 diff[name] = {k: v - old.get(k, 0) for k, v in value.items() if v - old.get(k, 0)}
             else:
@@ -85,11 +89,30 @@ class EngineStatsSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     def fields(self) -> dict[str, Any]:
         """Flat, rounded fields for an event line."""
         out = msgspec.structs.asdict(self)
+        out.pop("replicas")
         out["busy_s"] = round(self.busy_s, 3)
         out["cached_fraction"] = round(self.cached_fraction, 4)
         out["decode_batch_mean"] = round(self.decode_batch_mean, 2)
         out["decode_batches"] = dict(self.decode_batches)
         return out
+
+
+def combine_snapshots(parts: list[EngineStatsSnapshot | None]) -> EngineStatsSnapshot | None:
+    """Several engines' snapshots as one (a sampler pool's replicas): counters summed, maxima the largest,
+    each engine's own in ``replicas``; None when no engine keeps statistics."""
+    kept = [p for p in parts if p is not None]
+    if not kept:
+        return None
+    total: dict[str, Any] = {}
+    for name in EngineStatsSnapshot.__struct_fields__:
+        values = [getattr(p, name) for p in kept]
+        if name in ("decode_batch_max", "waiting_max"):
+            total[name] = max(values)
+        elif name == "decode_batches":
+            total[name] = dict(sum((Counter(v) for v in values), Counter()))
+        elif name != "replicas":
+            total[name] = sum(values)
+    return EngineStatsSnapshot(**total, replicas=tuple(kept))
 
 
 class EngineStats:
