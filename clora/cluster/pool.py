@@ -76,6 +76,7 @@ class _Replica:
     requests: int = 0  # the pool's requests in flight here
     tenants: set[str] = field(default_factory=set)
     dead: bool = False
+    error: str | None = None  # what killed it
 
     @property
     def name(self) -> str:
@@ -158,6 +159,7 @@ class SamplerPool(Actor):
         if replica.dead:
             return
         replica.dead = True
+        replica.error = f"{type(error).__name__}: {error}"
         survivors = [r for r in self.replicas if self._usable(r)]
         self.log.error(events.REPLICA_FAILED, replica=replica.name, tenants=sorted(replica.tenants),
                        alive=[r.name for r in survivors], error=f"{type(error).__name__}: {error}")
@@ -167,7 +169,7 @@ class SamplerPool(Actor):
                     self.ref.tell(_AllReplicasDied(error=f"{type(error).__name__}: {error}")))
             return
         self._failovers[replica.index] = asyncio.get_running_loop().create_task(
-            self._fail_over(replica, error), name=f"failover-{replica.name}")
+            self._fail_over(replica), name=f"failover-{replica.name}")
 
     async def _settled(self) -> None:
         """Until every failover started so far has finished."""
@@ -332,6 +334,7 @@ class SamplerPool(Actor):
             try:
                 replies, errors = await self._fan_out([r for r in record.replicas if self._usable(r)],
                                                       lambda r: msg)
+                lost = [r for r in record.replicas if r.dead]
                 record.replicas = [r for r in record.replicas if not r.dead]
                 if errors:
                     await self._roll_back(record, list(replies), previous)
@@ -339,22 +342,20 @@ class SamplerPool(Actor):
                 record.version, record.path = msg.version, msg.path
                 duration = max((reply.duration_s for reply in replies.values()), default=0.0)
                 # replicas it had died meanwhile (their failover then skips it): place the new version instead
-                await self._top_up(record)
+                await self._top_up(record, lost[0] if lost else None)
             finally:
                 record.open.set()
         return AdapterLoaded(tenant=msg.tenant, version=msg.version, duration_s=duration)
 
-    async def _top_up(self, record: _Tenant, dead: _Replica | None = None,
-                      error: BaseException | None = None) -> None:
+    async def _top_up(self, record: _Tenant, dead: _Replica | None = None) -> None:
         """Place ``record``'s live version on more replicas until it has ``replicas_per_tenant`` (or all
         usable ones); EngineDeadError when none is left. ``dead``: the replica it lost (a failover)."""
         want = min(self.replicas_per_tenant, len(self._placement_order())) - len(record.replicas)
         placed, _, failed = await self._place(record, want, exclude=record.replicas) if want > 0 else ([], 0.0, None)
         self._add_replicas(record, placed)
-        cause = f"{type(error).__name__}: {error}" if error is not None else None
         for replica in placed:
             self.log.warning(events.FAILOVER, tenant=record.name, version=record.version, to_replica=replica.name,
-                             from_replica=dead.name if dead else None, error=cause)
+                             from_replica=dead.name if dead else None, error=dead.error if dead else None)
         if not record.replicas:
             if not self._placement_order():
                 raise self._no_replica_left()
@@ -393,7 +394,7 @@ class SamplerPool(Actor):
 
     # ------------------------------------------------------------------ failure
 
-    async def _fail_over(self, dead: _Replica, error: BaseException) -> None:
+    async def _fail_over(self, dead: _Replica) -> None:
         """Move ``dead``'s tenants to survivors at their live versions (one at a time, under each one's lock)."""
         for name in sorted(dead.tenants):
             async with self._lock(name):
@@ -403,7 +404,7 @@ class SamplerPool(Actor):
                 record.replicas.remove(dead)
                 dead.tenants.discard(name)
                 try:
-                    await self._top_up(record, dead, error)
+                    await self._top_up(record, dead)
                 except EngineDeadError:
                     return  # the last replica died meanwhile: the pool fails
 
