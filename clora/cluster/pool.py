@@ -1,38 +1,25 @@
-"""SamplerPool: R sampler replicas behind one sampler inbox (docs/sampler-pool.md).
+"""SamplerPool: R sampler replicas behind one sampler inbox (docs/sampler-pool.md has the whole story).
 
-The pool is an actor with the SamplerActor's inbox (``SamplerMsg``) in front of R sampler ``ActorRef``s:
-local SamplerActors (``Runtime(engine=[e1, e2])``) or proxies of remote ones (the Ray placement layer hands
-them to ``start_sampler_pool``). The rest of the runtime (tenants, SyncActor, continual serving) talks to it
-as to one sampler, under the same name. It imports no Ray and no engine.
+An actor with the SamplerActor's inbox (``SamplerMsg``) in front of R sampler ``ActorRef``s: local
+SamplerActors (``Runtime(engine=[e1, e2])``, ``start_local_pool``) or proxies of remote ones (the Ray placement
+layer hands them to ``start_sampler_pool``). The runtime talks to it as to one sampler, under the same name.
+It imports no Ray and no engine.
 
-Placement: a tenant (every sampler-level name, pinned versions ``tenant@vN`` included) is registered on
-``replicas_per_tenant`` replicas (default 1: one engine's batches already mix all its tenants, and every extra
-replica costs the tenant a LoRA slot and a load per publish there), the ones with the fewest tenants (ties:
-least outstanding decode work, then the lower index). Routing: a request goes only to replicas that hold its
-tenant's name (so a pinned version reaches only replicas that hold that version), the one with the least
-outstanding decode work (the sum of ``n * max_tokens`` of the requests the pool has in flight there: the
-tokens it may still have to decode, which a request count ignores); base-model requests go to any replica.
-
-Publishing: RegisterAdapter / LoadAdapter go to every replica that serves the tenant, concurrently, and the
-reply comes when all of them serve the version; only then is it the pool's live version. While an in-place
-load (``keep_serving=False``) fans out, the pool holds the tenant's new requests (each replica also gates its
-own), so the replicas never serve two versions of it to the requests sent after the publish; with
-``keep_serving`` nobody waits and a request during the fan-out gets the old version or the new one. Either
-way each SampleResult comes from one replica, which names the one version of all its tokens. A load that
-fails on some replicas is rolled back on the others (their previous version reloaded) and its error raised.
-
-Failover: a replica is dead when an ask to it raises ``FatalError`` (the engine died), ``ActorCrashed`` or
-``ActorStopped``, or its ref is no longer alive. Its tenants are registered on survivors at their live
-version (``sampler.failover``); a request that was in flight there is sent once more to a survivor
-(``sampler.request_retried``); a second failure propagates. When the last replica dies the pool crashes with
-the sampler's fatal ``EngineDeadError``, as a single sampler does. Replicas must run under
-``Supervision.ISOLATE`` (the pool decides what a replica's death means); the pool itself under ESCALATE.
-
-Scheduling: local replicas share the runtime's one ``Scheduler`` object. Each replica's SlotGate picks among
-its own waiters, but priorities and weights set at run time (``Runtime.set_priority``, continual pinned
-versions) reach every replica at once, and a tenant's decode device-seconds add up over the replicas it uses
-(its fair share is of the pool's decode time). A remote replica cannot share the object: it gets a scheduler
-of its own (policy changes then do not reach it).
+- Placement: a tenant (every sampler-level name, pinned versions ``tenant@vN`` included) goes to
+  ``replicas_per_tenant`` replicas (default 1), those with the fewest tenants. Routing: only to replicas that
+  hold the name (affinity), then the least outstanding decode work (sum of ``n * max_tokens`` in flight).
+- Publishing: Register/LoadAdapter fan out to every replica of the tenant; the reply comes, and the version is
+  live, when all of them serve it. An in-place load holds the tenant's new requests at the pool meanwhile; a
+  load refused by some replicas is rolled back on the others. Each SampleResult comes from one replica, which
+  names the one version of all its tokens.
+- Failover: a replica is dead when an ask raises ``FatalError``, ``ActorCrashed`` or ``ActorStopped``, or its
+  ref is not alive. Its tenants are registered on survivors at their live version; a request in flight there
+  is retried once on a survivor; a second failure propagates. The last replica's death crashes the pool with
+  the sampler's fatal ``EngineDeadError``. Replicas run under ``Supervision.ISOLATE``, the pool under ESCALATE.
+- Scheduling: local replicas share the runtime's one ``Scheduler`` object (in-process, so fine): each
+  replica's SlotGate picks among its own waiters, but run-time priorities and weights (``Runtime.set_priority``,
+  continual pinned versions) reach every replica at once, and a tenant's decode device-seconds add up over
+  its replicas (its fair share is of the pool's decode time). A remote replica keeps a scheduler of its own.
 """
 
 from __future__ import annotations
