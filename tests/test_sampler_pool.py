@@ -95,6 +95,14 @@ async def test_tenants_go_to_the_least_loaded_replica_and_stay_on_it():
         assert pool.alive() == ["sampler-0", "sampler-1"]
 
 
+async def test_tenants_registered_at_once_spread_over_the_replicas():
+    gate = Gate(2)
+    gate.engines[0].load_s = gate.engines[1].load_s = 0.05  # the registrations overlap
+    async with pool_of(gate) as (ref, pool):
+        await asyncio.gather(*(register(ref, t) for t in "abcd"))
+        assert sorted(len([t for t in "abcd" if pool.placement(t) == [r]]) for r in pool.alive()) == [2, 2]
+
+
 async def test_requests_of_a_tenant_on_two_replicas_go_to_the_less_busy_one():
     gate = Gate(2)
     async with pool_of(gate, per_tenant=2) as (ref, pool):

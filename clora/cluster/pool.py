@@ -274,13 +274,16 @@ class SamplerPool(Actor):
             if not targets:
                 break
             tried += targets
+            for replica in targets:  # reserved now, so that placements running meanwhile count it
+                replica.tenants.add(record.name)
             msg = RegisterAdapter(tenant=record.name, path=record.path, version=record.version)
             replies, errors = await self._fan_out(targets, lambda r: msg)
-            for replica, reply in replies.items():
-                if replica.dead:
-                    continue  # registered, then died: not a place
-                placed.append(replica)
-                duration = max(duration, reply.duration_s)
+            for replica in targets:
+                if replica in replies and not replica.dead:  # (registered, then died: not a place)
+                    placed.append(replica)
+                    duration = max(duration, replies[replica].duration_s)
+                elif not replica.dead:
+                    replica.tenants.discard(record.name)
             if errors and error is None:
                 error = next(iter(errors.values()))
                 break
@@ -300,6 +303,8 @@ class SamplerPool(Actor):
             record = _Tenant(msg.tenant, msg.version, msg.path)
             placed, duration, error = await self._place(record, self.replicas_per_tenant)
             if error is not None or not placed:
+                for replica in placed:
+                    replica.tenants.discard(msg.tenant)
                 await self._fan_out(placed, lambda r: RemoveAdapter(tenant=msg.tenant))
                 raise error if error is not None else self._no_replica_left()
             self._tenants[msg.tenant] = record
