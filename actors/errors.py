@@ -40,6 +40,9 @@ class ActorStopped(ActorError, RuntimeError):
         self.actor = actor
         self.reason = reason
 
+    def __reduce__(self):  # pickled across processes (clora.cluster): rebuilt from its fields
+        return (type(self), (self.actor, self.reason))
+
 
 class UnknownMessage(ActorError, TypeError):
     """The actor has no handler for this message type (raised before anything is enqueued)."""
@@ -50,6 +53,9 @@ class UnknownMessage(ActorError, TypeError):
         self.actor = actor
         self.message_type = message_type
         self.accepted = accepted
+
+    def __reduce__(self):
+        return (type(self), (self.actor, self.message_type, self.accepted))
 
 
 class ActorCrashed(ActorError, RuntimeError):
@@ -65,3 +71,6 @@ class ActorCrashed(ActorError, RuntimeError):
         self.actor = actor
         self.cause = cause
         self.__cause__ = cause
+
+    def __reduce__(self):
+        return (type(self), (self.actor, self.cause))

@@ -24,6 +24,8 @@ __all__ = [
     "LossConfig",
     "TrainerConfig",
     "SchedulerConfig",
+    "PlacementConfig",
+    "ClusterConfig",
     "EnvConfig",
     "ExperimentConfig",
     "RuntimeConfig",
@@ -303,6 +305,47 @@ class SchedulerConfig(_Config):
             _fail("scheduler.max_resident_adapters", f"must be >= 2, got {self.max_resident_adapters}")
 
 
+class PlacementConfig(_Config):
+    """Where one Ray actor of the cluster runs: Ray's own resource request (docs/scale-out.md)."""
+
+    num_cpus: float = 1.0  # Ray CPUs reserved for the actor (fractions allowed, e.g. 0.5)
+    num_gpus: float = 0.0  # Ray GPUs reserved for it; 1 gives it a device of its own
+    resources: dict[str, float] = {}  # custom Ray resources, e.g. {"trainer_node" = 1} or {"node:10.0.0.5" = 0.01}
+
+
+class ClusterConfig(_Config):
+    """Run the sampler(s) and the trainer as Ray actors; tenants and the API stay in this process
+    (docs/scale-out.md). Unset (the default): everything in one process."""
+
+    backend: Literal["ray"] = "ray"
+    address: str = "auto"  # "auto": the running cluster (RAY_ADDRESS or this machine's head); "local": start one here; "host:port"
+    sampler_replicas: int = 1  # vLLM engines, one Ray actor each
+    sampler_placement: PlacementConfig = PlacementConfig()  # each replica's resources
+    trainer_placement: PlacementConfig = PlacementConfig()  # the trainer's resources (num_gpus = 1: a device of its own)
+    start_timeout_s: float = 600.0  # an actor not placed and started by then fails the runtime's start
+
+    def validate(self) -> None:
+        address = self.address
+        if address not in ("auto", "local"):
+            host, colon, port = address.removeprefix("ray://").rpartition(":")
+            if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+                _fail("cluster.address", f"must be 'auto', 'local' or 'host:port' (or 'ray://host:port'), got {address!r}")
+        if self.sampler_replicas < 1:
+            _fail("cluster.sampler_replicas", f"must be >= 1, got {self.sampler_replicas}")
+        for name in ("sampler_placement", "trainer_placement"):
+            placement: PlacementConfig = getattr(self, name)
+            for field in ("num_cpus", "num_gpus"):
+                value = getattr(placement, field)
+                if not (value >= 0 and math.isfinite(value)):
+                    _fail(f"cluster.{name}.{field}", f"must be a finite number >= 0, got {value!r}",
+                          local=f"{name}.{field}")
+            for key, value in placement.resources.items():
+                if not (value > 0 and math.isfinite(value)):
+                    _fail(f"cluster.{name}.resources", f"{key!r} must be a finite number > 0, got {value!r}",
+                          local=f"{name}.resources")
+        _positive("cluster.start_timeout_s", self.start_timeout_s)
+
+
 class EnvConfig(_Config):
     """Which environment a tenant trains on."""
 
@@ -406,6 +449,7 @@ class RuntimeConfig(_Config):
     engine: EngineConfig = EngineConfig()
     trainer: TrainerConfig = TrainerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    cluster: ClusterConfig | None = None  # None: one process; set: sampler(s) and trainer on Ray (docs/scale-out.md)
     run_dir: str = "runs/latest"
     experiments: tuple[ExperimentConfig, ...] = ()
 

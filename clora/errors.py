@@ -18,6 +18,7 @@ __all__ = [
     "AdapterMismatchError",
     "FatalError",
     "EngineDeadError",
+    "HostDiedError",
     "TenantError",
     "UnknownTenantError",
     "DuplicateTenantError",
@@ -67,6 +68,10 @@ class FatalError(CloraError, RuntimeError):
 
 class EngineDeadError(FatalError):
     """The vLLM engine process died or stopped answering."""
+
+
+class HostDiedError(FatalError):
+    """The Ray actor (process) hosting the sampler or the trainer died or became unreachable."""
 
 
 class TenantError(CloraError):

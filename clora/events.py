@@ -106,6 +106,13 @@ __all__ = [
     "CONTINUAL_SAMPLES_COMPACTED",
     "CONTINUAL_CHECKED_OUT",
     "BENCH_MODE_DONE",
+    "CLUSTER_CONNECTED",
+    "CLUSTER_HOST_STARTED",
+    "CLUSTER_HOST_STOPPED",
+    "CLUSTER_HOST_DIED",
+    "CLUSTER_CALL_CANCELLED",
+    "CLUSTER_ADAPTER_SHIPPED",
+    "CLUSTER_ADAPTER_RECEIVED",
     "JsonlSink",
     "DropBelow",
     "run_logger",
@@ -302,6 +309,25 @@ CONTINUAL_CHECKED_OUT: Final = "continual.checked_out"
 
 BENCH_MODE_DONE: Final = "bench.mode_done"
 """One benchmark mode finished: ``mode``, ``n``, ``final_s``."""
+CLUSTER_CONNECTED: Final = "cluster.connected"
+"""The runtime joined (or started) a Ray cluster (docs/scale-out.md): ``address``, ``nodes``, ``cpus``, ``gpus``,
+``started_here`` (whether this process started it)."""
+CLUSTER_HOST_STARTED: Final = "cluster.host_started"
+"""A Ray actor hosting a runtime actor is up and its actor started (``role``: sampler or trainer, ``replica``,
+``node_id``, ``pid``, ``duration_s``)."""
+CLUSTER_HOST_STOPPED: Final = "cluster.host_stopped"
+"""A Ray actor hosting a runtime actor stopped its actor and was released (``role``, ``replica``)."""
+CLUSTER_HOST_DIED: Final = "cluster.host_died"
+"""The Ray actor hosting a runtime actor died, or its actor crashed there (``role``, ``replica``, ``error``); the
+driver-side proxy crashes with the same supervision as a local crash."""
+CLUSTER_CALL_CANCELLED: Final = "cluster.call_cancelled"
+"""Logged where the actor runs: an ask forwarded from the driver was cancelled by its asker (``message``)."""
+CLUSTER_ADAPTER_SHIPPED: Final = "cluster.adapter_shipped"
+"""An adapter version's PEFT files were put into Ray's object store once for every sampler replica (``tenant``,
+``version``, ``size_bytes``, ``duration_s``)."""
+CLUSTER_ADAPTER_RECEIVED: Final = "cluster.adapter_received"
+"""Logged where the sampler runs: an adapter version's files were written to its own memory-backed folder
+(``tenant``, ``version``, ``size_bytes``, ``duration_s``: from the call's start, the object store fetch included)."""
 
 
 def _to_jsonable(value: Any) -> Any:

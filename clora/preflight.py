@@ -6,6 +6,8 @@ seconds with one ``ConfigError`` naming the field, instead of after the engine s
 
 - the base model: a folder that exists and is complete; "smollm2" needs its wheel, "tiny" nothing
   (both are built on first use); ``model.max_model_len`` fits the model's positions;
+- the cluster, when ``cluster`` is set: Ray is installed (the addresses and placements are checked by the
+  config itself; whether the cluster can place them, when the runtime joins it);
 - each experiment: its env builds (a gsm8k file exists and parses), every LoRA target module is a
   linear layer of the base model that vLLM can serve, and the rank fits those layers.
 
@@ -22,7 +24,7 @@ from typing import Any
 from clora.config import ExperimentConfig, ModelConfig, RuntimeConfig, check_fits_model
 from clora.errors import AdapterMismatchError, ConfigError
 
-__all__ = ["check_run", "check_experiment", "check_model_source"]
+__all__ = ["check_run", "check_experiment", "check_model_source", "check_cluster"]
 
 
 def check_model_source(model: ModelConfig) -> Path | None:
@@ -51,9 +53,21 @@ def check_run(config: RuntimeConfig, model_dir: Path | None = None) -> Path | No
         from clora.sampler.adapter_files import check_model_len
 
         check_model_len(model_dir, config.model.max_model_len)
+    check_cluster(config)
     for experiment in config.experiments:
         check_experiment(experiment, config, model_dir=model_dir)
     return model_dir
+
+
+def check_cluster(config: RuntimeConfig) -> None:
+    """A ``cluster`` needs its backend installed (one ConfigError naming the extra to install)."""
+    if config.cluster is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("cluster.backend: 'ray' needs Ray, which is not installed: pip install 'clora[cluster]' "
+                          "(ray==2.60.0), or remove the [cluster] table to run in one process")
 
 
 def check_experiment(

@@ -107,6 +107,12 @@ class Runtime:
         sink = events.JsonlSink(self.run_dir / "events.jsonl")
         self._stack.callback(sink.close)
         try:
+            cluster_info = None
+            if cfg.cluster is not None:  # joined before the actors start, left after they stopped
+                from clora.cluster.placement import connect_cluster
+
+                close_cluster, cluster_info = await connect_cluster(cfg.cluster)
+                self._stack.callback(close_cluster)
             self.base_model = await asyncio.to_thread(base_model_identity, self.model_dir)
             self.tokenizer = await asyncio.to_thread(_load_tokenizer, self.model_dir)
             self.renderer = ChatRenderer(self.tokenizer)
@@ -115,23 +121,33 @@ class Runtime:
             )
             # vLLM's own logging: errors only, unless VLLM_LOGGING_LEVEL says otherwise (a library is quiet).
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-            borrowed = self._engine is not None or self._engines is not None
+            borrowed = self._engine is not None or self._engines is not None or cfg.cluster is not None
             engine_dir = self.model_dir if borrowed else await asyncio.to_thread(
                 engine_model_dir, self.model_dir, model_cfg.dtype)  # a bf16 engine loads bf16 weights
-            self.scheduler = Scheduler(aging_s=cfg.scheduler.aging_s, wait_bound_s=cfg.scheduler.wait_bound_s,
-                                       log=self._system.log)
+            if cfg.cluster is not None:  # sampler(s) and trainer in Ray actors (docs/scale-out.md)
+                from clora.cluster.placement import start_remote_actors
 
-            def sampler(engine: Engine | None) -> SamplerActor:
-                return SamplerActor(engine_dir, model_cfg, cfg.engine, shared_engine=engine, scheduler=self.scheduler,
-                                    max_resident=cfg.scheduler.max_resident_adapters)
-
-            if self._engines is None:
-                self.sampler = await self._system.start(sampler(self._engine), name="sampler",
-                                                        supervision=Supervision.ESCALATE)
+                if self._engines is not None:
+                    raise ConfigError("Runtime(engine=[...]): a list of engines is a local pool; with a cluster, "
+                                      "set cluster.sampler_replicas (each replica starts its own engine)")
+                self._system.log.info(events.CLUSTER_CONNECTED, **cluster_info)
+                remote = await start_remote_actors(cfg, self._system, engine=self._engine)
+                self.sampler, self.trainer, self.scheduler = remote.sampler, remote.trainer, remote.scheduler
             else:
-                self.sampler = await start_local_pool(self._system, [sampler(e) for e in self._engines])
-            self.trainer = await TrainerActor.start_in(self._system, self.model_dir, cfg.trainer,
-                                                       scheduler=self.scheduler)
+                self.scheduler = Scheduler(aging_s=cfg.scheduler.aging_s, wait_bound_s=cfg.scheduler.wait_bound_s,
+                                           log=self._system.log)
+
+                def sampler(engine: Engine | None) -> SamplerActor:
+                    return SamplerActor(engine_dir, model_cfg, cfg.engine, shared_engine=engine,
+                                        scheduler=self.scheduler, max_resident=cfg.scheduler.max_resident_adapters)
+
+                if self._engines is None:
+                    self.sampler = await self._system.start(sampler(self._engine), name="sampler",
+                                                            supervision=Supervision.ESCALATE)
+                else:
+                    self.sampler = await start_local_pool(self._system, [sampler(e) for e in self._engines])
+                self.trainer = await TrainerActor.start_in(self._system, self.model_dir, cfg.trainer,
+                                                           scheduler=self.scheduler)
             self.sync = await self._system.start(
                 SyncActor(self.trainer, self.sampler), name="sync", supervision=Supervision.ESCALATE
             )
