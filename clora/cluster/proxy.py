@@ -68,12 +68,13 @@ class _RemoteActor(Actor):
         self.link.kill()
 
     async def on_failure(self, exc: BaseException) -> None:
+        """The host died, or a told message failed (the proxy crashes as the actor would): release the host."""
         self._stopping = True
-        error = exc.cause if isinstance(exc, ActorCrashed) else exc
-        self.log.error(events.CLUSTER_HOST_DIED, role=self.role, replica=self.link.replica,
-                       error=f"{type(error).__name__}: {error}")
-        if isinstance(error, EngineDeadError):  # as SamplerActor.on_failure logs it
-            self.log.error(events.ENGINE_DIED, error=str(error))
+        if self._death is not None:
+            self.log.error(events.CLUSTER_HOST_DIED, role=self.role, replica=self.link.replica,
+                           error=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, EngineDeadError):  # as SamplerActor.on_failure logs it
+            self.log.error(events.ENGINE_DIED, error=str(exc))
         await self._end_poller()
         self.link.kill()
 
