@@ -62,7 +62,8 @@ class ActorHost:
         self._crash: BaseException | None = None
         self._next_seq = 0
         self._turn: asyncio.Condition | None = None
-        self._cancelled: set[int] = set()
+        self._cancelled: set[int] = set()  # calls withdrawn before they arrived
+        self._withdrawn: set[int] = set()  # calls withdrawn while their ask ran
         self._running: dict[int, asyncio.Task[Any]] = {}
         self._inbox: AdapterInbox | None = None
         self.scheduler: Any = None  # the actor's Scheduler: its policies mirror the driver's
@@ -164,8 +165,9 @@ class ActorHost:
         try:
             reply = await task
         except asyncio.CancelledError:
-            if not task.cancelled():
-                raise  # Ray cancelled this call itself
+            if seq not in self._withdrawn:
+                raise  # Ray cancelled this call itself (the ask went with it)
+            self._withdrawn.discard(seq)
             self._log_cancelled(msg)
             return ("cancelled", None)
         except Exception as exc:  # noqa: BLE001 - the asker's error, as for a local ask
@@ -180,6 +182,7 @@ class ActorHost:
         """The asker of call ``seq`` gave up: withdraw it like a cancelled local ask."""
         task = self._running.get(seq)
         if task is not None:
+            self._withdrawn.add(seq)
             task.cancel()
         elif seq >= self._next_seq:  # not arrived (or waiting for its turn): skipped when it does
             self._cancelled.add(seq)
