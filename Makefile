@@ -27,9 +27,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Everything, the `slow` tests included; one of them runs a TRL peer process, so the `trl` extra comes first.
+# Everything, the `slow` and `ray` tests included; one of them runs a TRL peer process and the `ray` ones a local
+# Ray cluster, so the `trl` and `cluster` extras come first.
 test-all: $(STAMP)
-	$(BIN)/pip install -q -e '.[trl]'
+	$(BIN)/pip install -q -e '.[trl,cluster]'
 	$(BIN)/python -m pytest -q -m ''
 
 bench: $(STAMP)

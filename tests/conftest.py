@@ -318,3 +318,14 @@ def _doc_commands(doc: str) -> list[list[str]]:
 def doc_commands() -> Callable[[str], list[list[str]]]:
     """``doc_commands(doc)``: the shell commands of ``doc``'s ```bash blocks (a path from the repo root)."""
     return _doc_commands
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the tests marked ``ray``: 2 CPUs, no dashboard, started once per session
+    (~5-40 s here, depending on the load)."""
+    ray = pytest.importorskip("ray", reason="the `cluster` extra (ray) is not installed")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

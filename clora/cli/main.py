@@ -55,6 +55,7 @@ BENCHES: dict[str, BenchCommand] = {
     "gpu": BenchCommand("clora.bench.gpu", "random-weight Qwen3 shapes: fused vs swapped, pinned swaps, memory"),
     "sampler": BenchCommand("clora.bench.sampler", "rollout decoding: clora's grouped CPU LoRA ops vs vLLM's own"),
     "serve": BenchCommand("clora.bench.serve_load", "load check of clora serve: Tinker loops + OpenAI chats on loopback"),
+    "cluster": BenchCommand("clora.bench.cluster", "Ray placement layer: remote vs local ask round trip, publish fan-out"),
 }
 
 _BAD_INPUT = (ConfigError, ArtifactError, TensorBoardUnavailable)
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the experiments of a TOML file on one runtime")
     run.add_argument("config", help="experiments TOML (see docs/configuration.md, examples/experiments.toml)")
     run.add_argument("--run-dir", help="override run_dir of the file (events.jsonl, tenants/<name>/adapter)")
+    run.add_argument("--cluster", metavar="ADDRESS",
+                     help="run the sampler(s) and trainer on a Ray cluster: 'auto', 'local' or host:port "
+                          "(sets [cluster] address; the file's other [cluster] settings stay; docs/scale-out.md)")
     run.add_argument("--check", action="store_true", help="only validate the file")
     start = run.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",

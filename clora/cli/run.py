@@ -39,6 +39,11 @@ def load_run_config(args: argparse.Namespace) -> Any:
         raise ConfigError(f"{args.config}: {e}") from None
     if args.run_dir is not None:
         config = msgspec.structs.replace(config, run_dir=args.run_dir)
+    if getattr(args, "cluster", None) is not None:  # the same file, on a Ray cluster
+        from clora.config import ClusterConfig
+
+        cluster = msgspec.structs.replace(config.cluster or ClusterConfig(), address=args.cluster)
+        config = msgspec.structs.replace(config, cluster=cluster)
     if not config.experiments:
         raise ConfigError(f"{args.config}: no experiments; add at least one [[experiments]] table with a name")
     return config
