@@ -164,3 +164,15 @@ async def test_a_crash_of_the_hosted_actor_is_reported_with_its_cause(tiny_model
             break
     assert isinstance(crash, ActorCrashed) and isinstance(crash.cause, EngineDeadError)
     await host.stop()
+
+
+def test_the_cluster_toml_of_docs_scale_out_decodes_as_pasted():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "scale-out.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```toml\n(.*?)^```", text, re.S | re.M)
+    assert blocks
+    for block in blocks:
+        config = decode_config(block)
+        assert config.cluster is not None and config.cluster.trainer_placement.num_gpus == 1

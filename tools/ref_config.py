@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import io
 import tokenize
+import types
 import typing
 from pathlib import Path
 
@@ -135,7 +136,10 @@ def _checks(cls_node: ast.ClassDef) -> list[tuple[list[str], str, str]]:
 
 
 def _struct_of(annotation: object) -> tuple[type | None, bool]:
-    """(config Struct inside a field's type, whether it is a tuple of them)."""
+    """(config Struct inside a field's type, whether it is a tuple of them); ``X | None`` is X."""
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(members) == 1:
+        annotation = members[0]
     if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
         return annotation, False
     if typing.get_origin(annotation) is tuple:
