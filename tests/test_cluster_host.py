@@ -176,3 +176,24 @@ def test_the_cluster_toml_of_docs_scale_out_decodes_as_pasted():
     for block in blocks:
         config = decode_config(block)
         assert config.cluster is not None and config.cluster.trainer_placement.num_gpus == 1
+
+
+def test_clora_run_cluster_flag_runs_the_same_file_on_a_cluster_and_keeps_its_cluster_table(tmp_path):
+    import argparse
+
+    from clora.cli.run import load_run_config
+
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[[experiments]]\nname = "a"\n')
+    tabled = tmp_path / "tabled.toml"
+    tabled.write_text('[cluster]\nsampler_replicas = 2\n[[experiments]]\nname = "a"\n')
+
+    def load(path, cluster):
+        return load_run_config(argparse.Namespace(config=str(path), run_dir=None, cluster=cluster))
+
+    assert load(plain, None).cluster is None
+    assert load(plain, "local").cluster == ClusterConfig(address="local")
+    assert load(tabled, "10.0.0.5:6379").cluster == ClusterConfig(address="10.0.0.5:6379", sampler_replicas=2)
+    assert load(plain, None).experiments == load(plain, "local").experiments
+    with pytest.raises(ConfigError, match="cluster.address"):
+        load(plain, "nowhere")

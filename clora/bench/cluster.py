@@ -22,8 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 
 __all__ = ["main"]
+
+
+def _drop(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark prints a table, not the actors' events."""
+    raise structlog.DropEvent
 
 
 def _stats(samples: list[float]) -> tuple[float, float, float]:
@@ -102,7 +108,7 @@ async def _run(args: argparse.Namespace) -> None:
                           "sampler", i) for i in range(args.replicas)]
         await asyncio.gather(*(link.start() for link in links))
         shipments = Shipments()
-        async with ActorSystem("bench") as system:
+        async with ActorSystem("bench", logger=structlog.wrap_logger(None, processors=[_drop])) as system:
             local = await system.start(SamplerActor(model_dir, model, config.engine,
                                                     shared_engine=FakeEngine([reply])), name="local")
             remote = [await system.start(SamplerProxy(link, shipments=shipments), name=f"sampler:{i}")
