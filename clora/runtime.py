@@ -130,7 +130,9 @@ class Runtime:
                 if self._engines is not None:
                     raise ConfigError("Runtime(engine=[...]): a list of engines is a local pool; with a cluster, "
                                       "set cluster.sampler_replicas (each replica starts its own engine)")
-                self._system.log.info(events.CLUSTER_CONNECTED, **cluster_info)
+                self._system.log.info(events.CLUSTER_CONNECTED, address=cluster_info["address"],
+                                      nodes=cluster_info["nodes"], cpus=cluster_info["cpus"],
+                                      gpus=cluster_info["gpus"], started_here=cluster_info["started_here"])
                 remote = await start_remote_actors(cfg, self._system, engine=self._engine)
                 self.sampler, self.trainer, self.scheduler = remote.sampler, remote.trainer, remote.scheduler
             else:

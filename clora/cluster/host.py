@@ -78,8 +78,9 @@ class ActorHost:
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._main = asyncio.create_task(self._run(ready), name=f"clora-host:{self.role}")
         await ready
-        self.log.info(events.CLUSTER_HOST_STARTED, duration_s=round(time.perf_counter() - started, 3),
-                      **self.placement)
+        self.log.info(events.CLUSTER_HOST_STARTED, role=self.role, replica=self.replica,
+                      node_id=self.placement["node_id"], pid=self.placement["pid"],
+                      duration_s=round(time.perf_counter() - started, 3))
         return dict(self.placement)
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
