@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +98,3 @@ class AdapterInbox:
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def elapsed(since: float) -> float:
-    return round(time.perf_counter() - since, 4)
