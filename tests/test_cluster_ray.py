@@ -209,3 +209,21 @@ async def test_a_runtime_with_a_cluster_runs_a_tenant_and_relays_the_remote_even
     assert [e["version"] for e in got if e["event"] == names.CLUSTER_ADAPTER_SHIPPED] == [0, 1, 2]
     started = [e for e in got if e["event"] == names.CLUSTER_HOST_STARTED]
     assert sorted(e["role"] for e in started) == ["sampler", "trainer"]
+
+
+async def test_two_remote_sampler_replicas_serve_tenants_through_the_pool_with_one_put_per_version(
+        ray_cluster, tiny_model_dir, tmp_path):
+    import clora.runtime
+    from clora.testing import FakeEngine
+
+    run = tmp_path / "run"
+    config = _config(tiny_model_dir, run, sampler_replicas=2)
+    async with clora.runtime.Runtime(config, console_level="critical", engine=FakeEngine(_script())) as rt:
+        assert sorted(n for n in rt._system.actors if n.startswith("sampler")) == ["sampler", "sampler-0", "sampler-1"]
+        tenants = [await rt.tenant(f"t{i}", lora=LoraConfig(rank=4, alpha=8.0)) for i in range(2)]
+        for tenant in tenants:
+            assert (await tenant.sample([5, 6], n=2, max_tokens=2)).adapter_version == 0
+    got = list(read_events(run))
+    sampled = {e["replica"] for e in got if e["event"] == names.SAMPLE_DONE}
+    assert sampled == {0, 1}  # the pool placed the two tenants on different replicas
+    assert sorted(e["version"] for e in got if e["event"] == names.CLUSTER_ADAPTER_SHIPPED) == [0, 0]  # one per tenant

@@ -75,7 +75,7 @@ async def connect_cluster(cluster: ClusterConfig) -> tuple[Callable[[], None], d
 async def start_remote_actors(config: RuntimeConfig, system: ActorSystem, *, engine: Any = None) -> RemoteActors:
     """Start the trainer and ``sampler_replicas`` sampler hosts where their placements say (Ray connected:
     ``connect_cluster``), and register their proxies in ``system`` as "trainer" and "sampler" (replicas:
-    "sampler:<i>" behind it)."""
+    "sampler-<i>" behind the pool)."""
     cluster = config.cluster
     assert cluster is not None
     await asyncio.to_thread(check_placements, cluster)
@@ -96,7 +96,7 @@ async def start_remote_actors(config: RuntimeConfig, system: ActorSystem, *, eng
                                      mailbox_size=config.trainer.queue_size)
         single = cluster.sampler_replicas == 1
         replicas = [
-            await system.start(SamplerProxy(link, shipments=shipments), name="sampler" if single else f"sampler:{i}",
+            await system.start(SamplerProxy(link, shipments=shipments), name="sampler" if single else f"sampler-{i}",
                                supervision=Supervision.ESCALATE if single else Supervision.ISOLATE)
             for i, link in enumerate(links[1:])
         ]
@@ -112,13 +112,9 @@ async def start_remote_actors(config: RuntimeConfig, system: ActorSystem, *, eng
 
 async def sampler_inbox(system: ActorSystem, replicas: list[ActorRef]) -> ActorRef:
     """THE place where R sampler replicas become one sampler inbox: the one replica itself, or
-    ``clora.cluster.pool.SamplerPool`` over them (routing, publish to every replica, failover)."""
+    ``clora.cluster.pool``'s SamplerPool over them (placement, routing, publish to every replica, failover)."""
     if len(replicas) == 1:
         return replicas[0]
-    try:
-        from clora.cluster.pool import SamplerPool
-    except ImportError:
-        raise ConfigError(
-            f"cluster.sampler_replicas = {len(replicas)} needs the sampler pool (clora.cluster.pool), "
-            "which this build does not have yet; use 1") from None
-    return await system.start(SamplerPool(replicas), name="sampler", supervision=Supervision.ESCALATE)
+    from clora.cluster.pool import start_sampler_pool
+
+    return await start_sampler_pool(system, replicas, name="sampler")
