@@ -1,5 +1,13 @@
 """`clora run` and checkpoints on real vLLM (tiny model): Ctrl-C saves the last completed step, then
-`clora run` refuses to overwrite it without --resume/--fresh, and `--resume` finishes the run."""
+`clora run` refuses to overwrite it without --resume/--fresh, and `--resume` finishes the run.
+
+Three ``clora run`` processes, two of them starting an engine: marked ``slow`` (``make test-all`` runs it).
+Each of its paths stays in the default run, proven by a cheaper test: SIGINT to a real ``clora run``
+process exits 130 after the runtime left its context manager (tests/test_cli_subprocess.py); stopping
+a run checkpoints each tenant's last completed step (tests/test_checkpoint_tenant.py::
+test_stopping_a_run_checkpoints_its_last_completed_step); the refusal without --resume/--fresh and the
+flags reaching the runtime (tests/test_resume_guard.py); resuming on the real engine loses no completed
+step (tests/test_resume_sigkill.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ import pytest
 from clora import events
 from clora.checkpoint.format import read_checkpoint
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8  # Ctrl-C comes once both tenants are past step 2: six steps of margin before the run could end
