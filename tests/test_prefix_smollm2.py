@@ -4,6 +4,10 @@ One GRPO group of 6 sharing a 240-token prompt, ~42-token multi-turn completions
 inside), micro-batches of 4 that split the group, LoRA rank 8 on all linear layers. Under bf16
 autocast any two orderings of the same sums drift by far more than fp32 rounding, so the check is
 in fp32.
+
+Marked ``slow`` (``make test-all`` runs it): it loads SmolLM2 twice and trains it in fp32, and the default
+run already proves the same code path equal to the naive one on the tiny llama (tests/test_prefix.py:
+log-probs, losses, every gradient and the weights after steps, in fp32 and float64).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from clora.errors import ModelNotFoundError
 from clora.messages import Datum
 from clora.trainer import TrainerCore
 
-pytestmark = [pytest.mark.smollm2, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.smollm2, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 SHAPE = RolloutShape(groups=1, group_size=6, system_len=220, question_len=20, completion_len=42, tool_len=8)
 # fp32 rounding over 30 layers. Measured: log-probs ~2e-5, gradients ~1e-5 of the largest one.
