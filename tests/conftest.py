@@ -2,7 +2,8 @@
 ``device`` every device-parametrized trainer test runs on, the python snippets of the docs, and a
 hand-made run's events for the observe and CLI tests.
 
-A vLLM engine start costs 20-30 s on this machine, so every vLLM test shares ``tiny_engine``.
+A vLLM engine start costs 20-30 s on this machine, so every vLLM test shares ``tiny_engine``; a CLI
+command, bench or example that starts its own ``clora.Runtime`` borrows it through ``borrow_tiny_engine``.
 Tests that change engine state (adapters) use their own LoRA ids via ``Engine.allocate_adapter_id``.
 
 A test that takes the ``device`` fixture runs once per device in ``CLORA_TEST_DEVICES``
@@ -153,6 +154,71 @@ async def tiny_engine(tiny_model_dir, tiny_model_config, tiny_engine_config, tmp
         yield engine
     finally:
         engine.shutdown()
+
+
+def _same_files(a: Path, b: Path, names: tuple[str, ...]) -> bool:
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+@pytest.fixture
+async def borrow_tiny_engine(monkeypatch, tiny_engine, tiny_model_dir, tiny_engine_config):
+    """Commands and examples that start their own ``clora.Runtime`` borrow the session's ``tiny_engine``
+    instead of starting a vLLM engine each (20-30 s per start here). For the test's duration:
+
+    - a ``Runtime`` created without ``engine=`` borrows ``tiny_engine``, after a check that it fits: the
+      same base model (weights, tokenizer and config files equal to ``tiny_model_dir``'s: ``source =
+      "tiny"`` is that model) and engine settings the session engine can serve (LoRA slots, LoRA rank,
+      context length; a runtime asking for more slots than the engine has would kill it). A runtime that
+      does not fit fails the test with an AssertionError naming why: it never runs on the wrong engine.
+    - ``actors.run`` (how the CLI, the benches and the examples run their coroutine) runs it on the
+      session's event loop, where the engine lives, and waits for it: call the command from a worker
+      thread, ``await asyncio.to_thread(main, argv)``, so the loop keeps running meanwhile.
+
+    Yields the run folders of the runtimes that borrowed the engine (a test can check that its command
+    really ran on it). The engine's own start and shutdown by a runtime stay covered by the tests that
+    start one (test_demo_vllm.py, test_resume_sigkill.py, test_orphans_vllm.py, test_e2e_smollm2.py).
+    """
+    import asyncio
+    import threading
+
+    import actors
+    from clora.models import resolve_model
+    from clora.runtime import Runtime
+
+    loop = asyncio.get_running_loop()
+    borrowed: list[Path] = []
+    original_init = Runtime.__init__
+
+    def borrowing_init(self, config=None, **kwargs):
+        original_init(self, config, **kwargs)
+        if kwargs.get("engine") is not None:
+            return
+        cfg = self.config
+        model_dir = resolve_model(cfg.model)
+        assert model_dir == tiny_model_dir or _same_files(
+            model_dir, tiny_model_dir, ("model.safetensors", "tokenizer.json", "config.json")
+        ), f"model {cfg.model.source!r} is not the session engine's tiny model"
+        assert cfg.engine.max_loras <= tiny_engine_config.max_loras, (
+            f"max_loras {cfg.engine.max_loras} > the session engine's {tiny_engine_config.max_loras}")
+        assert cfg.engine.max_lora_rank <= tiny_engine_config.max_lora_rank, (
+            f"max_lora_rank {cfg.engine.max_lora_rank} > the session engine's {tiny_engine_config.max_lora_rank}")
+        assert cfg.model.max_model_len <= TINY_MAX_MODEL_LEN, (
+            f"max_model_len {cfg.model.max_model_len} > the session engine's {TINY_MAX_MODEL_LEN}")
+        self._engine = tiny_engine
+        borrowed.append(self.run_dir)
+
+    def run_on_session_loop(main, **_options):
+        assert threading.current_thread() is not threading.main_thread(), (
+            "call the command with `await asyncio.to_thread(...)`: the session loop must keep running")
+
+        async def call():
+            return await main()
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result()
+
+    monkeypatch.setattr(Runtime, "__init__", borrowing_init)
+    monkeypatch.setattr(actors, "run", run_on_session_loop)
+    yield borrowed
 
 
 @pytest.fixture(scope="session")

