@@ -24,8 +24,9 @@ from clora.serve.readiness import wait_until_ready
 
 pytest.importorskip("tinker_cookbook.recipes.math_rl.train")
 
-# ~1 min unloaded: a server process and two recipe processes, each importing torch and the cookbook
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# ~1 min unloaded: a server process and two recipe processes, each importing torch and the cookbook. In the
+# default run: issue 21 asks for a real recipe against a real server in `make test`.
+pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 
