@@ -105,6 +105,7 @@ def test_the_cookbook_math_rl_recipe_trains_two_tenants_on_one_server(tiny_model
 
 
 @pytest.mark.vllm
+@pytest.mark.slow  # its own engine start in a server process: make test-all
 def test_the_cookbook_recipe_against_clora_serve_on_the_real_engine(tiny_model_dir, tmp_path):
     """The same recipe against the `clora serve` command on the real vLLM engine (tiny model: the reward
     need not rise). Written, not run, by the session that added it: the lead runs it."""
