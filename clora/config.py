@@ -320,6 +320,7 @@ class ClusterConfig(_Config):
     backend: Literal["ray"] = "ray"
     address: str = "auto"  # "auto": the running cluster (RAY_ADDRESS or this machine's head); "local": start one here; "host:port"
     sampler_replicas: int = 1  # vLLM engines, one Ray actor each
+    replicas_per_tenant: int = 1  # replicas that hold each tenant's adapter (docs/sampler-pool.md); <= sampler_replicas
     sampler_placement: PlacementConfig = PlacementConfig()  # each replica's resources
     trainer_placement: PlacementConfig = PlacementConfig()  # the trainer's resources (num_gpus = 1: a device of its own)
     start_timeout_s: float = 600.0  # an actor not placed and started by then fails the runtime's start
@@ -332,6 +333,9 @@ class ClusterConfig(_Config):
                 _fail("cluster.address", f"must be 'auto', 'local' or 'host:port' (or 'ray://host:port'), got {address!r}")
         if self.sampler_replicas < 1:
             _fail("cluster.sampler_replicas", f"must be >= 1, got {self.sampler_replicas}")
+        if not 1 <= self.replicas_per_tenant <= self.sampler_replicas:
+            _fail("cluster.replicas_per_tenant",
+                  f"must be between 1 and sampler_replicas ({self.sampler_replicas}), got {self.replicas_per_tenant}")
         for name in ("sampler_placement", "trainer_placement"):
             placement: PlacementConfig = getattr(self, name)
             for field in ("num_cpus", "num_gpus"):

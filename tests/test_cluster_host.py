@@ -37,6 +37,8 @@ def test_a_cluster_table_decodes_and_round_trips_and_bad_values_name_their_field
     for text, field in [
         (b'[cluster]\naddress = "head"\n', "cluster.address"),
         (b'[cluster]\nsampler_replicas = 0\n', "cluster.sampler_replicas"),
+        (b'[cluster]\nsampler_replicas = 2\nreplicas_per_tenant = 3\n', "cluster.replicas_per_tenant"),
+        (b'[cluster]\nreplicas_per_tenant = 0\n', "cluster.replicas_per_tenant"),
         (b'[cluster]\nbackend = "dask"\n', "cluster.backend"),
         (b'[cluster.sampler_placement]\nnum_cpus = -1\n', "cluster.sampler_placement.num_cpus"),
         (b'[cluster.trainer_placement]\nresources = {x = 0}\n', "cluster.trainer_placement.resources"),
@@ -197,3 +199,18 @@ def test_clora_run_cluster_flag_runs_the_same_file_on_a_cluster_and_keeps_its_cl
     assert load(plain, None).experiments == load(plain, "local").experiments
     with pytest.raises(ConfigError, match="cluster.address"):
         load(plain, "nowhere")
+
+
+async def test_the_sampler_inbox_is_the_one_replica_or_a_pool_placing_each_tenant_on_replicas_per_tenant(monkeypatch):
+    from clora.cluster import placement, pool
+
+    asked = {}
+
+    async def fake_pool(system, replicas, *, name, replicas_per_tenant):
+        asked.update(replicas=list(replicas), name=name, replicas_per_tenant=replicas_per_tenant)
+        return "the pool"
+
+    monkeypatch.setattr(pool, "start_sampler_pool", fake_pool)
+    assert await placement.sampler_inbox(None, ["only"], replicas_per_tenant=1) == "only"
+    assert await placement.sampler_inbox(None, ["a", "b", "c"], replicas_per_tenant=2) == "the pool"
+    assert asked == {"replicas": ["a", "b", "c"], "name": "sampler", "replicas_per_tenant": 2}

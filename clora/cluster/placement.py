@@ -100,7 +100,7 @@ async def start_remote_actors(config: RuntimeConfig, system: ActorSystem, *, eng
                                supervision=Supervision.ESCALATE if single else Supervision.ISOLATE)
             for i, link in enumerate(links[1:])
         ]
-        sampler = await sampler_inbox(system, replicas)
+        sampler = await sampler_inbox(system, replicas, replicas_per_tenant=cluster.replicas_per_tenant)
     except BaseException:
         for link in links:
             link.kill()
@@ -110,11 +110,12 @@ async def start_remote_actors(config: RuntimeConfig, system: ActorSystem, *, eng
     return RemoteActors(sampler=sampler, trainer=trainer, scheduler=scheduler, replicas=replicas, links=links)
 
 
-async def sampler_inbox(system: ActorSystem, replicas: list[ActorRef]) -> ActorRef:
+async def sampler_inbox(system: ActorSystem, replicas: list[ActorRef], *, replicas_per_tenant: int = 1) -> ActorRef:
     """THE place where R sampler replicas become one sampler inbox: the one replica itself, or
-    ``clora.cluster.pool``'s SamplerPool over them (placement, routing, publish to every replica, failover)."""
+    ``clora.cluster.pool``'s SamplerPool over them (placement on ``replicas_per_tenant`` replicas each,
+    routing, publish to every replica, failover)."""
     if len(replicas) == 1:
         return replicas[0]
     from clora.cluster.pool import start_sampler_pool
 
-    return await start_sampler_pool(system, replicas, name="sampler")
+    return await start_sampler_pool(system, replicas, name="sampler", replicas_per_tenant=replicas_per_tenant)
