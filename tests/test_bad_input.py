@@ -55,7 +55,7 @@ TWO = "[[experiments]]\nname = 'a'\n[[experiments]]\nname = 'b'\n"  # experiment
     ("toml", "message"),
     [
         # unknown keys: the dotted path of the key, and the valid keys at that place
-        ("modle = 1\n", "modle: unknown field; valid fields here: model, engine, trainer, scheduler, run_dir, experiments"),
+        ("modle = 1\n", "modle: unknown field; valid fields here: model, engine, trainer, scheduler, cluster, run_dir, experiments"),
         ("[model]\nsourc = 'tiny'\n",
          "model.sourc: unknown field; valid fields here: source, dtype, max_model_len, seed"),
         (TWO + "[experiments.optim]\nlearning_rate = 0.1\n",

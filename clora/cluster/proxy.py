@@ -42,7 +42,10 @@ class HostDied(msgspec.Struct, frozen=True):
 
 
 class _RemoteActor(Actor):
+    """What both proxies share; each adds its actor's inbox and one handler forwarding it."""
+
     role: ClassVar[str] = ""
+    inbox = HostDied  # the subclasses' inboxes add their actor's messages
 
     def __init__(self, link: HostLink, *, shipments: Shipments | None = None, poll_s: float = POLL_S) -> None:
         self.link = link

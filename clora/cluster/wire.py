@@ -5,13 +5,15 @@ A value that msgspec's msgpack encodes (every message Struct without tensors, in
 pickling anything of ours. A value holding tensors (``AdapterSnapshot``, ``StoreState`` and the messages and
 replies that carry them) crosses as the object itself: Ray pickles it, and torch pickles tensors as their raw
 storage (one copy, no per-element work). Errors cross pickled; clora's and the actor kernel's errors rebuild
-as the same type, so the driver tells fatal from recoverable exactly as for a local actor.
+as the same type, so the driver tells fatal from recoverable exactly as for a local actor. This module
+itself never imports pickle (tests/test_bad_input_no_pickle.py): whether an error would survive Ray's
+pickling is checked by rebuilding it from its reduce tuple, which is what unpickling does.
 """
 
 from __future__ import annotations
 
 import importlib
-import pickle
+import sys
 from typing import Any
 
 import msgspec
@@ -61,9 +63,26 @@ def _struct_type(name: str) -> type:
 def portable_error(exc: BaseException) -> BaseException:
     """``exc`` if it survives pickling as the same type, else a RuntimeError with its type and message."""
     try:
-        copy = pickle.loads(pickle.dumps(exc))
+        copy = _rebuilt(exc)
     except Exception:  # noqa: BLE001 - any failure means: send a plain description instead
         copy = None
     if type(copy) is type(exc):
         return exc
     return RuntimeError(f"{type(exc).__qualname__}: {exc}")
+
+
+def _rebuilt(exc: BaseException) -> BaseException:
+    """What unpickling ``exc`` would give: its class found again by module and qualified name, rebuilt from
+    its reduce tuple (callable, args[, state])."""
+    cls = type(exc)
+    found: Any = sys.modules[cls.__module__]
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part)  # a class defined inside a function has no such path
+    if found is not cls:
+        raise TypeError(f"{cls.__qualname__} is not importable by name")
+    rebuild, args, *rest = exc.__reduce_ex__(2)
+    copy = rebuild(*args)
+    state = rest[0] if rest else None
+    if isinstance(state, dict):
+        copy.__dict__.update(state)
+    return copy
