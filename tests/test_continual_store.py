@@ -105,7 +105,8 @@ def test_feedback_data_carries_the_serving_versions_logprobs_and_batch_mean_adva
     assert not due(policy, records, now=records[0].at + 1) and due(policy, records, now=records[0].at + 6)
 
 
-def test_compaction_keeps_exactly_the_samples_that_can_still_matter_and_a_reopen_sees_the_same_log(tmp_path):
+def test_compaction_keeps_exactly_the_samples_that_can_still_matter_and_a_reopen_sees_the_same_log(tmp_path,
+                                                                                                  monkeypatch):
     from clora.continual import feedback as fb
     from clora.continual.feedback import SAMPLES_FILE
 
@@ -133,11 +134,7 @@ def test_compaction_keeps_exactly_the_samples_that_can_still_matter_and_a_reopen
     assert again.accept([("s1", 1.0)])[0].seq == 0  # an applied reward's retry is still recognised
 
     # due by size: more than COMPACT_RATIO lines per live sample, and at least COMPACT_MIN_LINES
-    fb_min = fb.COMPACT_MIN_LINES
-    try:
-        fb.COMPACT_MIN_LINES = 8
-        for i in range(10, 20):
-            again.record(_sample(i, at=time.time() - 60))  # all expired at once
-        assert again.compact() is not None and again.compact() is None
-    finally:
-        fb.COMPACT_MIN_LINES = fb_min
+    monkeypatch.setattr(fb, "COMPACT_MIN_LINES", 8)
+    for i in range(10, 20):
+        again.record(_sample(i, at=time.time() - 60))  # all expired at once
+    assert again.compact() is not None and again.compact() is None
