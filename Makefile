@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # Everything, the `slow` and `ray` tests included; one of them runs a TRL peer process and the `ray` ones a local
 # Ray cluster, so the `trl` and `cluster` extras come first.
