@@ -33,6 +33,9 @@ from clora.messages import Completion, SamplingSpec
 from clora.rl.rollout import run_episode, start_episode
 
 
+SERVE_TEMPERATURE = 0.7  # the users' conversations; the gate scores versions the same way
+
+
 @dataclass
 class Round:
     round: int
@@ -92,13 +95,13 @@ async def run(rt: clora.Runtime, *, rounds: int = 12, users: int = 8, gate_every
             return result.completions[0], result.adapter_version
 
         trajectory = await run_episode(sample, rt.renderer, episode, max_turns=3, max_model_len=1024,
-                                       sampling=SamplingSpec(max_tokens=48, temperature=0.7, stop=env.stop_sequences))
+                                       sampling=SamplingSpec(max_tokens=48, temperature=SERVE_TEMPERATURE, stop=env.stop_sequences))
         return ids, trajectory.reward
 
-    async def gate_score(handle, version: int) -> float:
+    async def gate_score(handle, version: int) -> float:  # what users would see: sampled, 4 episodes per problem
         from clora.continual.gate import score
 
-        return await score(env, handle, version, max_tokens=48)
+        return await score(env, handle, version, max_tokens=48, temperature=SERVE_TEMPERATURE, samples=4)
 
     for r in range(1, rounds + 1):
         serving = tenant.aliases()["production"]
@@ -195,7 +198,7 @@ def cli() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--simulate", action="store_true", help="FakeEngine with scripted per-version accuracy")
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", default="runs/continual")
     asyncio.run(main(parser.parse_args()))

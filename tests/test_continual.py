@@ -144,6 +144,34 @@ async def test_a_gate_promotes_only_a_better_version_and_the_event_carries_the_s
     assert [(e["version"], e["previous"], e["score"], e["margin"]) for e in promoted] == [(2, 0, 0.8, 0.1)]
 
 
+async def test_a_held_out_gate_can_score_sampled_serving_several_episodes_per_problem(tiny_model_dir, tmp_path):
+    from clora.config import EnvConfig
+    from clora.continual.gate import score
+    from clora.envs import make_env
+
+    env = make_env(EnvConfig(kind="arithmetic", difficulty=1, held_out_size=3, seed=0))
+    seen: list[FakeRequest] = []
+
+    def answer(request: FakeRequest) -> Completion:
+        seen.append(request)
+        return Completion(token_ids=[5], logprobs=[-0.5], text="<tool>Final Answer: 0</tool>", finish_reason="stop")
+
+    async with Runtime(_config(tiny_model_dir, tmp_path / "run"), console_level="critical",
+                       engine=FakeEngine(answer)) as rt:
+        t = await rt.tenant("t", continual=MANUAL)
+        greedy = await score(env, t, 0, max_tokens=8)
+        assert [r.sampling.temperature for r in seen] == [0.0] * 3
+        seen.clear()
+        sampled = await score(env, t, 0, max_tokens=8, temperature=0.7, samples=4)
+        assert len(seen) == 12 and {r.sampling.temperature for r in seen} == {0.7}
+        assert len({r.sampling.seed for r in seen}) == 12  # every episode its own seed
+        for bad in ({"samples": 0, "temperature": 0.7}, {"samples": 2, "temperature": 0.0},
+                    {"samples": 1, "temperature": -1.0}):
+            with pytest.raises(ConfigError, match="held-out gate needs samples"):
+                await score(env, t, 0, **bad)
+    assert 0.0 <= greedy <= 1.0 and 0.0 <= sampled <= 1.0
+
+
 async def test_the_learner_trains_feedback_into_a_candidate_with_the_serving_versions_logprobs(
         tiny_model_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"

@@ -3,7 +3,8 @@
 A gate is either an async function ``gate(tenant, version) -> float`` (higher is better; it may
 sample the version with ``tenant.sample(..., version=version)``) or an ``Env``: its held-out split,
 one greedy episode per problem on the pinned version, scored as the fraction solved
-(clora.rl.step.evaluate, the same evaluation experiments use). ``decide`` says whether the
+(clora.rl.step.evaluate, the same evaluation experiments use); with ``temperature`` > 0 and
+``samples`` episodes per problem it scores what sampled serving would get instead. ``decide`` says whether the
 candidate passes: its score must exceed the baseline's by more than ``margin``.
 """
 
@@ -46,10 +47,16 @@ def gate_name(gate: Gate) -> str:
     return getattr(gate, "__name__", type(gate).__name__)
 
 
-async def score(gate: Gate, tenant: TenantHandle, version: int, *, max_tokens: int = 64, max_turns: int = 3) -> float:
-    """The gate's score of ``version`` of ``tenant``."""
+async def score(gate: Gate, tenant: TenantHandle, version: int, *, max_tokens: int = 64, max_turns: int = 3,
+                temperature: float = 0.0, samples: int = 1) -> float:
+    """The gate's score of ``version`` of ``tenant`` (an Env gate: ``samples`` episodes per held-out
+    problem at ``temperature``, each with its own seed; the default is one greedy episode)."""
     if isinstance(gate, Env):
-        return await _held_out(gate, tenant, version, max_tokens=max_tokens, max_turns=max_turns)
+        if samples < 1 or temperature < 0 or (samples > 1 and temperature == 0):
+            raise ConfigError(f"a held-out gate needs samples >= 1 and temperature >= 0, and more than one sample "
+                              f"only when sampling (temperature > 0); got samples={samples}, temperature={temperature}")
+        return await _held_out(gate, tenant, version, max_tokens=max_tokens, max_turns=max_turns,
+                               temperature=temperature, samples=samples)
     if not callable(gate):
         raise ConfigError(f"gate must be an async function (tenant, version) -> float or an Env, got {gate!r}")
     value = await gate(tenant, version)
@@ -63,10 +70,12 @@ def decide(candidate: float, baseline: float | None, margin: float) -> bool:
     return baseline is None or candidate > baseline + margin
 
 
-async def _held_out(env: Env, tenant: TenantHandle, version: int, *, max_tokens: int, max_turns: int) -> float:
+async def _held_out(env: Env, tenant: TenantHandle, version: int, *, max_tokens: int, max_turns: int,
+                    temperature: float, samples: int) -> float:
     from clora.rl.step import EpisodeSettings, evaluate
 
-    problems = env.held_out()
+    problems = list(env.held_out()) * samples  # episode i gets seed derive(0, i): the copies sample apart, and
+    # the candidate and the baseline are scored on the same seeds (a paired comparison)
     if not problems:
         raise ConfigError(f"env {env.name!r} has no held-out problems to gate a promotion on")
 
@@ -75,7 +84,8 @@ async def _held_out(env: Env, tenant: TenantHandle, version: int, *, max_tokens:
                                      seed=spec.seed, stop=spec.stop, version=version, record=False)
         return result.completions[0], result.adapter_version
 
-    settings = EpisodeSettings(max_turns=max_turns, sampling=SamplingSpec(max_tokens=max_tokens, temperature=0.0),
+    sampling = SamplingSpec(max_tokens=max_tokens, temperature=temperature, seed=0)
+    settings = EpisodeSettings(max_turns=max_turns, sampling=sampling,
                                max_model_len=tenant.runtime.config.model.max_model_len)
     result = await evaluate(sample, tenant.runtime.renderer, env, problems, settings)
     return result.correct / result.total
