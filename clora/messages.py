@@ -74,6 +74,7 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # generation also ends at these tokens (kept in the output)
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
@@ -90,6 +91,8 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise field_error("sampling.seed", f"must be in [0, 2**63) or None, got {self.seed}")
         if any(not stop for stop in self.stop):
             raise field_error("sampling.stop", "a stop string must not be empty")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise field_error("sampling.stop_token_ids", f"must be token ids >= 0, got {list(self.stop_token_ids)}")
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):

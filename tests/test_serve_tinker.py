@@ -165,6 +165,20 @@ def test_save_state_then_load_state_restores_the_weights(served):
     assert fresh.forward_backward([_datum([1.0] * 6)], "cross_entropy").result().metrics["loss:sum"] > 0
 
 
+def test_stop_token_ids_reach_the_engine_and_end_the_completion_there(served):
+    """The cookbook's chat renderers stop on a token (e.g. <|im_end|>), not on a string."""
+    tc = _client(served, ADMIN).create_lora_training_client(base_model="tiny", rank=4).result()
+    sampler = tc.save_weights_and_get_sampling_client(name="stops")
+    result = sampler.sample(types.ModelInput.from_ints([1, 2, 3]), num_samples=1,
+                            sampling_params=types.SamplingParams(max_tokens=3, stop=[101, 7])).result()
+    request = served.engine.requests[-1]
+    assert request.sampling.stop_token_ids == (101, 7) and request.sampling.stop == ()
+    assert len(result.sequences) == 1
+    mixed = _post(served, "asample", ADMIN, {"prompt": {"chunks": [{"tokens": [1, 2, 3]}]}, "base_model": "tiny",
+                                             "sampling_params": {"max_tokens": 3, "stop": ["x", 7]}})
+    assert mixed.status_code == 400 and "stop strings or stop token ids, not both" in mixed.text  # the SDK refuses it too
+
+
 def test_unsupported_features_fail_naming_them(served):
     tc = _client(served, ADMIN).create_lora_training_client(base_model="tiny", rank=4).result()
     with pytest.raises(Exception, match="'dro'"):

@@ -17,7 +17,7 @@ import structlog
 from actors import ActorSystem
 from clora import events
 from clora.config import EngineConfig, ModelConfig
-from clora.errors import AdapterMismatchError, EngineDeadError, PromptTooLongError
+from clora.errors import AdapterMismatchError, ConfigError, EngineDeadError, PromptTooLongError
 from clora.messages import Completion, LoadAdapter, RegisterAdapter, SampleRequest, SamplingSpec
 from clora.sampler.actor import SamplerActor, adapter_name, parse_adapter_name
 from clora.testing import (
@@ -65,6 +65,15 @@ async def test_text_replies_are_tokenized_ended_and_cut_at_max_tokens():
     assert len(first.logprobs) == 3 and all(-1.0 <= lp < 0 for lp in first.logprobs)
     assert first.logprobs[:2] == cut.logprobs[:2] and len(set(cut.logprobs)) > 1
     assert engine.completions == [first, cut, again]
+
+
+async def test_a_stop_token_ends_a_text_reply_and_is_kept_like_vllm_keeps_it():
+    engine = FakeEngine(["abcdef"], tokenizer=CharTokenizer(), eos_token_id=2)
+    spec = SamplingSpec(max_tokens=16, stop_token_ids=(99, 101))
+    out = (await engine.generate([1], spec, None)).completions[0]
+    assert (out.token_ids, out.finish_reason) == ([97, 98, 99], "stop")
+    with pytest.raises(ConfigError, match="sampling.stop_token_ids"):
+        SamplingSpec(stop_token_ids=(-1,))
 
 
 async def test_a_script_function_sees_tenant_version_and_repeats_and_may_be_async():

@@ -305,7 +305,8 @@ class Engine:
             lora_request = self._lora_request(name, lora_id, path)
         params = SamplingParams(
             n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-            seed=spec.seed, stop=list(spec.stop) or None, ignore_eos=spec.ignore_eos, logprobs=0,
+            seed=spec.seed, stop=list(spec.stop) or None, stop_token_ids=list(spec.stop_token_ids) or None,
+            ignore_eos=spec.ignore_eos, logprobs=0,
             output_kind=RequestOutputKind.CUMULATIVE if on_progress else RequestOutputKind.FINAL_ONLY,
         )
         request_id = f"clora-{os.getpid()}-{next(self._request_ids)}"

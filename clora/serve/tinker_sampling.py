@@ -59,11 +59,11 @@ async def asample(request: Request) -> dict[str, Any]:
     params = body.sampling_params
     if params.top_k != -1:
         raise UnsupportedError("sampling_params.top_k is not supported by clora serve")
-    stop = params.stop
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop and not all(isinstance(s, str) for s in stop):
-        raise UnsupportedError("stop token ids are not supported by clora serve (use stop strings)")
+    stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or ())
+    strings = tuple(s for s in stop if isinstance(s, str))
+    token_ids = tuple(s for s in stop if not isinstance(s, str))  # the renderers' stop tokens (e.g. <|im_end|>)
+    if strings and token_ids:
+        raise ConfigError("sampling_params.stop: give stop strings or stop token ids, not both")
     prompt: list[int] = []
     for chunk in body.prompt.chunks:
         if chunk.type != "encoded_text":
@@ -72,7 +72,7 @@ async def asample(request: Request) -> dict[str, Any]:
     if not prompt:
         raise ConfigError("prompt: no tokens")
     spec = SamplingSpec(n=body.num_samples, max_tokens=params.max_tokens or 16, temperature=params.temperature,
-                        top_p=params.top_p, seed=params.seed, stop=tuple(stop or ()))
+                        top_p=params.top_p, seed=params.seed, stop=strings, stop_token_ids=token_ids)
     if body.prompt_logprobs and target.tenant is None:
         raise UnsupportedError("prompt_logprobs (compute_logprobs) of the base model is not supported by clora serve")
 

@@ -271,6 +271,9 @@ class FakeEngine:
         tokens = list(self.tokenizer.encode(text, add_special_tokens=False))
         if self.eos_token_id is not None:
             tokens.append(self.eos_token_id)
+        stops = [i for i, token in enumerate(tokens) if token in spec.stop_token_ids]
+        if stops:  # a stop token ends the completion; like vLLM, it is kept
+            tokens = tokens[: stops[0] + 1]
         cut = len(tokens) > spec.max_tokens
         tokens = tokens[: spec.max_tokens]
         logprobs = [-(1 + (token + position) % 10) / 10 for position, token in enumerate(tokens)]
