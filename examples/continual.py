@@ -34,6 +34,7 @@ from clora.rl.rollout import run_episode, start_episode
 
 
 SERVE_TEMPERATURE = 0.7  # the users' conversations; the gate scores versions the same way
+BAD_STEPS, BAD_LR = 4, 2e-2  # the operator's mistake (_bad_version)
 
 
 @dataclass
@@ -150,11 +151,14 @@ async def run(rt: clora.Runtime, *, rounds: int = 12, users: int = 8, gate_every
 
 
 async def _bad_version(tenant, model: SimulatedModel | None) -> int:
-    """A deliberately bad version: one large step that rewards wrong answers."""
+    """A deliberately bad version: a few large steps of cross-entropy on random tokens (it learns to babble).
+    One small step on such data barely moved SmolLM2: the version served as well as its parent."""
     from clora.testing import make_data
 
     data = make_data(8, seed=99)
-    await tenant.train_step(data, LossConfig(kind="importance_sampling"))
+    for _ in range(BAD_STEPS):
+        await tenant.forward_backward(data, LossConfig(kind="cross_entropy"))
+        await tenant.optim_step(OptimConfig(lr=BAD_LR))
     info = await tenant.commit("bad")
     if model is not None:
         model.quality[info.version] = 0.0
