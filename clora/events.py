@@ -89,6 +89,8 @@ __all__ = [
     "SCHEDULER_POLICY_CHANGED",
     "SCHEDULER_PAGE_IN",
     "SCHEDULER_PAGE_OUT",
+    "SCHEDULER_YIELDED",
+    "SCHEDULER_RESUMED",
     "EPISODE_CONTEXT_FULL",
     "SERVE_STARTED",
     "SERVE_STOPPED",
@@ -258,6 +260,12 @@ uses them."""
 SCHEDULER_PAGE_IN: Final = "scheduler.page_in"
 """A paged-out ``tenant``'s adapter ``version`` was loaded back into the engine (``lora_id``) before its requests
 ran: ``duration_s`` (the page-in cost), ``resident`` adapters after it."""
+SCHEDULER_YIELDED: Final = "scheduler.yielded"
+"""A ``tenant``'s new work on a ``resource`` (decode: engine requests; train: a train step) is held back while
+the higher classes ``to`` are active (scheduler.yield_to_higher = ``mode``); ``queue``: every held tenant. Once per hold."""
+SCHEDULER_RESUMED: Final = "scheduler.resumed"
+"""A hold (``scheduler.yielded``) ended after ``held_s``: ``reason`` clear (the higher classes went idle), aged
+(held ``aging_s``: it goes anyway) or cancelled (its work was given up)."""
 SCHEDULER_PAGE_OUT: Final = "scheduler.page_out"
 """A ``tenant``'s adapter (``version``, ``lora_id``) left the engine to make room for ``for_tenant`` (least
 recently scheduled, no request in the engine): ``duration_s``, ``resident`` adapters after it."""
