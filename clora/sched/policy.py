@@ -315,6 +315,11 @@ class Scheduler:
             use.held_since = None
         self._settle(use)
 
+    def held(self, resource: str, tenant: str) -> bool:
+        """``tenant`` has work on ``resource`` held back now (an open hold)."""
+        known = self._tenants.get(tenant)
+        return known is not None and resource in known.use and known.use[resource].holds > 0
+
     def next_yield_change(self, now: float | None = None) -> float | None:
         """The earliest clock time after ``now`` at which ``yields_to`` may answer differently (or a hold
         passes ``wait_bound_s``) with no call in between: a linger ends, a hold ages. None: no such time."""
