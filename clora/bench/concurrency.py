@@ -67,7 +67,7 @@ from clora.config import (
     RuntimeConfig,
     TrainerConfig,
 )
-from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE
+from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE, YIELD_MODES
 from clora.tenant.actor import ExperimentResult, StepRecord
 
 __all__ = ["BenchSettings", "MODES", "TASKS", "TURNS", "QUICK", "FULL", "experiments", "task_env", "runtime_config",
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm and concurrent modes share one runtime (default with --quick)")
     p.add_argument("--priority", action="store_true", help="also run concurrent_priority rows: experiment 0 "
                    "interactive, the others background")
-    p.add_argument("--yield-to-higher", choices=("device", "engine", "never"),
+    p.add_argument("--yield-to-higher", choices=YIELD_MODES,
                    help="while the interactive experiment is active, background work waits: its engine requests "
                         "and train steps (device, the runtime default), its engine requests (engine), or only "
                         "orders waiters (never); docs/scheduling.md")

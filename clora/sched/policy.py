@@ -19,17 +19,11 @@ queue: each waiter's class, weight, virtual time and wait); a waiter waiting lon
 structlog logger; the runtime's, or the owning actor's; None: nowhere); time comes from ``clock``
 (tests pass their own). Priority and weight changes take effect at the next decision.
 
-**Yielding to a higher class** (``yield_to_higher``): ordering waiters is not enough when nobody waits
-(as many engine LoRA slots as tenants: every tenant decodes in the same batches). So a lower class's
-*new* work also waits while a tenant of a higher class is *active* (``yields_to``): ``"engine"``: new
-engine requests wait while a higher class is active on ``decode`` (holds a LoRA slot, waits for one, or
-has requests held back itself); ``"device"``: new engine requests and train steps wait while a higher
-class is active on ``decode`` or ``train`` (a pending or running step); ``"never"``: priorities only
-order waiters. Activity lingers ``linger_s`` after it ended (the gaps inside a higher class's RL step).
-A hold (``hold`` / ``unhold``, one ``scheduler.yielded`` and one ``scheduler.resumed`` per hold) older
-than ``aging_s`` goes through anyway, and its clock restarts with the next hold; past ``wait_bound_s``
-it gets its ``scheduler.wait_exceeded``. Listeners (``subscribe``) hear of every change, and
-``next_yield_change`` says when an answer may change with no call at all (clora.sched.yielding waits).
+**Yielding to a higher class** (``yield_to_higher``, docs/scheduling.md): a lower class's *new* work
+also waits while a higher class is *active* (``yields_to``): "engine": engine requests, while it decodes;
+"device": engine requests and train steps, while it decodes or trains; "never": off. Activity lingers
+``linger_s``; a hold (``hold`` / ``unhold``: ``scheduler.yielded`` / ``scheduler.resumed``) ages like a wait.
+Listeners (``subscribe``) hear of every change; ``next_yield_change`` says when an answer changes by itself.
 """
 
 from __future__ import annotations
@@ -37,21 +31,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from clora import events
+from clora.config import YieldMode
 from clora.errors import ConfigError
 
-__all__ = [
-    "DECODE",
-    "TRAIN",
-    "YIELD_MODES",
-    "PRIORITY_BACKGROUND",
-    "PRIORITY_INTERACTIVE",
-    "PRIORITY_NORMAL",
-    "Scheduler",
-    "TenantPolicy",
-]
+__all__ = ["DECODE", "PRIORITY_BACKGROUND", "PRIORITY_INTERACTIVE", "PRIORITY_NORMAL", "Scheduler", "TRAIN",
+           "TenantPolicy", "YIELD_MODES"]
 
 PRIORITY_INTERACTIVE = 1
 PRIORITY_NORMAL = 0  # ExperimentConfig.priority's default
@@ -59,12 +46,13 @@ PRIORITY_BACKGROUND = -1
 
 DECODE = "decode"  # the engine's LoRA slots (and the requests sent to the engine)
 TRAIN = "train"  # the trainer's device
-YIELD_MODES = ("device", "engine", "never")  # SchedulerConfig.yield_to_higher
+YIELD_MODES: tuple[str, ...] = get_args(YieldMode)  # SchedulerConfig.yield_to_higher
 _WATCHED = {  # yield_to_higher -> resource a lower class's new work is for -> higher-class activity it waits for
     "device": {DECODE: (DECODE, TRAIN), TRAIN: (DECODE, TRAIN)},
     "engine": {DECODE: (DECODE,)},
     "never": {},
 }
+
 
 @dataclass(frozen=True, slots=True)
 class TenantPolicy:
@@ -353,17 +341,15 @@ class Scheduler:
             listener()
 
     def _active_row(self, tenant: str, now: float) -> dict[str, Any]:
-        known = self._tenants[tenant]
-        return {"tenant": tenant, "priority": known.policy.priority,
-                "active": sorted(r for r, u in known.use.items() if u.active),
-                "lingering": sorted(r for r, u in known.use.items() if not u.active and self._active(u, now))}
+        uses = self._tenants[tenant].use.items()
+        return {"tenant": tenant, "priority": self.policy(tenant).priority, "active": sorted(r for r, u in uses if u.active),
+                "lingering": sorted(r for r, u in uses if not u.active and self._active(u, now))}
 
     def _held_rows(self, resource: str, now: float) -> list[dict[str, Any]]:
         """Every tenant held back on ``resource`` now, longest first."""
         held = sorted((k.use[resource].held_since, t) for t, k in self._tenants.items()
                       if resource in k.use and k.use[resource].held_since is not None)
-        return [{"tenant": t, "priority": self._tenants[t].policy.priority, "held_s": round(now - since, 3),
-                 "holds": self._tenants[t].use[resource].holds} for since, t in held]
+        return [{"tenant": t, "priority": self.policy(t).priority, "held_s": round(now - since, 3)} for since, t in held]
 
     # ------------------------------------------------------------------ internals
 
@@ -402,7 +388,6 @@ class Scheduler:
         return {"tenant": tenant, "priority": known.policy.priority, "weight": known.policy.weight,
                 "vtime": round(use.vtime, 4),
                 "wait_s": round(now - use.waiting_since, 3) if use.waiting_since is not None else None}
-
 
 
 class _Quiet:
