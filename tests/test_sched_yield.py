@@ -175,3 +175,22 @@ async def test_cancelling_a_held_wait_gives_up_the_hold():
     assert gate.waiting() == [] and sched._listeners == []
     assert [f["reason"] for e, f in seen if e == events.SCHEDULER_RESUMED] == ["cancelled"]
     assert sched._held_rows(DECODE, 0.0) == []
+
+
+async def test_a_slot_waiter_that_must_yield_gets_no_free_slot_until_the_higher_class_is_idle():
+    from clora.sched.gate import SlotGate
+
+    sched = Scheduler(linger_s=0.05, aging_s=1000)
+    for tenant, priority in (("i", PRIORITY_INTERACTIVE), ("x", PRIORITY_BACKGROUND), ("b", PRIORITY_BACKGROUND)):
+        sched.set_policy(tenant, priority)
+    gate = SlotGate(sched, DECODE, 1)
+    await gate.acquire("x")
+    b = asyncio.create_task(gate.acquire("b"))  # queued before the interactive tenant became active
+    await asyncio.sleep(0.01)
+    _decoding(sched, "i")  # (on another replica's gate)
+    gate.release("x")
+    await asyncio.sleep(0.1)
+    assert not b.done() and gate.free == 1 and sched.held(DECODE, "b")  # the free slot stays free
+    sched.charge(DECODE, "i", 0.1)
+    await asyncio.wait_for(b, 1.0)  # woken by the change and the linger timer
+    assert gate.holds("b") and not sched.held(DECODE, "b") and sched._listeners == []
