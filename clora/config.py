@@ -53,6 +53,7 @@ MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuses a temperature above 2
 VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 ExampleStyle = Literal["each_op", "addition", "none"]
+YieldMode = Literal["device", "engine", "never"]  # SchedulerConfig.yield_to_higher (the rule: clora.sched.policy)
 """Which worked examples open an episode of a tool-use env (clora.envs.tools.worked_examples)."""
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -296,9 +297,13 @@ class SchedulerConfig(_Config):
     aging_s: float = 30.0  # a tenant waiting this long is served next whatever its priority (no starvation)
     wait_bound_s: float = 60.0  # a wait longer than this logs scheduler.wait_exceeded; 0: never
     max_resident_adapters: int | None = None  # adapters kept in the engine, more are paged; None: engine.cpu_loras
+    yield_to_higher: YieldMode = "device"  # while a higher class is active a lower one's new work waits: "device": engine requests and train steps; "engine": engine requests; "never": priorities only order waiters
+    linger_s: float = 2.0  # a higher class counts as active this long after its last work ended (the gaps inside its RL step)
 
     def validate(self) -> None:
         _positive("scheduler.aging_s", self.aging_s)
+        if self.linger_s < 0:
+            _fail("scheduler.linger_s", f"must be >= 0, got {self.linger_s}")
         if self.wait_bound_s < 0:
             _fail("scheduler.wait_bound_s", f"must be >= 0 (0: no bound), got {self.wait_bound_s}")
         if self.max_resident_adapters is not None and self.max_resident_adapters < 2:

@@ -89,6 +89,8 @@ __all__ = [
     "SCHEDULER_POLICY_CHANGED",
     "SCHEDULER_PAGE_IN",
     "SCHEDULER_PAGE_OUT",
+    "SCHEDULER_YIELDED",
+    "SCHEDULER_RESUMED",
     "EPISODE_CONTEXT_FULL",
     "SERVE_STARTED",
     "SERVE_STOPPED",
@@ -251,13 +253,21 @@ trainer's device): ``chosen`` (best first), ``reason`` (aged / priority / fair_s
 service order (each waiter's tenant, priority, weight, vtime = device-seconds / weight, wait_s)."""
 SCHEDULER_WAIT_EXCEEDED: Final = "scheduler.wait_exceeded"
 """A ``tenant`` has waited for a ``resource`` longer than ``bound_s`` (scheduler.wait_bound_s): ``wait_s``,
-its ``priority`` and the ``queue`` ahead of and behind it; once per wait."""
+its ``priority`` and the ``queue`` ahead of and behind it (a wait held back by a higher class: ``yields_to`` it and
+the held ``queue``); once per wait."""
 SCHEDULER_POLICY_CHANGED: Final = "scheduler.policy_changed"
 """A ``tenant``'s ``priority`` / ``weight`` changed at run time (``old_priority``, ``old_weight``); the next decision
 uses them."""
 SCHEDULER_PAGE_IN: Final = "scheduler.page_in"
 """A paged-out ``tenant``'s adapter ``version`` was loaded back into the engine (``lora_id``) before its requests
 ran: ``duration_s`` (the page-in cost), ``resident`` adapters after it."""
+SCHEDULER_YIELDED: Final = "scheduler.yielded"
+"""A ``tenant``'s new work on a ``resource`` (decode: engine requests; train: a train step) is held back while
+the higher classes ``to`` are active (scheduler.yield_to_higher is the ``mode``); ``queue``: every held tenant. Once
+per hold; its ``priority``."""
+SCHEDULER_RESUMED: Final = "scheduler.resumed"
+"""A hold (scheduler.yielded) of a ``tenant`` on a ``resource`` ended after ``held_s``: ``reason`` clear (the
+higher classes went idle), aged (held scheduler.aging_s: it goes anyway) or cancelled (its work was given up)."""
 SCHEDULER_PAGE_OUT: Final = "scheduler.page_out"
 """A ``tenant``'s adapter (``version``, ``lora_id``) left the engine to make room for ``for_tenant`` (least
 recently scheduled, no request in the engine): ``duration_s``, ``resident`` adapters after it."""

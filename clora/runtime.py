@@ -137,7 +137,8 @@ class Runtime:
                 self.sampler, self.trainer, self.scheduler = remote.sampler, remote.trainer, remote.scheduler
             else:
                 self.scheduler = Scheduler(aging_s=cfg.scheduler.aging_s, wait_bound_s=cfg.scheduler.wait_bound_s,
-                                           log=self._system.log)
+                                           yield_to_higher=cfg.scheduler.yield_to_higher,
+                                           linger_s=cfg.scheduler.linger_s, log=self._system.log)
 
                 def sampler(engine: Engine | None) -> SamplerActor:
                     return SamplerActor(engine_dir, model_cfg, cfg.engine, shared_engine=engine,

@@ -205,7 +205,7 @@ def test_task_sets_the_env_of_every_experiment_and_full_size_evaluates_64_proble
 
 
 def test_priority_rows_and_engine_caps_from_arguments():
-    from clora.bench.concurrency import prioritized
+    from clora.bench.concurrency import _title, prioritized
     from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE
 
     s = settings_from_args(build_parser().parse_args(["--n", "1,4", "--priority", "--max-loras", "2",
@@ -218,6 +218,14 @@ def test_priority_rows_and_engine_caps_from_arguments():
     assert [(e.name, e.priority) for e in batch] == [
         ("p3exp0", PRIORITY_INTERACTIVE), ("p3exp1", PRIORITY_BACKGROUND), ("p3exp2", PRIORITY_BACKGROUND)]
     assert not settings_from_args(build_parser().parse_args([])).priority
+    # the rule between classes: the runtime's default unless asked, in the runtime and in the title
+    assert (s.yield_to_higher, config.scheduler.yield_to_higher) == ("device", "device")
+    assert "yield_to_higher device (linger 2 s, aging 30 s)" in _title(s)
+    s = settings_from_args(build_parser().parse_args(["--priority", "--yield-to-higher", "never", "--linger-s", "0.5",
+                                                      "--aging-s", "90"]))
+    config = runtime_config(s, 2)
+    assert (config.scheduler.yield_to_higher, config.scheduler.linger_s, config.scheduler.aging_s) == ("never", 0.5, 90)
+    assert "yield_to_higher never (linger 0.5 s, aging 90 s)" in _title(s)
 
 
 def test_staleness_rows_from_arguments_and_the_overlap_of_rollouts_and_training():

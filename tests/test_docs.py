@@ -12,7 +12,8 @@ import pytest
 pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_AS_PASTED = ("docs/testing.md", "docs/actors.md", "docs/trainer.md", "docs/continual.md", "docs/sampler-pool.md")  # every python snippet: a whole program
+RUN_AS_PASTED = ("docs/testing.md", "docs/actors.md", "docs/trainer.md", "docs/continual.md", "docs/sampler-pool.md",
+                "docs/scheduling.md")  # every python snippet: a whole program
 
 
 @pytest.mark.parametrize("doc", RUN_AS_PASTED)

@@ -34,7 +34,9 @@ async def test_a_priority_raised_at_run_time_wins_the_next_engine_slot(tiny_mode
         return Completion(token_ids=[7], logprobs=[-1.0], text="x", finish_reason="stop")
 
     engine = FakeEngine(script, read_adapters=False)
-    async with clora.runtime.Runtime(_config(tiny_model_dir, tmp_path), console_level="critical", engine=engine) as rt:
+    config = _config(tiny_model_dir, tmp_path, yield_to_higher="engine", linger_s=0.5)
+    async with clora.runtime.Runtime(config, console_level="critical", engine=engine) as rt:
+        assert (rt.scheduler.yield_to_higher, rt.scheduler.linger_s) == ("engine", 0.5)  # [scheduler] reaches it
         holder, a, b = [await rt.tenant(n, lora=LoraConfig(rank=4, alpha=8.0)) for n in ("holder", "a", "b")]
         held = asyncio.ensure_future(holder.sample([5, 6], max_tokens=2))
         await until(lambda: len(engine.requests) == 1)

@@ -61,7 +61,7 @@ def _sample(ref, tenant):
 
 async def test_a_free_engine_slot_goes_to_the_highest_priority_then_the_least_served():
     engine = FakeEngine([ANSWER], max_model_len=64, read_adapters=False, decode_s=0.05)
-    scheduler = Scheduler(aging_s=1000)
+    scheduler = Scheduler(aging_s=1000, yield_to_higher="never")  # the slot order alone (yielding: test_sched_yield_sampler)
     scheduler.set_policy("hi", priority=PRIORITY_INTERACTIVE)
     scheduler.set_policy("bg", priority=PRIORITY_BACKGROUND)
     async with ActorSystem("t") as system:

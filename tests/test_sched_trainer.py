@@ -27,7 +27,7 @@ def _step(tenant: str, tokens: int = 4) -> TrainStep:
 
 
 async def test_the_higher_class_trains_first_and_a_tenants_steps_stay_in_order():
-    sched = Scheduler(aging_s=1000)
+    sched = Scheduler(aging_s=1000, yield_to_higher="never")  # the order alone (yielding: test_sched_yield_actors)
     sched.set_policy("hi", priority=PRIORITY_INTERACTIVE)
     sched.set_policy("bg", priority=PRIORITY_BACKGROUND)
     queue = StepQueue(1, sched)
@@ -43,7 +43,7 @@ async def test_the_higher_class_trains_first_and_a_tenants_steps_stay_in_order()
 
 
 async def test_fused_groups_take_the_best_tenants_in_the_schedulers_order():
-    sched = Scheduler(aging_s=1000)
+    sched = Scheduler(aging_s=1000, yield_to_higher="never")
     sched.set_policy("bg", priority=PRIORITY_BACKGROUND)
     queue = StepQueue(2, sched)
     for t in ("bg", "a", "b", "a"):

@@ -67,7 +67,7 @@ from clora.config import (
     RuntimeConfig,
     TrainerConfig,
 )
-from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE
+from clora.sched import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE, YIELD_MODES
 from clora.tenant.actor import ExperimentResult, StepRecord
 
 __all__ = ["BenchSettings", "MODES", "TASKS", "TURNS", "QUICK", "FULL", "experiments", "task_env", "runtime_config",
@@ -125,6 +125,10 @@ class BenchSettings:
     max_loras: int | None = None  # caps EngineConfig.max_loras (default: N)
     max_resident: int | None = None  # SchedulerConfig.max_resident_adapters (default: the engine's CPU cache)
     staleness: tuple[int, ...] = (0,)  # ExperimentConfig.max_staleness of the concurrent rows, one row set per k
+    # The scheduler's rule between classes (docs/scheduling.md); the runtime's defaults
+    yield_to_higher: str = SchedulerConfig().yield_to_higher  # SchedulerConfig.yield_to_higher
+    linger_s: float = SchedulerConfig().linger_s  # SchedulerConfig.linger_s
+    aging_s: float = SchedulerConfig().aging_s  # SchedulerConfig.aging_s
 
     @property
     def samples_per_step(self) -> int:
@@ -181,7 +185,8 @@ def runtime_config(s: BenchSettings, max_loras: int) -> RuntimeConfig:
     max_loras = max(1, min(max_loras, s.max_loras or max_loras))
     return RuntimeConfig(
         model=ModelConfig(source=s.model, dtype=s.dtype, max_model_len=s.max_model_len),
-        scheduler=SchedulerConfig(max_resident_adapters=s.max_resident),
+        scheduler=SchedulerConfig(max_resident_adapters=s.max_resident, yield_to_higher=s.yield_to_higher,
+                                  linger_s=s.linger_s, aging_s=s.aging_s),
         engine=EngineConfig(max_loras=max_loras, max_lora_rank=max(8, s.rank), kv_cache_gib=s.kv_cache_gib,
                             block_size=s.block_size, omp_threads_bind=s.engine_cpus),
         trainer=TrainerConfig(autocast_bf16=s.autocast_bf16, fuse_max=s.fuse_max, cpus=s.trainer_cpus,
@@ -373,7 +378,15 @@ def _title(s: BenchSettings) -> str:
             f"examples): {s.steps} steps x {s.prompts_per_step} "
             f"prompts x "
             f"{s.group_size} samples at T={s.temperature:g}, max_tokens {s.max_tokens}, held-out {s.held_out_size}, "
-            f"trainer bf16 {s.autocast_bf16}, fuse_max {s.fuse_max}, {os.cpu_count()} CPUs{_cpu_note(s)}")
+            f"trainer bf16 {s.autocast_bf16}, fuse_max {s.fuse_max}, {os.cpu_count()} CPUs{_cpu_note(s)}"
+            f"{_scheduler_note(s)}")
+
+
+def _scheduler_note(s: BenchSettings) -> str:
+    """The rule between priority classes, where a row has classes (concurrent_priority)."""
+    if not s.priority:
+        return ""
+    return f", yield_to_higher {s.yield_to_higher} (linger {s.linger_s:g} s, aging {s.aging_s:g} s)"
 
 
 def _cpu_note(s: BenchSettings) -> str:
@@ -410,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm and concurrent modes share one runtime (default with --quick)")
     p.add_argument("--priority", action="store_true", help="also run concurrent_priority rows: experiment 0 "
                    "interactive, the others background")
+    p.add_argument("--yield-to-higher", choices=YIELD_MODES,
+                   help="while the interactive experiment is active, background work waits: its engine requests "
+                        "and train steps (device, the runtime default), its engine requests (engine), or only "
+                        "orders waiters (never); docs/scheduling.md")
+    p.add_argument("--linger-s", type=float, help="scheduler.linger_s (default 2)")
+    p.add_argument("--aging-s", type=float, help="scheduler.aging_s: a held-back tenant goes after this long (default 30)")
     p.add_argument("--max-loras", type=int, help="cap the engine's LoRA slots (default: N); below N tenants share them")
     p.add_argument("--max-resident", type=int, help="adapters kept in the engine (default: its CPU cache); "
                    "fewer than N pages adapters in and out")
@@ -434,7 +453,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     changes: dict[str, Any] = {}
     for field in ("model", "task", "examples", "steps", "prompts_per_step", "group_size", "max_tokens", "held_out_size", "fuse_max",
                   "peer_experiments", "reuse_runtime", "dtype", "temperature", "checkpoint_every", "block_size",
-                  "engine_cpus", "trainer_cpus", "trainer_threads", "trainer_nice", "max_loras", "max_resident"):
+                  "engine_cpus", "trainer_cpus", "trainer_threads", "trainer_nice", "max_loras", "max_resident",
+                  "yield_to_higher", "linger_s", "aging_s"):
         value = getattr(args, field)
         if value is not None:
             changes[field] = value

@@ -104,7 +104,8 @@ class ActorHost:
         from clora.sched import Scheduler
 
         scheduler = self.scheduler = Scheduler(aging_s=cfg.scheduler.aging_s, wait_bound_s=cfg.scheduler.wait_bound_s,
-                                               log=system.log)
+                                               yield_to_higher=cfg.scheduler.yield_to_higher,
+                                               linger_s=cfg.scheduler.linger_s, log=system.log)
         if self.role == "trainer":
             from clora.trainer.actor import TrainerActor
 

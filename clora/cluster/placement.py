@@ -106,7 +106,9 @@ async def start_remote_actors(config: RuntimeConfig, system: ActorSystem, *, eng
             link.kill()
         raise
     scheduler = MirroredScheduler(links, aging_s=config.scheduler.aging_s,
-                                  wait_bound_s=config.scheduler.wait_bound_s, log=system.log)
+                                  wait_bound_s=config.scheduler.wait_bound_s,
+                                  yield_to_higher=config.scheduler.yield_to_higher,
+                                  linger_s=config.scheduler.linger_s, log=system.log)
     return RemoteActors(sampler=sampler, trainer=trainer, scheduler=scheduler, replicas=replicas, links=links)
 
 

@@ -12,8 +12,10 @@ reserved all-zero adapter (see ``clora.sampler.engine``).
 
 Admission: vLLM batches at most ``engine.max_loras`` tenant adapters, so at most that many tenants
 have requests in the engine at once; the others wait at a ``SlotGate`` whose order the runtime's
-``Scheduler`` decides (priority, weighted fair share, aging: clora.sched). More tenants than the
-engine keeps adapters for are paged in and out (clora.sampler.paging).
+``Scheduler`` decides (priority, weighted fair share, aging: clora.sched). Before that, a tenant's new
+request waits at a ``YieldGate`` while a higher class is active (``scheduler.yield_to_higher``; its
+requests already in the engine finish). More tenants than the engine keeps adapters for are paged in
+and out (clora.sampler.paging).
 
 Errors: a bad request (unknown tenant, prompt too long) fails only that request; an adapter
 that does not fit fails its Register/Load; a dead engine is fatal and crashes the actor.
@@ -37,7 +39,7 @@ from clora.config import EngineConfig, ModelConfig
 from clora.sampler.paging import AdapterPager
 from clora.sampler.engine import Engine
 from clora.sampler.engine_stats import EngineStats, EngineStatsSnapshot
-from clora.sched import Scheduler
+from clora.sched import DECODE, Scheduler, YieldGate
 from clora.sched.gate import SlotGate
 from clora.errors import ConfigError, DuplicateTenantError, EngineDeadError, UnknownTenantError
 from clora.sampler.versions import RetiringVersions
@@ -153,7 +155,8 @@ class SamplerActor(Actor):
         # scheduler's order.
         self._owns_scheduler = scheduler is None
         self.scheduler = scheduler if scheduler is not None else Scheduler()
-        self._lora_slots = SlotGate(self.scheduler, "decode", engine.max_loras)
+        self._lora_slots = SlotGate(self.scheduler, DECODE, engine.max_loras)
+        self._yields = YieldGate(self.scheduler)  # new requests of a lower class wait while a higher one is active
         resident = max_resident if max_resident is not None else engine.cpu_loras
         if resident <= engine.max_loras:
             raise ConfigError(f"max_resident ({resident}) must exceed engine.max_loras ({engine.max_loras})")
@@ -287,9 +290,12 @@ class SamplerActor(Actor):
             version = BASE_VERSION
         else:
             slot = self._slot(msg.tenant)
-            while not slot.open.is_set():  # the adapter is being replaced: wait for the new version
-                await slot.open.wait()
+            while True:  # not yet in flight: a held request keeps no LoRA slot and no publish waiting
+                await self._yields.clear(DECODE, msg.tenant)  # a higher class is active: wait
                 slot = self._slot(msg.tenant)  # it may have been removed meanwhile
+                if slot.open.is_set():
+                    break
+                await slot.open.wait()  # the adapter is being replaced: wait for the new version
             version = slot.version
             slot.in_flight += 1
             slot.idle.clear()

@@ -5,6 +5,11 @@ its slot back with ``release``; the time it held the slot is charged to it as de
 Whenever a slot is free and tenants wait, the scheduler picks who gets it (clora.sched.policy).
 Cancelling ``acquire`` before the grant gives up the place in line; after the grant, it gives the
 slot back, so a slot is never lost.
+
+A waiter that must yield to a higher class (``Scheduler.yields_to``, e.g. one whose request passed its
+yield check before the higher class became active) is not granted a slot meanwhile: it is held (its
+hold ages as any, and closes at its grant), and the gate dispatches again after every change of the
+scheduler and at ``Scheduler.next_yield_change`` while anyone is held.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ class SlotGate:
         self.clock = clock
         self._holders: dict[str, float] = {}  # tenant -> when it got its slot
         self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._held: set[str] = set()  # waiters held back: they yield to a higher class
+        self._unsubscribe: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._soon: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def free(self) -> int:
@@ -50,7 +60,8 @@ class SlotGate:
             del self._waiters[tenant]
         if tenant in self._waiters:
             raise RuntimeError(f"tenant {tenant!r} already waits for a {self.resource} slot")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = self._loop.create_future()
         self._waiters[tenant] = future
         self.scheduler.wait(self.resource, tenant)
         self._dispatch()
@@ -77,16 +88,54 @@ class SlotGate:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        self._soon = None
         for tenant in [t for t, f in self._waiters.items() if f.done()]:  # cancelled, its task not yet resumed
             del self._waiters[tenant]
             self.scheduler.cancel(self.resource, tenant)
+        for tenant in self._held - self._waiters.keys():  # gave up while held
+            self._held.discard(tenant)
+            self.scheduler.unhold(self.resource, tenant, went=False)
         while len(self._holders) < self.capacity and self._waiters:
             for tenant in self._waiters:  # idempotent; re-declares a waiter the scheduler forgot (removed)
                 self.scheduler.wait(self.resource, tenant)
-            chosen = self.scheduler.pick(self.resource, among=self._waiters)
+            free = [t for t in self._waiters if not self._yielding(t)]
+            chosen = self.scheduler.pick(self.resource, among=free)
             if not chosen:
-                return
+                break
             tenant = chosen[0]
             future = self._waiters.pop(tenant)
+            if tenant in self._held:
+                self._held.discard(tenant)
+                self.scheduler.unhold(self.resource, tenant)
             self._holders[tenant] = self.clock()
             future.set_result(None)
+        self._watch()
+
+    def _yielding(self, tenant: str) -> bool:
+        """``tenant`` must not get a slot now (a higher class is active); its hold opens once."""
+        if not self.scheduler.yields_to(self.resource, tenant):
+            return False
+        if tenant not in self._held:
+            self._held.add(tenant)
+            self.scheduler.hold(self.resource, tenant)
+        return True
+
+    def _watch(self) -> None:
+        """While waiters are held, dispatch again on every scheduler change and at its next yield change."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._held:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+            return
+        if self._unsubscribe is None:
+            self._unsubscribe = self.scheduler.subscribe(self._poke)
+        when = self.scheduler.next_yield_change()
+        if when is not None and self._loop is not None:
+            self._timer = self._loop.call_later(max(0.0, when - self.scheduler.clock()) + 1e-3, self._dispatch)
+
+    def _poke(self) -> None:
+        if self._soon is None and self._loop is not None and not self._loop.is_closed():
+            self._soon = self._loop.call_soon(self._dispatch)

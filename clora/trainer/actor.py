@@ -355,6 +355,7 @@ class TrainerActor(Actor):
         pending = self._steps.push(msg)
         try:
             while not pending.future.done():
+                await self._steps.ready(pending)  # a higher class is active: wait (scheduler.yield_to_higher)
                 if not await self._lock_unless_done(pending):
                     break  # another handler's group ran this step
                 try:

@@ -8,6 +8,10 @@ the next group, so each tenant's steps stay in order). With ``fuse_max`` = 1 tha
 time; with more, steps that piled up while the device was busy share one fused forward/backward
 (``train_group``). So fusion happens exactly when steps pile up, and costs nothing when they do
 not. A group's device time is charged to its tenants in proportion to their tokens (``charge``).
+A tenant that must yield to a higher class (``Scheduler.yields_to``: under ``yield_to_higher =
+"device"``, while a higher class decodes or trains) is left out of every group; its steps' handlers
+wait in ``ready`` (woken by the scheduler's changes and timers, no polling). Its hold opens when it is
+first held back and closes when its step is taken, so an aged hold stays aged until then.
 
 ``train_group`` is the device job of one group (it runs in the trainer's worker thread): one
 request runs the single-adapter path, several the fused one, then each trained tenant gets the
@@ -24,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from clora.sched import Scheduler
+from clora.sched import TRAIN, Scheduler, YieldGate
 from clora.messages import AdapterSnapshot, StoreState, TrainStep, TrainStepResult
 from clora.trainer.core import TrainerCore
 from clora.trainer.fused import FusedRequest
@@ -44,7 +48,7 @@ class PendingStep:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-RESOURCE = "train"  # the trainer's device, for the scheduler
+RESOURCE = TRAIN  # the trainer's device, for the scheduler
 
 
 class StepQueue:
@@ -55,6 +59,7 @@ class StepQueue:
             raise ValueError(f"fuse_max must be >= 1, got {fuse_max}")
         self.fuse_max = fuse_max
         self.scheduler = scheduler if scheduler is not None else Scheduler()
+        self.yields = YieldGate(self.scheduler)
         self._pending: deque[PendingStep] = deque()
 
     def __len__(self) -> int:
@@ -72,22 +77,42 @@ class StepQueue:
         self.scheduler.wait(RESOURCE, msg.tenant)
         return pending
 
+    async def ready(self, pending: PendingStep) -> None:
+        """Return when ``pending``'s tenant need not yield to a higher class (or ``pending`` is done)."""
+        if self._yielding(pending.msg.tenant):
+            await self.yields.until_clear(RESOURCE, pending.msg.tenant, unless=pending.future)
+
+    def _yielding(self, tenant: str) -> bool:
+        """``tenant``'s step must not start now; its hold opens (it stays open until a step is taken)."""
+        if not self.scheduler.yields_to(RESOURCE, tenant):
+            return False
+        if not self.scheduler.held(RESOURCE, tenant):
+            self.scheduler.hold(RESOURCE, tenant)
+        return True
+
     def discard(self, pending: PendingStep) -> None:
         """Forget a step whose asker gave up (no effect once a group took it)."""
         if pending in self._pending:
             self._pending.remove(pending)
             if not any(p.msg.tenant == pending.msg.tenant for p in self._pending):
                 self.scheduler.cancel(RESOURCE, pending.msg.tenant)
+                if self.scheduler.held(RESOURCE, pending.msg.tenant):
+                    self.scheduler.unhold(RESOURCE, pending.msg.tenant, went=False)
 
     def take_group(self) -> list[PendingStep]:
         """Remove and return the next group: the oldest pending step of each of up to ``fuse_max``
-        tenants, in the scheduler's order. Empty only when nothing is pending."""
+        tenants that need not yield, in the scheduler's order. Empty when nothing is pending, or
+        when every pending tenant must yield to a higher class."""
         oldest: dict[str, PendingStep] = {}
         for pending in self._pending:
             oldest.setdefault(pending.msg.tenant, pending)
         for tenant in oldest:  # idempotent; re-declares a tenant the scheduler forgot
             self.scheduler.wait(RESOURCE, tenant)
-        chosen = self.scheduler.pick(RESOURCE, k=self.fuse_max, among=oldest)
+        free = [tenant for tenant in oldest if not self._yielding(tenant)]
+        chosen = self.scheduler.pick(RESOURCE, k=self.fuse_max, among=free)
+        for tenant in chosen:
+            if self.scheduler.held(RESOURCE, tenant):  # aged, or the higher class went idle: the hold ends
+                self.scheduler.unhold(RESOURCE, tenant)
         group = [oldest[tenant] for tenant in chosen]
         for pending in group:
             self._pending.remove(pending)
