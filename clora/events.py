@@ -96,6 +96,8 @@ __all__ = [
     "SERVE_STOPPED",
     "SERVE_REQUEST_FAILED",
     "SERVE_TENANT_CREATED",
+    "SERVE_FUTURES_DROPPED",
+    "SERVE_FUTURES_CANCELLED",
     "CONTINUAL_VERSION_COMMITTED",
     "CONTINUAL_PROMOTED",
     "CONTINUAL_PROMOTION_REFUSED",
@@ -284,6 +286,10 @@ SERVE_REQUEST_FAILED: Final = "serve.request_failed"
 """An HTTP request got an error answer: ``path``, ``status``, ``error`` (the message the client got)."""
 SERVE_TENANT_CREATED: Final = "serve.tenant_created"
 """A client created a tenant over HTTP (a Tinker training client): ``tenant``, ``rank``, ``key`` (its key's name)."""
+SERVE_FUTURES_DROPPED: Final = "serve.futures_dropped"
+"""At shutdown, Tinker futures still queued behind their model's earlier work were dropped unstarted: ``count``, ``futures`` (each ``request_id``, ``kind``, ``model``, ``age_s``, ``waiting_in``)."""
+SERVE_FUTURES_CANCELLED: Final = "serve.futures_cancelled"
+"""At shutdown, Tinker futures still running after ``bound_s`` were cancelled (a running trainer step still finishes in the trainer; a sample is aborted): ``count``, ``still_unwinding``, ``futures`` (as ``serve.futures_dropped``)."""
 
 CONTINUAL_VERSION_COMMITTED: Final = "continual.version_committed"
 """A continual tenant kept a new ``version`` on disk (docs/continual.md): its ``parent``, total ``steps`` and ``data``,

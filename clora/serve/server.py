@@ -1,8 +1,10 @@
 """``clora serve``: one warm runtime behind the HTTP application, until SIGTERM / Ctrl-C.
 
-Shutdown: uvicorn stops accepting, lets in-flight requests finish (``graceful_s``), the background
-work of every Tinker future finishes (a store is never half-written), then the runtime closes every
-tenant, which writes its adapter to ``<run_dir>/tenants/<name>/adapter``.
+Shutdown: uvicorn stops accepting, lets in-flight requests finish (``graceful_s`` at most, then they
+are cancelled); Tinker futures still queued are dropped and running ones get ``graceful_s`` to finish,
+then are cancelled (clora.serve.futures; a trainer step already running finishes, so a store is never
+half-written); ``serve.stopped`` is logged; then the runtime closes every tenant, which writes its
+adapter to ``<run_dir>/tenants/<name>/adapter``. Nothing waits on a client that went away.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class Server:
                 await serving
             finally:
                 self.state.ready = False
-                await self.state.futures.aclose()
+                await self.state.futures.aclose(self.graceful_s, log)
                 log.info(events.SERVE_STOPPED, duration_s=round(time.perf_counter() - started, 3),
                          requests=self.state.requests, errors=self.state.errors)
 

@@ -109,7 +109,8 @@ async def telemetry(request: Request) -> dict[str, Any]:
 def submit(request: Request, chain: str | None, work: Any) -> dict[str, Any]:
     """Run ``work`` in the background after ``chain``'s earlier work; the answer names its future."""
     state = serve_state(request)
-    request_id = state.futures.submit(request.state.principal.name, chain, work)
+    kind = request.url.path.rsplit("/", 1)[-1]  # the route: what the future does, for the shutdown events
+    request_id = state.futures.submit(request.state.principal.name, chain, work, kind=kind)
     return {"request_id": request_id, "model_id": chain}
 
 
