@@ -106,9 +106,11 @@ class Server:
                 await serving
             finally:
                 self.state.ready = False
-                await self.state.futures.aclose(self.graceful_s, log)
-                log.info(events.SERVE_STOPPED, duration_s=round(time.perf_counter() - started, 3),
-                         requests=self.state.requests, errors=self.state.errors)
+                try:
+                    await self.state.futures.aclose(self.graceful_s, log)
+                finally:  # logged even if the drain fails or is interrupted
+                    log.info(events.SERVE_STOPPED, duration_s=round(time.perf_counter() - started, 3),
+                             requests=self.state.requests, errors=self.state.errors)
 
 
 def _uvicorn_server_class() -> type:
