@@ -221,6 +221,7 @@ def _alive(pids) -> set[int]:
     return alive
 
 
+@pytest.mark.timeout(900)  # two drivers, each starting two Ray hosts: minutes on a loaded 2-core machine
 def test_the_driver_killed_and_resumed_under_ray_does_every_step_once_and_leaves_no_actor_behind(
         ray_cluster, tiny_model_dir, tmp_path):
     import json
