@@ -214,3 +214,29 @@ async def test_the_sampler_inbox_is_the_one_replica_or_a_pool_placing_each_tenan
     assert await placement.sampler_inbox(None, ["only"], replicas_per_tenant=1) == "only"
     assert await placement.sampler_inbox(None, ["a", "b", "c"], replicas_per_tenant=2) == "the pool"
     assert asked == {"replicas": ["a", "b", "c"], "name": "sampler", "replicas_per_tenant": 2}
+
+
+def test_local_starts_a_ray_instance_of_its_own_and_an_address_joins_that_cluster(monkeypatch):
+    """ray.init() without an address would join RAY_ADDRESS or a `ray start` cluster on this machine."""
+    from clora.cluster import link
+    from clora.config import ClusterConfig
+
+    calls = []
+
+    class FakeRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kwargs):
+            calls.append(kwargs["address"])
+
+        def cluster_resources(self):
+            return {"CPU": 2.0}
+
+        def nodes(self):
+            return [{"Alive": True}]
+
+    monkeypatch.setattr(link, "_ray", FakeRay)
+    assert link.connect(ClusterConfig(backend="ray", address="local")) == (True, {"nodes": 1, "cpus": 2.0, "gpus": 0.0})
+    link.connect(ClusterConfig(backend="ray", address="10.0.0.5:6379"))
+    assert calls == ["local", "10.0.0.5:6379"]

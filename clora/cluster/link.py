@@ -37,10 +37,8 @@ def connect(cluster: ClusterConfig) -> tuple[bool, dict[str, Any]]:
     started = False
     if not ray.is_initialized():
         options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        if cluster.address == "local":
-            ray.init(**options)
-        else:
-            ray.init(address=cluster.address, **options)
+        # "local" forces a new instance: a bare ray.init() would join RAY_ADDRESS or a `ray start` cluster here
+        ray.init(address=cluster.address, **options)
         started = True
     total = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
