@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from clora.sched.policy import Scheduler
+from clora.sched.watch import SchedulerWatch
 
 __all__ = ["SlotGate"]
 
@@ -37,10 +38,7 @@ class SlotGate:
         self._holders: dict[str, float] = {}  # tenant -> when it got its slot
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._held: set[str] = set()  # waiters held back: they yield to a higher class
-        self._unsubscribe: Callable[[], None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._soon: asyncio.Handle | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._watch = SchedulerWatch(scheduler, self._dispatch)  # while waiters are held
 
     @property
     def free(self) -> int:
@@ -60,8 +58,8 @@ class SlotGate:
             del self._waiters[tenant]
         if tenant in self._waiters:
             raise RuntimeError(f"tenant {tenant!r} already waits for a {self.resource} slot")
-        self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = self._loop.create_future()
+        self._watch.loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = self._watch.loop.create_future()
         self._waiters[tenant] = future
         self.scheduler.wait(self.resource, tenant)
         self._dispatch()
@@ -88,7 +86,6 @@ class SlotGate:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        self._soon = None
         for tenant in [t for t, f in self._waiters.items() if f.done()]:  # cancelled, its task not yet resumed
             del self._waiters[tenant]
             self.scheduler.cancel(self.resource, tenant)
@@ -109,7 +106,7 @@ class SlotGate:
                 self.scheduler.unhold(self.resource, tenant)
             self._holders[tenant] = self.clock()
             future.set_result(None)
-        self._watch()
+        self._watch.arm(bool(self._held))
 
     def _yielding(self, tenant: str) -> bool:
         """``tenant`` must not get a slot now (a higher class is active); its hold opens once."""
@@ -119,23 +116,3 @@ class SlotGate:
             self._held.add(tenant)
             self.scheduler.hold(self.resource, tenant)
         return True
-
-    def _watch(self) -> None:
-        """While waiters are held, dispatch again on every scheduler change and at its next yield change."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._held:
-            if self._unsubscribe is not None:
-                self._unsubscribe()
-                self._unsubscribe = None
-            return
-        if self._unsubscribe is None:
-            self._unsubscribe = self.scheduler.subscribe(self._poke)
-        when = self.scheduler.next_yield_change()
-        if when is not None and self._loop is not None:
-            self._timer = self._loop.call_later(max(0.0, when - self.scheduler.clock()) + 1e-3, self._dispatch)
-
-    def _poke(self) -> None:
-        if self._soon is None and self._loop is not None and not self._loop.is_closed():
-            self._soon = self._loop.call_soon(self._dispatch)

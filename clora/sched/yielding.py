@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 
 from clora.sched.policy import Scheduler
+from clora.sched.watch import SchedulerWatch
 
 __all__ = ["YieldGate"]
 
@@ -27,10 +28,7 @@ class YieldGate:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self._waiters: list[tuple[str, str, asyncio.Future[None]]] = []
-        self._unsubscribe = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._soon: asyncio.Handle | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._watch = SchedulerWatch(scheduler, self._recheck)
 
     def waiting(self) -> list[str]:
         """Tenants with work waiting here now (tests, stats)."""
@@ -52,11 +50,11 @@ class YieldGate:
         """Return when ``tenant`` need not yield on ``resource`` (or ``unless`` is done); holds are the caller's."""
         if not self.scheduler.yields_to(resource, tenant):
             return
-        self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = self._loop.create_future()
+        self._watch.loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = self._watch.loop.create_future()
         item = (resource, tenant, future)
         self._waiters.append(item)
-        self._watch()
+        self._watch.arm(bool(self._waiters))
         try:
             if unless is None:
                 await future
@@ -66,35 +64,12 @@ class YieldGate:
             if item in self._waiters:
                 self._waiters.remove(item)
             future.cancel()  # no effect once resolved
-            self._watch()
-
-    def _watch(self) -> None:
-        """Listen to the scheduler and arm the timer while anyone waits; stop when nobody does."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._waiters:
-            if self._unsubscribe is not None:
-                self._unsubscribe()
-                self._unsubscribe = None
-            return
-        if self._unsubscribe is None:
-            self._unsubscribe = self.scheduler.subscribe(self._poke)
-        when = self.scheduler.next_yield_change()
-        if when is not None and self._loop is not None:
-            delay = max(0.0, when - self.scheduler.clock())
-            self._timer = self._loop.call_later(delay + 1e-3, self._recheck)
-
-    def _poke(self) -> None:
-        """A scheduler change: re-check once the scheduler's call has returned."""
-        if self._soon is None and self._loop is not None and not self._loop.is_closed():
-            self._soon = self._loop.call_soon(self._recheck)
+            self._watch.arm(bool(self._waiters))
 
     def _recheck(self) -> None:
-        self._soon = None
         for resource, tenant, future in list(self._waiters):
             if not future.done() and not self.scheduler.yields_to(resource, tenant):
                 future.set_result(None)
         for resource in {r for r, _, _ in self._waiters}:
             self.scheduler.check_waits(resource)
-        self._watch()
+        self._watch.arm(bool(self._waiters))
