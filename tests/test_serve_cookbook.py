@@ -2,7 +2,8 @@
 (`python -m tinker_cookbook.recipes.math_rl.train env=arithmetic`, its RL loop `tinker_cookbook.rl.train`)
 run unchanged, configured only by its command line (base URL, model, renderer, small sizes).
 
-Two recipe processes train at once: two tenants on one server. The server runs the real runtime and
+Two recipe processes train at once: two tenants on one server, one rendering with a stop string
+(role_colon), one with a stop token id (qwen3_instruct: ChatML, <|im_end|>). The server runs the real runtime and
 trainer on the tiny model; its engine is scripted (this machine runs no vLLM in the default tests) and
 answers every even request with the right sum and every odd one with a wrong one, so every group has
 mixed rewards and each step trains. tinker-cookbook is installed with --no-deps (`make install`): its
@@ -52,10 +53,12 @@ print("exited cleanly", flush=True)
 """
 
 
-def _recipe(url: str, model: str, log_path: Path) -> list[str]:
+def _recipe(url: str, model: str, log_path: Path, renderer: str = "role_colon") -> list[str]:
+    """The docs' command (docs/serve.md) at test size. ``qwen3_instruct`` renders ChatML and stops on the
+    <|im_end|> token id (the SmolLM2 run's renderer); ``role_colon`` stops on a string."""
     return [sys.executable, "-m", "tinker_cookbook.recipes.math_rl.train", "env=arithmetic",
-            f"model_name={model}", "renderer_name=role_colon", f"base_url={url}", "lora_rank=4",
-            "group_size=4", "groups_per_batch=2", "max_tokens=5", "learning_rate=1e-4",
+            f"model_name={model}", f"renderer_name={renderer}", f"base_url={url}", "lora_rank=4",
+            "group_size=4", "groups_per_batch=2", "max_tokens=5", "learning_rate=1e-4", "temperature=0.7",
             "loss_fn=importance_sampling", f"max_steps={STEPS}", "eval_every=0", "save_every=0",
             f"log_path={log_path}", "behavior_if_log_dir_exists=delete"]
 
@@ -70,8 +73,10 @@ def test_the_cookbook_math_rl_recipe_trains_two_tenants_on_one_server(tiny_model
         url = server.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), server.stderr.read()[-3000:]
         logs = [tmp_path / f"recipe{i}" for i in (1, 2)]
-        recipes = [subprocess.Popen(_recipe(url, str(tiny_model_dir), log), cwd=tmp_path, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for log in logs]
+        renderers = ("role_colon", "qwen3_instruct")  # a stop string, a stop token id
+        recipes = [subprocess.Popen(_recipe(url, str(tiny_model_dir), log, renderer), cwd=tmp_path, env=env,
+                                    text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                   for log, renderer in zip(logs, renderers)]
         outputs = [p.communicate(timeout=800)[0] for p in recipes]
         for p, out in zip(recipes, outputs):
             assert p.returncode == 0, out[-4000:]
