@@ -287,9 +287,11 @@ SERVE_REQUEST_FAILED: Final = "serve.request_failed"
 SERVE_TENANT_CREATED: Final = "serve.tenant_created"
 """A client created a tenant over HTTP (a Tinker training client): ``tenant``, ``rank``, ``key`` (its key's name)."""
 SERVE_FUTURES_DROPPED: Final = "serve.futures_dropped"
-"""At shutdown, Tinker futures still queued behind their model's earlier work were dropped unstarted: ``count``, ``futures`` (each ``request_id``, ``kind``, ``model``, ``age_s``, ``waiting_in``)."""
+"""At shutdown, Tinker futures still queued behind their model's earlier work were dropped unstarted: ``count``, ``futures``
+(one entry each: its request id, kind, model, age in seconds and the await it was waiting in)."""
 SERVE_FUTURES_CANCELLED: Final = "serve.futures_cancelled"
-"""At shutdown, Tinker futures still running after ``bound_s`` were cancelled (a running trainer step still finishes in the trainer; a sample is aborted): ``count``, ``still_unwinding``, ``futures`` (as ``serve.futures_dropped``)."""
+"""At shutdown, Tinker futures still running after ``bound_s`` were cancelled (a running trainer step still finishes in
+the trainer; a sample is aborted): ``count``, ``still_unwinding``, ``futures`` (entries as in serve.futures_dropped)."""
 
 CONTINUAL_VERSION_COMMITTED: Final = "continual.version_committed"
 """A continual tenant kept a new ``version`` on disk (docs/continual.md): its ``parent``, total ``steps`` and ``data``,
