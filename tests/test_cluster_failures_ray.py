@@ -21,6 +21,7 @@ from clora.config import (
 )
 from clora.events import read_events
 from clora.messages import Completion
+from clora.testing import events_by_start
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -186,21 +187,7 @@ DRIVER_STEPS = 5  # the kill comes once every tenant has a checkpoint of step >=
 
 def _runs(run_dir) -> list[list[dict]]:
     """The events of each driver that ran in ``run_dir`` (a line cut by SIGKILL is dropped)."""
-    import msgspec
-
-    from actors.events import SYSTEM_STARTED
-
-    runs: list[list[dict]] = []
-    path = run_dir / "events.jsonl"
-    for line in path.read_bytes().splitlines() if path.exists() else []:
-        try:
-            event = msgspec.json.decode(line)
-        except msgspec.DecodeError:
-            continue
-        if (event["event"] == SYSTEM_STARTED and event.get("system") == "clora") or not runs:
-            runs.append([])
-        runs[-1].append(event)
-    return runs
+    return events_by_start(run_dir)
 
 
 def _steps_done(run: list[dict], tenant: str) -> list[int]:

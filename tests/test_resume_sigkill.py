@@ -18,14 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import msgspec
 import psutil
 import pytest
 from safetensors.torch import load_file
 
-from actors.events import SYSTEM_STARTED
 from clora import events
 from clora.checkpoint.format import read_checkpoint, read_manifest
+from clora.testing import events_by_start
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -75,19 +74,7 @@ def _start(script: Path, model_dir: Path, run_dir: Path, mode: str, log: Path) -
 
 def _events(run_dir: Path) -> list[list[dict]]:
     """The events of each runtime start in the run folder (a line cut by SIGKILL is dropped)."""
-    runs: list[list[dict]] = []
-    path = run_dir / "events.jsonl"
-    if not path.exists():
-        return runs
-    for line in path.read_bytes().splitlines():
-        try:
-            event = msgspec.json.decode(line)
-        except msgspec.DecodeError:
-            continue
-        if (event["event"] == SYSTEM_STARTED and event.get("system") == "clora") or not runs:
-            runs.append([])
-        runs[-1].append(event)
-    return runs
+    return events_by_start(run_dir)
 
 
 def _session_processes(sid: int) -> list[psutil.Process]:

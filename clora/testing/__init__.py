@@ -22,7 +22,7 @@ from typing import Any
 from clora.testing.aio import until
 from clora.testing.data import assert_same_state, make_data, store_state, with_nonfinite
 from clora.testing.envs import ToyEnv, ToyEpisode, char_sum_reward, parity_reward
-from clora.testing.events import Events, RecordingLog, capture_events
+from clora.testing.events import Events, RecordingLog, capture_events, events_by_start
 
 __all__ = [
     "FakeEngine",
@@ -35,6 +35,7 @@ __all__ = [
     "parity_reward",
     "char_sum_reward",
     "Events",
+    "events_by_start",
     "RecordingLog",
     "capture_events",
     "until",

@@ -14,7 +14,7 @@ from typing import Any
 
 from clora.events import read_events
 
-__all__ = ["Events", "RecordingLog", "capture_events"]
+__all__ = ["Events", "RecordingLog", "capture_events", "events_by_start"]
 
 
 class Events(list):
@@ -75,3 +75,23 @@ def capture_events() -> Iterator[Events]:
     finally:
         processors[:] = saved
         structlog.configure(processors=processors)
+
+
+def events_by_start(run_dir: str | Path) -> list[list[dict[str, Any]]]:
+    """The events of each runtime start in ``run_dir``'s events.jsonl, oldest first (a line cut by
+    SIGKILL is dropped; no file: no runs). Tests of kills and resumes compare one start with the next."""
+    import msgspec
+
+    from actors.events import SYSTEM_STARTED
+
+    runs: list[list[dict[str, Any]]] = []
+    path = Path(run_dir) / "events.jsonl"
+    for line in path.read_bytes().splitlines() if path.exists() else []:
+        try:
+            event = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            continue
+        if (event["event"] == SYSTEM_STARTED and event.get("system") == "clora") or not runs:
+            runs.append([])
+        runs[-1].append(event)
+    return runs
