@@ -134,7 +134,13 @@ def test_importance_sampling_loss_is_tinkers_sum(served):
     # client's first Adam step then moves nothing
     tc = _client(served, ADMIN).create_lora_training_client(base_model="tiny", rank=4).result()
     before = _state(served, tc.model_id)
-    tc.forward_backward([_datum(advantages=[0.0] * 6, logprobs=sampler_lps)], "importance_sampling").result()
+    assert "kl_sampler:mean" in out.metrics and "ratio_mean:mean" in out.metrics
+    no_signal = tc.forward_backward([_datum(advantages=[0.0] * 6, logprobs=sampler_lps)],
+                                    "importance_sampling").result()
+    # every target was trained (with zero gradient), prompt targets whose sampler log-probs the client sent as
+    # 0 included: comparisons with the sampler would be noise, so the call reports none
+    assert not {"kl_sampler:mean", "ratio_mean:mean", "clip_frac:mean"} & set(no_signal.metrics), no_signal.metrics
+    assert no_signal.metrics["loss:sum"] == pytest.approx(0.0, abs=1e-6)
     tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     after = _state(served, tc.model_id)
     assert after.version == before.version + 1

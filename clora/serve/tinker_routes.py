@@ -168,14 +168,16 @@ async def forward_backward(request: Request) -> dict[str, Any]:
     state = serve_state(request)
     handle = state.tenant(request.state.principal, model_id)
     loss = wire.loss_config(loss_fn, dict(config), len(raw))
-    data = wire.trainable([wire.to_datum(i, entry, loss.kind) for i, entry in enumerate(raw)], loss.kind)
+    decoded = [wire.to_datum(i, entry, loss.kind) for i, entry in enumerate(raw)]
+    signal = wire.has_signal(decoded)
+    data = wire.trainable(decoded, loss.kind)
 
     async def work() -> bytes:
         logprobs = await handle.logprobs(data)  # the policy before this call's gradient: Tinker's outputs
         metrics: dict[str, float] = {}
         if not forward_only:
             result = await handle.forward_backward(data, loss)
-            metrics = wire.metrics(result.values)
+            metrics = wire.metrics(result.values, has_signal=signal)
         return wire.encode_forward_backward_output([row[1:] for row in logprobs], metrics)
 
     return submit(request, model_id, work)

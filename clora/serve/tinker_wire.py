@@ -23,7 +23,7 @@ from clora.errors import ConfigError, UnsupportedError
 from clora.messages import Completion, Datum
 
 __all__ = ["decode_forward_backward", "encode_forward_backward_output", "encode_sample_response",
-           "loss_config", "metrics", "to_datum", "trainable", "LOSSES"]
+           "loss_config", "metrics", "to_datum", "trainable", "has_signal", "LOSSES"]
 
 # Tinker loss name -> clora LossConfig.kind; other names answer UnsupportedError naming them.
 LOSSES = {"cross_entropy": "cross_entropy", "importance_sampling": "importance_sampling", "ppo": "ppo",
@@ -140,18 +140,26 @@ def to_datum(index: int, entry: dict[str, Any], kind: str) -> Datum:
 
 
 _SUMMED = frozenset({"loss", "tokens", "sequences", "tokens_computed", "tokens_lm_head"})
+_SAMPLER_RELATIVE = frozenset({"kl_sampler", "ratio_mean", "clip_frac"})  # compare with the sampler's log-probs
 
 
-def metrics(values: dict[str, float]) -> dict[str, float]:
+def metrics(values: dict[str, float], *, has_signal: bool = True) -> dict[str, float]:
     """clora's step metrics named the Tinker way, ``name:reduction`` (the SDK folds chunks by it);
-    Tinker's loss is a sum over the call, and so is clora's here (see ``loss_config``)."""
+    Tinker's loss is a sum over the call, and so is clora's here (see ``loss_config``). Without signal
+    (``trainable`` trained every target of an all-zero-advantage batch) the metrics that compare with the
+    sampler's log-probs are left out: they would be computed over prompt targets the client sent 0 for."""
     out = {}
     for key, value in values.items():
-        if key.startswith("time/") or ":" in key:
+        if key.startswith("time/") or ":" in key or (not has_signal and key in _SAMPLER_RELATIVE):
             continue
         reduction = "sum" if key in _SUMMED else "max" if key == "version" else "mean"
         out[f"{key}:{reduction}"] = value
     return out
+
+
+def has_signal(data: list[Datum]) -> bool:
+    """Whether some target of the call has a non-zero weight (for RL losses: a non-zero advantage)."""
+    return any(w for d in data for w in d.loss_mask)
 
 
 def trainable(data: list[Datum], kind: str) -> list[Datum]:
@@ -159,7 +167,7 @@ def trainable(data: list[Datum], kind: str) -> list[Datum]:
     sample of a group scored the same) trains every target instead: Tinker sums over all of them, the
     gradient is zero either way, and the trainer needs a token to differentiate. A cross-entropy batch
     whose weights are all zero is a ConfigError."""
-    if any(w for d in data for w in d.loss_mask):
+    if has_signal(data):
         return data
     if kind == "cross_entropy" or not data:
         raise ConfigError("forward_backward: no datum has a target with a non-zero weight")
