@@ -47,7 +47,7 @@ async def test_the_getting_started_commands_run_as_written(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     page = [c[1:] for c in doc_commands("docs/getting-started.md") if c[0] == "clora"]
     commands = [c for c in page if c[0] in ("run", "events", "export", "sample")
-                and "runs/demo" not in c and "out/lr0.002" not in c and "--check" not in c and "--resume" not in c]
+                and "runs/demo" not in c and "out/lr0.001" not in c and "--check" not in c and "--resume" not in c]
     assert [c[0] for c in commands] == ["run", "events", "export", "sample"]
     run, events, export, sample = commands
 
