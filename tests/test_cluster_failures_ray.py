@@ -185,11 +185,6 @@ env = {{ kind = "gsm8k", path = "{problems}", held_out_size = 1, max_turns = 1, 
 DRIVER_STEPS = 5  # the kill comes once every tenant has a checkpoint of step >= 1
 
 
-def _runs(run_dir) -> list[list[dict]]:
-    """The events of each driver that ran in ``run_dir`` (a line cut by SIGKILL is dropped)."""
-    return events_by_start(run_dir)
-
-
 def _steps_done(run: list[dict], tenant: str) -> list[int]:
     return [e["step"] for e in run if e.get("tenant") == tenant
             and e["event"] in (names.TENANT_STEP, names.TENANT_STEP_SKIPPED)]
@@ -250,7 +245,7 @@ def test_the_driver_killed_and_resumed_under_ray_does_every_step_once_and_leaves
         while True:
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint of step >= 1 for every tenant in time"
-            runs = _runs(run)
+            runs = events_by_start(run)
             saved = {e["tenant"] for e in (runs[-1] if runs else [])
                      if e["event"] == names.CHECKPOINT_WRITTEN and e["step"] >= 1}
             if saved >= set(tenants):
@@ -259,7 +254,7 @@ def test_the_driver_killed_and_resumed_under_ray_does_every_step_once_and_leaves
     finally:
         first.send_signal(signal.SIGKILL)  # the driver alone: what it started must end without it
         first.wait(timeout=30)
-    (killed,) = _runs(run)
+    (killed,) = events_by_start(run)
     assert not [e for e in killed if e["event"] == names.TENANT_FINISHED], "killed too late: a tenant finished"
     old_hosts = hosts(killed)
     assert len(old_hosts) == 2  # the trainer and the sampler, each a Ray actor process of its own
@@ -281,7 +276,7 @@ def test_the_driver_killed_and_resumed_under_ray_does_every_step_once_and_leaves
         if second.poll() is None:
             second.kill()
     assert second.returncode == 0, (tmp_path / "second.log").read_text()[-3000:]
-    resumed = _runs(run)[-1]
+    resumed = events_by_start(run)[-1]
     assert not hosts(resumed) & old_hosts and len(hosts(resumed)) == 2
     for tenant in tenants:
         manifest = at_kill[tenant]

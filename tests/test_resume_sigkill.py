@@ -72,11 +72,6 @@ def _start(script: Path, model_dir: Path, run_dir: Path, mode: str, log: Path) -
                                 start_new_session=True)
 
 
-def _events(run_dir: Path) -> list[list[dict]]:
-    """The events of each runtime start in the run folder (a line cut by SIGKILL is dropped)."""
-    return events_by_start(run_dir)
-
-
 def _session_processes(sid: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter():
@@ -132,7 +127,7 @@ def test_sigkill_mid_run_then_resume_loses_at_most_one_step_per_tenant(tiny_mode
         while True:
             assert first.poll() is None, f"run 1 ended early: {(tmp_path / 'first.log').read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint of step >= 2 for every tenant in time"
-            runs = _events(run_dir)
+            runs = events_by_start(run_dir)
             saved = {e["tenant"] for e in (runs[-1] if runs else []) if e["event"] == events.CHECKPOINT_WRITTEN
                      and e["step"] >= 2}
             if saved >= set(TENANTS):
@@ -143,7 +138,7 @@ def test_sigkill_mid_run_then_resume_loses_at_most_one_step_per_tenant(tiny_mode
         first.wait(timeout=30)
     assert first.returncode == -signal.SIGKILL
 
-    (killed,) = _events(run_dir)
+    (killed,) = events_by_start(run_dir)
     assert not [e for e in killed if e["event"] == events.TENANT_FINISHED], "killed too late: a tenant finished"
     at_kill = {}
     for tenant in TENANTS:
@@ -163,7 +158,7 @@ def test_sigkill_mid_run_then_resume_loses_at_most_one_step_per_tenant(tiny_mode
     assert second.returncode == 0, (tmp_path / "second.log").read_text()[-3000:]
     results = json.loads(out.strip().splitlines()[-1])
 
-    resumed_run = _events(run_dir)[-1]
+    resumed_run = events_by_start(run_dir)[-1]
     for tenant in TENANTS:
         step, version, file_digest = at_kill[tenant]
         (resumed,) = [e for e in resumed_run if e["event"] == events.CHECKPOINT_RESUMED and e["tenant"] == tenant]

@@ -130,11 +130,11 @@ def test_importance_sampling_loss_is_tinkers_sum(served):
     lps = out.loss_fn_outputs[0]["logprobs"].tolist()
     expected = -sum(math.exp(lp - q) * a for lp, q, a in zip(lps, sampler_lps, advantages))
     assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4)
+    assert "kl_sampler:mean" in out.metrics and "ratio_mean:mean" in out.metrics
     # a group that scored the same everywhere (all advantages 0) is a zero gradient, not an error: a fresh
     # client's first Adam step then moves nothing
     tc = _client(served, ADMIN).create_lora_training_client(base_model="tiny", rank=4).result()
     before = _state(served, tc.model_id)
-    assert "kl_sampler:mean" in out.metrics and "ratio_mean:mean" in out.metrics
     no_signal = tc.forward_backward([_datum(advantages=[0.0] * 6, logprobs=sampler_lps)],
                                     "importance_sampling").result()
     # every target was trained (with zero gradient), prompt targets whose sampler log-probs the client sent as

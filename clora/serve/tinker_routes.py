@@ -168,9 +168,7 @@ async def forward_backward(request: Request) -> dict[str, Any]:
     state = serve_state(request)
     handle = state.tenant(request.state.principal, model_id)
     loss = wire.loss_config(loss_fn, dict(config), len(raw))
-    decoded = [wire.to_datum(i, entry, loss.kind) for i, entry in enumerate(raw)]
-    signal = wire.has_signal(decoded)
-    data = wire.trainable(decoded, loss.kind)
+    data, signal = wire.trainable([wire.to_datum(i, entry, loss.kind) for i, entry in enumerate(raw)], loss.kind)
 
     async def work() -> bytes:
         logprobs = await handle.logprobs(data)  # the policy before this call's gradient: Tinker's outputs

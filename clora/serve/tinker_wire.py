@@ -23,7 +23,7 @@ from clora.errors import ConfigError, UnsupportedError
 from clora.messages import Completion, Datum
 
 __all__ = ["decode_forward_backward", "encode_forward_backward_output", "encode_sample_response",
-           "loss_config", "metrics", "to_datum", "trainable", "has_signal", "LOSSES"]
+           "loss_config", "metrics", "to_datum", "trainable", "LOSSES"]
 
 # Tinker loss name -> clora LossConfig.kind; other names answer UnsupportedError naming them.
 LOSSES = {"cross_entropy": "cross_entropy", "importance_sampling": "importance_sampling", "ppo": "ppo",
@@ -157,21 +157,17 @@ def metrics(values: dict[str, float], *, has_signal: bool = True) -> dict[str, f
     return out
 
 
-def has_signal(data: list[Datum]) -> bool:
-    """Whether some target of the call has a non-zero weight (for RL losses: a non-zero advantage)."""
-    return any(w for d in data for w in d.loss_mask)
-
-
-def trainable(data: list[Datum], kind: str) -> list[Datum]:
-    """The call's data, with at least one trained token. An RL batch whose advantages are all zero (every
-    sample of a group scored the same) trains every target instead: Tinker sums over all of them, the
-    gradient is zero either way, and the trainer needs a token to differentiate. A cross-entropy batch
-    whose weights are all zero is a ConfigError."""
-    if has_signal(data):
-        return data
+def trainable(data: list[Datum], kind: str) -> tuple[list[Datum], bool]:
+    """The call's data, with at least one trained token, and whether it had signal (a target with a non-zero
+    weight; for RL losses, a non-zero advantage). An RL batch without signal (every sample of a group scored
+    the same) trains every target instead: Tinker sums over all of them, the gradient is zero either way, and
+    the trainer needs a token to differentiate. A cross-entropy batch whose weights are all zero is a
+    ConfigError."""
+    if any(w for d in data for w in d.loss_mask):
+        return data, True
     if kind == "cross_entropy" or not data:
         raise ConfigError("forward_backward: no datum has a target with a non-zero weight")
-    return [msgspec.structs.replace(d, loss_mask=[0.0] + [1.0] * (len(d.tokens) - 1)) for d in data]
+    return [msgspec.structs.replace(d, loss_mask=[0.0] + [1.0] * (len(d.tokens) - 1)) for d in data], False
 
 
 def encode_forward_backward_output(per_datum_logprobs: list[list[float]], metrics: dict[str, float]) -> bytes:
