@@ -151,6 +151,18 @@ def test_settings_and_configs_from_arguments():
     assert {e.env.examples for e in exps} == {"each_op"}
 
 
+def test_lr_gives_every_experiment_its_learning_rate():
+    default = experiments(settings_from_args(build_parser().parse_args([])), 4)
+    assert [e.optim.lr for e in default] == [1e-3, 2e-3, 5e-4, 1e-3]  # the sweep
+    one = experiments(settings_from_args(build_parser().parse_args(["--lr", "0.001"])), 8)
+    assert {e.optim.lr for e in one} == {1e-3} and [e.seed for e in one] == list(range(8))
+    two = experiments(settings_from_args(build_parser().parse_args(["--lr", "1e-3, 3e-3"])), 3)
+    assert [e.optim.lr for e in two] == [1e-3, 3e-3, 1e-3]
+    for bad in ("", "fast", "0.001,-1"):
+        with pytest.raises(SystemExit, match="--lr: give positive numbers"):
+            settings_from_args(build_parser().parse_args(["--lr", bad]))
+
+
 def test_examples_choose_the_worked_examples_of_every_experiment():
     s = settings_from_args(build_parser().parse_args(["--task", "arith1", "--examples", "addition"]))
     assert {(e.env.examples, e.env.difficulty) for e in experiments(s, 3)} == {("addition", 1)}

@@ -76,7 +76,8 @@ __all__ = ["BenchSettings", "MODES", "TASKS", "TURNS", "QUICK", "FULL", "experim
 log = structlog.get_logger(__name__)
 
 
-LEARNING_RATES = (1e-3, 2e-3, 5e-4, 1e-3, 2e-3, 5e-4, 1e-3, 2e-3)
+LEARNING_RATES = (1e-3, 2e-3, 5e-4)
+"""``--lr``'s default: experiment i's learning rate is the (i mod 3)-th, a small sweep."""
 
 MODES = ("serial_cold", "serial_warm", "concurrent")
 """The clora modes ``--modes`` chooses from (ratios need serial_cold)."""
@@ -102,6 +103,7 @@ class BenchSettings:
     task: str = "arith0"  # a key of TASKS
     examples: str = "each_op"  # EnvConfig.examples: the worked examples before each question
     rank: int = 8
+    learning_rates: tuple[float, ...] = LEARNING_RATES  # experiment i: learning_rates[i % len]
     max_model_len: int = 1024
     kv_cache_gib: float = 2.0
     autocast_bf16: bool | str = False  # True, False or "auto" (clora.precision)
@@ -151,7 +153,8 @@ def task_env(task: str, held_out_size: int, examples: str = "each_op", single_tu
 
 
 def experiments(s: BenchSettings, count: int, staleness: int = 0, turns: str = "multi") -> list[ExperimentConfig]:
-    """Experiment i: the same task and budget for every i; seed i and a learning rate from a sweep.
+    """Experiment i: the same task and budget for every i; seed i and learning rate
+    ``s.learning_rates[i % len]`` (a sweep by default, one rate for the no-regression check).
     ``turns="single"``: the single-turn variant, experiment names ``st_exp{i}``."""
     if turns not in TURNS:
         raise ValueError(f"unknown turns {turns!r}; use one of {', '.join(TURNS)}")
@@ -159,7 +162,7 @@ def experiments(s: BenchSettings, count: int, staleness: int = 0, turns: str = "
         ExperimentConfig(
             name=f"exp{i}" if turns == "multi" else f"st_exp{i}",
             lora=LoraConfig(rank=s.rank, alpha=2.0 * s.rank),
-            optim=OptimConfig(lr=LEARNING_RATES[i % len(LEARNING_RATES)]),
+            optim=OptimConfig(lr=s.learning_rates[i % len(s.learning_rates)]),
             env=task_env(s.task, s.held_out_size, s.examples, single_turn=turns == "single"),
             steps=s.steps,
             prompts_per_step=s.prompts_per_step,
@@ -374,10 +377,10 @@ async def run_benchmark(s: BenchSettings, out: Path, console: Any) -> dict[str, 
 
 
 def _title(s: BenchSettings) -> str:
+    rates = "/".join(f"{lr:g}" for lr in s.learning_rates)
     return (f"clora concurrency on {s.model} ({s.dtype}), task {s.task} ({'/'.join(s.turns)}-turn, {s.examples} "
-            f"examples): {s.steps} steps x {s.prompts_per_step} "
-            f"prompts x "
-            f"{s.group_size} samples at T={s.temperature:g}, max_tokens {s.max_tokens}, held-out {s.held_out_size}, "
+            f"examples): {s.steps} steps x {s.prompts_per_step} prompts x {s.group_size} samples at "
+            f"T={s.temperature:g}, lr {rates}, max_tokens {s.max_tokens}, held-out {s.held_out_size}, "
             f"trainer bf16 {s.autocast_bf16}, fuse_max {s.fuse_max}, {os.cpu_count()} CPUs{_cpu_note(s)}"
             f"{_scheduler_note(s)}")
 
@@ -413,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer bf16 autocast (full size: auto, on where the hardware computes bf16)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), help="the engine's weights")
     p.add_argument("--temperature", type=float, help="rollout temperature")
+    p.add_argument("--lr", help="comma-separated learning rates, experiment i takes the (i mod count)-th "
+                                "(default 0.001,0.002,0.0005; one rate: the experiments differ only in seed)")
     p.add_argument("--checkpoint-every", type=int, help="tenant checkpoints every K steps (default 0: none)")
     p.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (default: all; ratios need "
                                    "serial_cold)")
@@ -463,6 +468,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         if not ns or min(ns) < 1:
             raise SystemExit(f"--n: give positive integers, got {args.n!r}")
         changes["ns"] = ns
+    if args.lr is not None:
+        changes["learning_rates"] = _learning_rates(args.lr)
     if args.staleness:
         try:
             ks = tuple(sorted({int(x) for x in args.staleness.split(",") if x.strip()}))
@@ -493,6 +500,16 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if args.priority:
         changes["priority"] = True
     return replace(s, **changes)
+
+
+def _learning_rates(value: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        rates = ()
+    if not rates or min(rates) <= 0:
+        raise SystemExit(f"--lr: give positive numbers, e.g. 0.001 or 0.001,0.002, got {value!r}")
+    return rates
 
 
 def _choices(option: str, value: str, allowed: Sequence[str]) -> tuple[str, ...]:
