@@ -58,8 +58,7 @@ class SlotGate:
             del self._waiters[tenant]
         if tenant in self._waiters:
             raise RuntimeError(f"tenant {tenant!r} already waits for a {self.resource} slot")
-        self._watch.loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = self._watch.loop.create_future()
+        future = self._watch.future()
         self._waiters[tenant] = future
         self.scheduler.wait(self.resource, tenant)
         self._dispatch()

@@ -23,10 +23,15 @@ class SchedulerWatch:
     def __init__(self, scheduler: Scheduler, callback: Callable[[], None]) -> None:
         self.scheduler = scheduler
         self.callback = callback
-        self.loop: asyncio.AbstractEventLoop | None = None  # set by the gate from its running loop
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the last waiter: call backs go there
         self._unsubscribe: Callable[[], None] | None = None
         self._soon: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
+
+    def future(self) -> asyncio.Future[None]:
+        """A waiter's future on the running loop, the loop the watch then calls back on."""
+        self._loop = asyncio.get_running_loop()
+        return self._loop.create_future()
 
     def arm(self, armed: bool) -> None:
         """Listen and set the timer for the next yield change while ``armed``; stop listening otherwise."""
@@ -41,13 +46,13 @@ class SchedulerWatch:
         if self._unsubscribe is None:
             self._unsubscribe = self.scheduler.subscribe(self._changed)
         when = self.scheduler.next_yield_change()
-        if when is not None and self.loop is not None:
+        if when is not None and self._loop is not None:
             delay = max(0.0, when - self.scheduler.clock())
-            self._timer = self.loop.call_later(delay + 1e-3, self._fire)
+            self._timer = self._loop.call_later(delay + 1e-3, self._fire)
 
     def _changed(self) -> None:
-        if self._soon is None and self.loop is not None and not self.loop.is_closed():
-            self._soon = self.loop.call_soon(self._fire)
+        if self._soon is None and self._loop is not None and not self._loop.is_closed():
+            self._soon = self._loop.call_soon(self._fire)
 
     def _fire(self) -> None:
         self._soon = None

@@ -50,8 +50,7 @@ class YieldGate:
         """Return when ``tenant`` need not yield on ``resource`` (or ``unless`` is done); holds are the caller's."""
         if not self.scheduler.yields_to(resource, tenant):
             return
-        self._watch.loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = self._watch.loop.create_future()
+        future = self._watch.future()
         item = (resource, tenant, future)
         self._waiters.append(item)
         self._watch.arm(bool(self._waiters))
