@@ -19,7 +19,8 @@ from clora import events
 from clora.config import EngineConfig, ModelConfig
 from clora.errors import AdapterMismatchError, ConfigError, EngineDeadError, PromptTooLongError
 from clora.messages import Completion, LoadAdapter, RegisterAdapter, SampleRequest, SamplingSpec
-from clora.sampler.actor import SamplerActor, adapter_name, parse_adapter_name
+from clora.sampler.actor import SamplerActor
+from clora.sampler.adapter_names import adapter_name, parse_adapter_name
 from clora.testing import (
     Events,
     FakeEngine,

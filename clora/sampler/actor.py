@@ -38,7 +38,9 @@ from clora import events
 from clora.config import EngineConfig, ModelConfig
 from clora.sampler.paging import AdapterPager
 from clora.sampler.engine import Engine
-from clora.sampler.engine_stats import EngineStats, EngineStatsSnapshot
+from clora.sampler.adapter_names import adapter_name
+from clora.sampler.engine_stats import EngineStatsSnapshot
+from clora.sampler.stats_log import STATS_INTERVAL_S, EngineStatsLog
 from clora.sched import DECODE, Scheduler, YieldGate
 from clora.sched.gate import SlotGate
 from clora.errors import ConfigError, DuplicateTenantError, EngineDeadError, UnknownTenantError
@@ -57,12 +59,9 @@ from clora.messages import (
 __all__ = [
     "SamplerActor",
     "BASE_VERSION",
-    "adapter_name",
-    "parse_adapter_name",
 ]
 
 BASE_VERSION = -1  # SampleResult.adapter_version of base-model requests
-STATS_INTERVAL_S = 10.0  # at most one sampler.engine_stats line per interval (logged as requests finish)
 
 
 
@@ -97,24 +96,6 @@ class _TenantSlot:
     @property
     def adapter(self) -> tuple[str, int, Path]:
         return (adapter_name(self.tenant, self.lora_id, self.version), self.lora_id, self.path)
-
-
-def adapter_name(tenant: str, lora_id: int, version: int) -> str:
-    """The engine-level name of a tenant's adapter version, ``"tenant#lora_id@vversion"``.
-
-    The name carries the LoRA id and the version: vLLM's prefix cache keys on it, so KV blocks
-    computed with an older version (or an earlier tenant of the same name) are never reused.
-    """
-    return f"{tenant}#{lora_id}@v{version}"
-
-
-def parse_adapter_name(name: str) -> tuple[str, int]:
-    """``(tenant, version)`` of a name made by ``adapter_name``; ValueError for any other name."""
-    tenant, sep, rest = name.rpartition("#")
-    lora_id, at, version = rest.partition("@v")
-    if not (tenant and sep and at and lora_id.isdigit() and version.isdigit()):
-        raise ValueError(f"{name!r} is not a sampler adapter name (tenant#lora_id@vversion)")
-    return tenant, int(version)
 
 
 class SamplerActor(Actor):
@@ -163,10 +144,7 @@ class SamplerActor(Actor):
         self.pager = AdapterPager(resident, log=lambda: self.log, in_engine=self._lora_slots.holds,
                                   changing=lambda t: t in self._tenants and not self._tenants[t].open.is_set())
         self._dead = False
-        self._stats_interval_s = stats_interval_s
-        self._stats_first: EngineStatsSnapshot | None = None  # the engine's counters when we started
-        self._stats_last: EngineStatsSnapshot | None = None  # ... at the last sampler.engine_stats line
-        self._stats_last_at = time.monotonic()
+        self._stats_log = EngineStatsLog(lambda: self.log, stats_interval_s)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -199,7 +177,7 @@ class SamplerActor(Actor):
         self._start_stats()
 
     async def on_stop(self) -> None:
-        self._log_engine_stats(final=True)
+        self._stats_log.maybe_log(final=True)
         if self._owns_engine:
             self._shutdown()
             self.log.info(events.ENGINE_STOPPED)
@@ -225,38 +203,12 @@ class SamplerActor(Actor):
 
     # ------------------------------------------------------------------ engine statistics
 
-    def _engine_stats(self) -> EngineStats | None:
-        return getattr(self._engine, "stats", None)  # fake engines in tests may keep none
-
     def _start_stats(self) -> None:
-        stats = self._engine_stats()
-        if stats is not None:
-            self._stats_first = self._stats_last = stats.snapshot()
-            self._stats_last_at = time.monotonic()
-
-    def _log_engine_stats(self, *, final: bool = False) -> None:
-        """Log what the engine did since the last line (at most once per interval), and on
-        ``final`` also the totals of this sampler's life."""
-        stats = self._engine_stats()
-        if stats is None or self._stats_last is None or self._stats_first is None:
-            return
-        now = time.monotonic()
-        if not final and now - self._stats_last_at < self._stats_interval_s:
-            return
-        window = stats.window(self._stats_last)
-        if window.steps or window.prompt_tokens:
-            self.log.info(events.ENGINE_STATS, window_s=round(now - self._stats_last_at, 3), **window.fields())
-        self._stats_last, self._stats_last_at = stats.snapshot(), now
-        if final:
-            totals = stats.window(self._stats_first)
-            self.log.info(events.ENGINE_TOTALS, **totals.fields())
+        self._stats_log.start(getattr(self._engine, "stats", None))  # fake engines in tests may keep none
 
     def engine_stats(self) -> EngineStatsSnapshot | None:
         """The engine's counters since this sampler started (None for an engine without stats)."""
-        stats = self._engine_stats()
-        if stats is None or self._stats_first is None:
-            return None
-        return stats.window(self._stats_first)
+        return self._stats_log.totals()
 
     @handler
     async def get_engine_stats(self, msg: GetEngineStats) -> EngineStatsSnapshot | None:
@@ -315,7 +267,7 @@ class SamplerActor(Actor):
             completion_tokens=sum(len(c.token_ids) for c in output.completions),
             duration_s=round(time.perf_counter() - started, 4),
         )
-        self._log_engine_stats()
+        self._stats_log.maybe_log()
         return SampleResult(
             tenant=msg.tenant, adapter_version=version,
             prompt_token_ids=output.prompt_token_ids, completions=output.completions,

@@ -37,7 +37,7 @@ from clora.checkpoint.peft_dir import read_peft_dir
 from clora.config import EngineConfig, ModelConfig
 from clora.errors import AdapterMismatchError, EngineDeadError
 from clora.messages import Completion, SamplingSpec
-from clora.sampler.actor import parse_adapter_name
+from clora.sampler.adapter_names import parse_adapter_name
 from clora.sampler.adapter_files import check_adapter
 from clora.sampler.engine import BASE_ADAPTER_ID, GenerationOutput, check_prompt_fits
 
@@ -159,7 +159,7 @@ class FakeEngine:
         return next(self._ids)
 
     async def add_adapter(self, name: str, lora_id: int, path: Path) -> float:
-        """Load adapter ``name`` (made by ``clora.sampler.actor.adapter_name``) as ``lora_id``; seconds taken."""
+        """Load adapter ``name`` (made by ``clora.sampler.adapter_names.adapter_name``) as ``lora_id``; seconds taken."""
         return await self._load(name, lora_id, Path(path), "add")
 
     async def reload_adapter(self, name: str, lora_id: int, path: Path) -> float:
