@@ -160,7 +160,7 @@ async def test_abort_during_a_step_waits_for_a_complete_write_back(tiny_model_di
         assert store.version == 1 and store.grad_normalize is None
         assert any(not torch.equal(t, v0[k]) for k, t in store.params.items())
         assert all(not g.any() for g in store.grads.values())
-        assert actor._executor is None  # on_stop shut the worker down after the step
+        assert not actor.worker.running  # on_stop shut the worker down after the step
 
 
 async def test_missing_model_fails_start_with_a_clear_error(tmp_path):
@@ -170,18 +170,18 @@ async def test_missing_model_fails_start_with_a_clear_error(tmp_path):
         actor = TrainerActor(tmp_path / "no-such-model")
         with pytest.raises(ModelNotFoundError, match="no-such-model"):
             await system.start(actor, name="trainer")
-        assert actor._executor is None
+        assert not actor.worker.running
 
 
 async def test_every_device_job_gives_freed_heap_memory_back(tiny_model_dir, monkeypatch):
     import threading
 
-    import clora.trainer.actor as trainer_module
+    import clora.trainer.memory as memory_module
     from clora.trainer.memory import release_free_memory
 
     assert release_free_memory()  # glibc here: malloc_trim is found and called
     threads: list[str] = []
-    monkeypatch.setattr(trainer_module, "release_free_memory", lambda: threads.append(threading.current_thread().name))
+    monkeypatch.setattr(memory_module, "release_free_memory", lambda: threads.append(threading.current_thread().name))
     async with ActorSystem("trainer-trim") as system:
         ref = await TrainerActor.start_in(system, tiny_model_dir, TrainerConfig(queue_size=4))
         await ref.ask(AddTenant(tenant="a", lora=LORA, optim=OPTIM))

@@ -25,10 +25,7 @@ gradient rejects only that step (NonFiniteError to the asker, store unchanged); 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Final, TypeVar
 
@@ -41,7 +38,7 @@ from clora.errors import NonFiniteError
 from clora.sched import Scheduler
 from clora.trainer.core import TrainerCore
 from clora.trainer.cpu_policy import apply_thread_policy, thread_policy
-from clora.trainer.memory import release_free_memory
+from clora.trainer.device_worker import DeviceWorker
 from clora.trainer.staleness import Screened, screen
 from clora.trainer.step_queue import GroupOutcome, PendingStep, StepQueue, train_group
 from clora.messages import (
@@ -76,14 +73,6 @@ by ``TrainerConfig.queue_size``)."""
 T = TypeVar("T")
 
 
-def _then_release_memory(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``, then give the heap memory its temporaries freed back to the OS (see clora.trainer.memory)."""
-    try:
-        return fn(*args)
-    finally:
-        release_free_memory()
-
-
 class TrainerActor(Actor):
     """Owns the base model, the device lock and every tenant's AdapterStore.
 
@@ -101,9 +90,8 @@ class TrainerActor(Actor):
         the sampler; default: one of its own, everyone in one class)."""
         self.model = model
         self.config = config
-        self.device_lock = asyncio.Lock()
         self.core: TrainerCore | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self.worker = DeviceWorker(f"{type(self).__name__}-device")  # named again on start
         self._thread_policy: dict[str, Any] = {}  # the worker thread's CPUs, nice value and torch threads
         self._owns_scheduler = scheduler is None
         self._steps = StepQueue(config.fuse_max, scheduler if scheduler is not None else Scheduler())
@@ -128,7 +116,8 @@ class TrainerActor(Actor):
     async def on_start(self) -> None:
         if self._owns_scheduler:
             self._steps.scheduler.log = self.log
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-device")
+        self.worker.name = f"{self.name}-device"
+        self.worker.start()
         start = time.perf_counter()
         try:
             self.core = await self._on_device(self._load)
@@ -156,9 +145,7 @@ class TrainerActor(Actor):
         self._shutdown()
 
     def _shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        self.worker.shutdown()
 
     def _load(self) -> TrainerCore:
         # In the worker thread, before torch starts its intra-op threads from it: they inherit this.
@@ -176,34 +163,14 @@ class TrainerActor(Actor):
 
     # ------------------------------------------------------------------ device work
 
+    @property
+    def device_lock(self) -> asyncio.Lock:
+        """Held while a job runs on the device (tests hold it to keep the device busy)."""
+        return self.worker.lock
+
     async def _on_device(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the worker thread under the device lock. If cancelled meanwhile,
-        wait until ``fn`` has finished (the store is then complete or untouched), then re-raise."""
-        async with self.device_lock:
-            return await self._finish(self._in_worker(fn, *args))
-
-    def _in_worker(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Submit ``fn(*args)`` to the worker thread (the caller holds the device lock)."""
-        assert self._executor is not None, "TrainerActor is not started"
-        call = functools.partial(contextvars.copy_context().run, _then_release_memory, fn, *args)
-        return asyncio.get_running_loop().run_in_executor(self._executor, call)
-
-    @staticmethod
-    async def _finish(future: asyncio.Future[T]) -> T:
-        """Await a worker future; if cancelled, first wait until the worker is done, then re-raise."""
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            while not future.done():
-                try:
-                    await asyncio.shield(future)
-                except asyncio.CancelledError:
-                    continue
-                except Exception:
-                    break
-            if not future.cancelled():
-                future.exception()  # retrieved: the cancellation is what the caller sees
-            raise
+        """Run ``fn(*args)`` in the worker thread under the device lock (clora.trainer.device_worker)."""
+        return await self.worker.run(fn, *args)
 
     def _core(self) -> TrainerCore:
         if self.core is None:
@@ -265,12 +232,12 @@ class TrainerActor(Actor):
         if not group:
             return
         try:
-            future = self._in_worker(train_group, core, [s.msg for s in screened])
+            future = self.worker.submit(train_group, core, [s.msg for s in screened])
         except BaseException as exc:
             self._resolve(group, [(exc, {})] * len(group), start)
             raise
         future.add_done_callback(lambda f: self._resolve(group, _group_outcomes(f, len(group)), start, screened))
-        await self._finish(future)
+        await self.worker.finish(future)
 
     def _screen(self, group: list[PendingStep]) -> tuple[list[PendingStep], list[Screened]]:
         """The staleness bound (clora.trainer.staleness) on the versions the group trains on (the
