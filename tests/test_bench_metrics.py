@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -161,6 +162,24 @@ def test_lr_gives_every_experiment_its_learning_rate():
     for bad in ("", "fast", "0.001,-1"):
         with pytest.raises(SystemExit, match="--lr: give positive numbers"):
             settings_from_args(build_parser().parse_args(["--lr", bad]))
+
+
+def test_every_bench_concurrency_command_in_the_docs_parses():
+    """The commands docs/ and the README show (measured runs among them) are valid as written."""
+    import re
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    commands = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words[:3] == ["clora", "bench", "concurrency"] and "--help" not in words:
+                    commands.append((page.name, words[3:]))
+    assert len(commands) >= 7 and any(page == "learning.md" for page, _ in commands)
+    for page, args in commands:
+        settings_from_args(build_parser().parse_args(args))  # SystemExit names the bad option
 
 
 def test_examples_choose_the_worked_examples_of_every_experiment():
