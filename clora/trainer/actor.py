@@ -1,9 +1,9 @@
 """TrainerActor: one actor owns the device and trains every tenant's LoRA on one base model.
 
-Each message runs its torch work in the actor's worker thread while holding the device lock,
-so the event loop (which also streams the sampler's results) never blocks. A step is never
-half-written: if the handler is cancelled, it waits for the worker to finish the step and its
-store write-back (or to leave the store untouched), then re-raises the cancellation.
+Each message runs its torch work in the actor's worker thread under the device lock
+(clora.trainer.device_worker), so the event loop (which also streams the sampler's results) never
+blocks. A step is never half-written: if the handler is cancelled, it waits for the worker to finish
+the step and its store write-back (or to leave the store untouched), then re-raises the cancellation.
 
 TrainSteps wait in a step queue (clora.trainer.step_queue): whichever waiting handler gets the
 device lock runs the next group, up to ``TrainerConfig.fuse_max`` steps of different tenants in one
@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any, Callable, Final, TypeVar
+from typing import Any, Callable, Final
 
 import torch
 
@@ -70,9 +70,6 @@ MAX_QUEUED_STEPS: Final = 64
 by ``TrainerConfig.queue_size``)."""
 
 
-T = TypeVar("T")
-
-
 class TrainerActor(Actor):
     """Owns the base model, the device lock and every tenant's AdapterStore.
 
@@ -91,7 +88,7 @@ class TrainerActor(Actor):
         self.model = model
         self.config = config
         self.core: TrainerCore | None = None
-        self.worker = DeviceWorker(f"{type(self).__name__}-device")  # named again on start
+        self.worker = DeviceWorker()  # its thread runs every torch job, one at a time under its lock
         self._thread_policy: dict[str, Any] = {}  # the worker thread's CPUs, nice value and torch threads
         self._owns_scheduler = scheduler is None
         self._steps = StepQueue(config.fuse_max, scheduler if scheduler is not None else Scheduler())
@@ -116,11 +113,10 @@ class TrainerActor(Actor):
     async def on_start(self) -> None:
         if self._owns_scheduler:
             self._steps.scheduler.log = self.log
-        self.worker.name = f"{self.name}-device"
-        self.worker.start()
+        self.worker.start(f"{self.name}-device")
         start = time.perf_counter()
         try:
-            self.core = await self._on_device(self._load)
+            self.core = await self.worker.run(self._load)
         except BaseException:
             self._shutdown()  # on_stop / on_failure do not run when on_start fails
             raise
@@ -168,10 +164,6 @@ class TrainerActor(Actor):
         """Held while a job runs on the device (tests hold it to keep the device busy)."""
         return self.worker.lock
 
-    async def _on_device(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the worker thread under the device lock (clora.trainer.device_worker)."""
-        return await self.worker.run(fn, *args)
-
     def _core(self) -> TrainerCore:
         if self.core is None:
             raise RuntimeError("TrainerActor has no model: on_start did not run")
@@ -185,7 +177,7 @@ class TrainerActor(Actor):
         start = time.perf_counter()
         version_before = self._core().store(tenant).version
         try:
-            values = await self._on_device(fn, tenant, *args)
+            values = await self.worker.run(fn, tenant, *args)
         except NonFiniteError as exc:
             self.log.warning(
                 events.TRAINER_STEP_REJECTED, tenant=tenant, version=version_before, error=str(exc),
@@ -303,7 +295,7 @@ class TrainerActor(Actor):
     async def add_tenant(self, msg: AddTenant) -> int:
         init_from = msg.init_from
         core = self._core()
-        store = await self._on_device(core.add_tenant, msg.tenant, msg.lora, msg.optim, init_from)
+        store = await self.worker.run(core.add_tenant, msg.tenant, msg.lora, msg.optim, init_from)
         self.log.info(
             events.TRAINER_TENANT_ADDED, tenant=msg.tenant, rank=msg.lora.rank, alpha=msg.lora.alpha,
             targets=list(msg.lora.target_modules), params=store.num_params(), init_from=init_from,
@@ -314,7 +306,7 @@ class TrainerActor(Actor):
     async def remove_tenant(self, msg: RemoveTenant) -> None:
         core = self._core()
         version = core.store(msg.tenant).version
-        await self._on_device(core.remove_tenant, msg.tenant)
+        await self.worker.run(core.remove_tenant, msg.tenant)
         self.log.info(events.TRAINER_TENANT_REMOVED, tenant=msg.tenant, version=version)
 
     @handler(concurrent=True, max_concurrency=MAX_QUEUED_STEPS)
@@ -347,12 +339,12 @@ class TrainerActor(Actor):
 
     @handler
     async def compute_logprobs(self, msg: ComputeLogprobs) -> list[list[float]]:
-        return await self._on_device(self._core().compute_logprobs, msg.tenant, msg.data)
+        return await self.worker.run(self._core().compute_logprobs, msg.tenant, msg.data)
 
     @handler
     async def export_adapter(self, msg: ExportAdapter) -> int:
         start = time.perf_counter()
-        snap = await self._on_device(self._core().export_adapter, msg.tenant, msg.out_dir)
+        snap = await self.worker.run(self._core().export_adapter, msg.tenant, msg.out_dir)
         self.log.info(
             events.TRAINER_EXPORTED, tenant=msg.tenant, version=snap.version, out_dir=msg.out_dir,
             duration_s=round(time.perf_counter() - start, 4),
@@ -361,21 +353,21 @@ class TrainerActor(Actor):
 
     @handler
     async def import_adapter(self, msg: ImportAdapter) -> int:
-        version = await self._on_device(self._core().import_adapter, msg.tenant, msg.path)
+        version = await self.worker.run(self._core().import_adapter, msg.tenant, msg.path)
         self.log.info(events.TRAINER_IMPORTED, tenant=msg.tenant, version=version, path=msg.path)
         return version
 
     @handler
     async def snapshot(self, msg: Snapshot) -> AdapterSnapshot:
-        return await self._on_device(self._core().snapshot, msg.tenant)
+        return await self.worker.run(self._core().snapshot, msg.tenant)
 
     @handler
     async def export_store_state(self, msg: ExportStoreState) -> StoreState:
-        return await self._on_device(self._core().store(msg.tenant).export_state)
+        return await self.worker.run(self._core().store(msg.tenant).export_state)
 
     @handler
     async def import_store_state(self, msg: ImportStoreState) -> int:
-        version = await self._on_device(self._core().store(msg.tenant).load_state, msg.state)
+        version = await self.worker.run(self._core().store(msg.tenant).load_state, msg.state)
         self.log.info(events.TRAINER_STATE_RESTORED, tenant=msg.tenant, version=version, adam_step=msg.state.adam_step)
         return version
 

@@ -25,8 +25,7 @@ T = TypeVar("T")
 class DeviceWorker:
     """One worker thread (``start`` .. ``shutdown``) and the device ``lock`` over it."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name  # the thread's name prefix
+    def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -34,9 +33,10 @@ class DeviceWorker:
     def running(self) -> bool:
         return self._executor is not None
 
-    def start(self) -> None:
+    def start(self, thread_name: str) -> None:
+        """Start the thread (named ``thread_name``); a no-op while it runs."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
 
     def shutdown(self) -> None:
         """Stop the thread after the job it runs (if any)."""
@@ -53,7 +53,7 @@ class DeviceWorker:
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Hand ``fn(*args)`` to the thread (the caller holds the lock)."""
         if self._executor is None:
-            raise RuntimeError(f"the device worker {self.name!r} is not started")
+            raise RuntimeError("the device worker is not started")
         call = functools.partial(contextvars.copy_context().run, _then_release_memory, fn, *args)
         return asyncio.get_running_loop().run_in_executor(self._executor, call)
 
