@@ -164,6 +164,16 @@ def test_lr_gives_every_experiment_its_learning_rate():
             settings_from_args(build_parser().parse_args(["--lr", bad]))
 
 
+def test_number_lists_refuse_what_is_not_a_number_of_their_kind_with_one_error():
+    for option, bad, rule in (("--n", "a,2", "positive integers"), ("--n", "0", "positive integers"),
+                              ("--staleness", "-1", "integers >= 0"), ("--staleness", "1.5", "integers >= 0"),
+                              ("--fused-n", "x", "positive integers up to the largest --n")):
+        with pytest.raises(SystemExit, match=f"{option}: give {rule}.*got '{bad}'"):
+            settings_from_args(build_parser().parse_args([option, bad]))
+    s = settings_from_args(build_parser().parse_args(["--n", "4, 1,4", "--fused-n", "4,2,2", "--staleness", "1,0"]))
+    assert (s.ns, s.fused_ns, s.staleness) == ((1, 4), (2, 4), (0, 1))  # sorted, each once
+
+
 def test_every_bench_concurrency_command_in_the_docs_parses():
     """The commands docs/ and the README show (measured runs among them) are valid as written."""
     import re

@@ -45,7 +45,7 @@ import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence, get_args
+from typing import Any, Callable, Sequence, TypeVar, get_args
 
 import msgspec
 import structlog
@@ -74,6 +74,8 @@ __all__ = ["BenchSettings", "MODES", "TASKS", "TURNS", "QUICK", "FULL", "experim
            "run_benchmark", "build_parser", "main", "prioritized"]
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T", int, float)
 
 
 LEARNING_RATES = (1e-3, 2e-3, 5e-4)
@@ -464,25 +466,17 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         if value is not None:
             changes[field] = value
     if args.n:
-        ns = tuple(sorted({int(x) for x in args.n.split(",") if x.strip()}))
-        if not ns or min(ns) < 1:
-            raise SystemExit(f"--n: give positive integers, got {args.n!r}")
-        changes["ns"] = ns
+        changes["ns"] = tuple(sorted(set(_numbers("--n", args.n, int, lambda n: n >= 1, "positive integers"))))
     if args.lr is not None:
-        changes["learning_rates"] = _learning_rates(args.lr)
+        changes["learning_rates"] = _numbers("--lr", args.lr, float, lambda lr: lr > 0,
+                                             "positive numbers, e.g. 0.001 or 0.001,0.002")
     if args.staleness:
-        try:
-            ks = tuple(sorted({int(x) for x in args.staleness.split(",") if x.strip()}))
-        except ValueError:
-            ks = ()
-        if not ks or min(ks) < 0:
-            raise SystemExit(f"--staleness: give integers >= 0, e.g. 0,1,2, got {args.staleness!r}")
-        changes["staleness"] = ks
+        changes["staleness"] = tuple(sorted(set(_numbers("--staleness", args.staleness, int, lambda k: k >= 0,
+                                                         "integers >= 0, e.g. 0,1,2"))))
     if args.fused_n:
-        fused = tuple(sorted({int(x) for x in args.fused_n.split(",") if x.strip()}))
-        if not fused or min(fused) < 1 or max(fused) > max(changes.get("ns", s.ns)):
-            raise SystemExit(f"--fused-n: give positive integers up to the largest --n, got {args.fused_n!r}")
-        changes["fused_ns"] = fused
+        largest = max(changes.get("ns", s.ns))
+        changes["fused_ns"] = tuple(sorted(set(_numbers("--fused-n", args.fused_n, int, lambda n: 1 <= n <= largest,
+                                                        "positive integers up to the largest --n"))))
     if args.modes is not None:
         modes = tuple(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))
         unknown = [m for m in modes if m not in MODES]
@@ -502,14 +496,16 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     return replace(s, **changes)
 
 
-def _learning_rates(value: str) -> tuple[float, ...]:
+def _numbers(option: str, value: str, cast: Callable[[str], T], ok: Callable[[T], bool], rule: str) -> tuple[T, ...]:
+    """The comma-separated numbers of ``option``, in order; SystemExit naming ``rule`` if one is not a
+    number ``cast`` reads or ``ok`` refuses, or none is given."""
     try:
-        rates = tuple(float(x) for x in value.split(",") if x.strip())
+        numbers = tuple(cast(x) for x in value.split(",") if x.strip())
     except ValueError:
-        rates = ()
-    if not rates or min(rates) <= 0:
-        raise SystemExit(f"--lr: give positive numbers, e.g. 0.001 or 0.001,0.002, got {value!r}")
-    return rates
+        numbers = ()
+    if not numbers or not all(ok(x) for x in numbers):
+        raise SystemExit(f"{option}: give {rule}, got {value!r}")
+    return numbers
 
 
 def _choices(option: str, value: str, allowed: Sequence[str]) -> tuple[str, ...]:
