@@ -310,6 +310,8 @@ def test_a_registered_bench_without_its_module_is_not_yet_available(capsys, monk
     assert "not yet available" in _one_error_line(capsys.readouterr().err, "bench")
     assert main(["bench", "nope"]) == EXIT_USAGE
     assert "unknown benchmark 'nope'" in _one_error_line(capsys.readouterr().err, "bench")
+    assert main(["bench", "concurrency", "--lr", "fast"]) == EXIT_USAGE  # a bad value the benchmark checks itself
+    assert "--lr: give positive numbers" in _one_error_line(capsys.readouterr().err, "bench concurrency")
 
 
 def test_a_registered_bench_module_gets_its_arguments(monkeypatch):

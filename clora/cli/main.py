@@ -232,8 +232,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     program, sys.argv[0] = sys.argv[0], f"clora bench {args.name}"  # the benchmark's argparse names itself so
     try:
         code = module.main(list(args.args))
-    except SystemExit as e:  # the benchmark's own argparse (--help, a usage error)
+    except SystemExit as e:  # the benchmark's own argparse (--help, a usage error) or its check of a value
         code = e.code
+        if isinstance(code, str):  # a message (SystemExit("--lr: ...")): say it, as for any bad input
+            _err(f"bench {args.name}", code)
+            code = EXIT_USAGE
     finally:
         sys.argv[0] = program
     return EXIT_OK if code is None else code if isinstance(code, int) else EXIT_FAILED
