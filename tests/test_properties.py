@@ -110,6 +110,14 @@ CONFIG_FIELDS: dict[str, st.SearchStrategy] = {
     "SamplingSpec.stop": st.lists(st.text(min_size=1, max_size=20), max_size=4).map(tuple),
     "ExperimentConfig.eval_every": st.integers(0, 64),
     "ExperimentConfig.checkpoint_every": st.integers(0, 64),
+    "ClusterConfig.address": st.sampled_from(["auto", "local"])
+    | st.builds("{}{}:{}".format, st.sampled_from(["", "ray://"]), NAME, st.integers(1, 65535)),
+    "ClusterConfig.sampler_replicas": st.integers(1, 8),
+    "ClusterConfig.replicas_per_tenant": st.integers(1, 2),  # <= sampler_replicas: only 1 replica with 2 rejects
+    "ClusterConfig.start_timeout_s": POSITIVE,
+    "PlacementConfig.num_cpus": st.floats(0.0, 64.0),
+    "PlacementConfig.num_gpus": st.floats(0.0, 8.0),
+    "PlacementConfig.resources": st.dictionaries(TEXT, POSITIVE, max_size=3),
 }
 
 
