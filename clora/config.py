@@ -70,10 +70,13 @@ def _positive(field: str, value: float) -> None:
 
 def parse_cpu_list(text: str) -> set[int]:
     """'0-2,5' -> {0, 1, 2, 5}: the syntax of ``taskset -c`` and VLLM_CPU_OMP_THREADS_BIND; ConfigError if malformed."""
+    def number(word: str) -> bool:  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+        return word.isascii() and word.isdigit()
+
     cpus: set[int] = set()
     for part in text.split(","):
         low, dash, high = part.strip().partition("-")
-        if not low.isdigit() or (dash and (not high.isdigit() or int(low) > int(high))):
+        if not number(low) or (dash and (not number(high) or int(low) > int(high))):
             raise ConfigError(f"bad CPU list {text!r}: use numbers and ranges like '0-2,5'")
         cpus.update(range(int(low), int(high if dash else low) + 1))
     return cpus

@@ -15,7 +15,7 @@ from clora.errors import ConfigError
 def test_cpu_lists_parse_like_taskset():
     assert parse_cpu_list("0-2,5") == {0, 1, 2, 5}
     assert parse_cpu_list("1") == {1}
-    for bad in ("", "a", "3-1", "-1", "1,,2"):
+    for bad in ("", "a", "3-1", "-1", "1,,2", "\u00b2", "0-\u00b2", "\u0663"):  # superscript 2, Arabic-Indic 3
         with pytest.raises(ConfigError, match="bad CPU list"):
             parse_cpu_list(bad)
 
