@@ -12,7 +12,7 @@ multiplies almost everywhere (5 of the 12 subtractions right); after the recipe'
 in every seed, so the test also asks that at least half of the held-out subtractions come out right. (On
 32 problems the set held only 3 subtractions, too few for that check: one run rose 16% -> 84% overall
 with 1 of 3 subtractions right.)
-""""""
+"""
 
 from __future__ import annotations
 
